@@ -1,0 +1,272 @@
+"""The running gateway: listeners, admin server, events, reload and graceful shutdown.
+
+Lifecycle:
+
+1. ``Gateway.start()``: open the event exporter (its spool is recovered first), the admin
+   server, then the proxy listener; ``/readyz`` turns ready once config, policy, identity and
+   feeds are loaded and the listener accepts.
+2. ``reload()`` (SIGHUP, or a changed configuration or policy file): load and validate
+   everything into a new Runtime off the event loop, then swap it in whole; on any error keep the
+   running one and log every error with file, line and key.
+3. ``stop()`` (SIGTERM/SIGINT): stop accepting, let open connections finish for up to
+   ``proxy.drain_timeout``, close the rest, flush events, close the exporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from egressgw import __version__
+from egressgw import config as cfgmod
+from egressgw.checks import Runtime
+from egressgw.config import Config
+from egressgw.events import to_decision_event, to_end_event
+from egressgw.flow import Flow
+from egressgw.guard import Guard
+from egressgw.metrics import Metrics
+from egressgw.proxy import ClientConnection
+from egressgw.resolver import Resolver
+from egressgw.tasks import spawn
+from egressgw.yamlsource import ConfigError
+from siem.exporter import Exporter
+
+log = structlog.get_logger("egressgw")
+
+SWEEP_INTERVAL = 1.0
+WATCH_INTERVAL = 2.0
+
+
+def build_runtime(cfg: Config) -> Runtime:
+    """Load policy files and build everything the decision path needs (blocking: file reads)."""
+    pol = cfgmod.load_policy(cfg.policy.files, {f.name for f in cfg.feeds})
+    r = cfg.resolver
+    return Runtime(
+        policy=pol,
+        guard=Guard(cfg.guard.allow, cfg.guard.enabled),
+        inventory=cfgmod.build_inventory(cfg),
+        resolver=Resolver(r.nameservers, r.timeout, r.cache_size, r.min_ttl, r.max_ttl, r.ipv6),
+    )
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Gateway:
+    """The gateway process's state; the proxy's connections see it as their Hub."""
+
+    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+        self.config = cfg
+        self.config_path = config_path
+        self.limits = cfg.proxy
+        self.metrics = Metrics(CollectorRegistry())
+        self.runtime = build_runtime(cfg)
+        base = config_path.parent if config_path else Path.cwd()
+        self.exporter = Exporter.from_config(
+            cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry
+        )
+        self.observer = {
+            "vendor": "egressgw",
+            "product": "egressgw",
+            "type": "proxy",
+            "version": __version__,
+            "hostname": socket.gethostname(),
+        }
+        self.clock = time.monotonic()
+        self.connections: set[ClientConnection] = set()
+        self.ready = False
+        self.server: asyncio.Server | None = None
+        self.admin: web.AppRunner | None = None
+        self.proxy_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._drained: asyncio.Event | None = None
+        self._watched = self._mtimes()
+
+    # -- Hub ------------------------------------------------------------------------------------
+    def flow_decided(self, flow: Flow) -> None:
+        """Count the decision and emit its event."""
+        decision = flow.decision
+        tier = (decision.tier or "default") if decision is not None else "none"
+        self.metrics.count_flow(flow.action or "connection_denied", tier)
+        self.metrics.decision_seconds.observe(time.monotonic() - flow.started_mono)
+        self.exporter.submit(to_decision_event(flow, self.observer))
+
+    def flow_ended(self, flow: Flow) -> None:
+        """Count bytes and emit the end event."""
+        self.metrics.bytes_out.inc(flow.bytes_out)
+        self.metrics.bytes_in.inc(flow.bytes_in)
+        self.exporter.submit(to_end_event(flow, self.observer, time.time()))
+
+    def count_error(self, kind: str) -> None:
+        """Count an error by kind."""
+        self.metrics.count_error(kind)
+
+    def tunnel_opened(self) -> None:
+        """A tunnel started."""
+        self.metrics.active_tunnels.inc()
+
+    def tunnel_closed(self) -> None:
+        """A tunnel ended."""
+        self.metrics.active_tunnels.dec()
+
+    def connection_opened(self, conn: ClientConnection) -> bool:
+        """Admit a connection unless the limit is reached."""
+        if len(self.connections) >= self.limits.max_connections:
+            self.metrics.count_error("too_many_connections")
+            return False
+        self.connections.add(conn)
+        self.metrics.active_connections.inc()
+        return True
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """Forget a connection."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.metrics.active_connections.dec()
+            if not self.connections and self._drained is not None:
+                self._drained.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start exporter, admin server and proxy listener."""
+        loop = asyncio.get_running_loop()
+        await self.exporter.start()
+        await self._start_admin()
+        host, port = _split(self.config.proxy.listen)
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=4096
+        )
+        sock = self.server.sockets[0]
+        self.proxy_address = sock.getsockname()[:2]
+        self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
+        if self.config_path is not None:
+            self._tasks.append(spawn(self._watch(), name="config-watcher"))
+        self.ready = True
+        log.info(
+            "gateway started",
+            proxy=self.config.proxy.listen,
+            admin=self.config.admin.listen,
+            policy=[str(p) for p in self.config.policy.files] or "allow all (embedded)",
+            tiers=len(self.runtime.policy.tiers),
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, drain open connections, flush events."""
+        self.ready = False
+        if self.server is not None:
+            self.server.close()
+        if self.connections:
+            self._drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(self.limits.drain_timeout):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning("drain timeout: closing open connections", open=len(self.connections))
+        for conn in list(self.connections):
+            conn.close()
+        await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
+        for task in self._tasks:
+            task.cancel()
+        if self.admin is not None:
+            await self.admin.cleanup()
+        await self.exporter.aclose()
+        log.info("gateway stopped")
+
+    async def reload(self) -> bool:
+        """Load configuration and policy again; swap them in whole, or keep the running ones."""
+        if self.config_path is None:
+            return False
+        try:
+            cfg, runtime = await asyncio.to_thread(self._load, self.config_path)
+        except ConfigError as e:
+            self.metrics.reloads.labels("failed").inc()
+            for line in e.errors:
+                log.error("reload refused: keeping the running configuration", error=line)
+            return False
+        if (
+            cfg.proxy.listen != self.config.proxy.listen
+            or cfg.admin.listen != self.config.admin.listen
+        ):
+            log.warning("listen addresses change only on restart")
+        if cfg.sinks != self.config.sinks or cfg.spool != self.config.spool:
+            log.warning("sinks and spool change only on restart")
+        self.config = cfg
+        self.limits = cfg.proxy
+        self.runtime = runtime
+        self.metrics.reloads.labels("ok").inc()
+        log.info("configuration reloaded", tiers=len(runtime.policy.tiers))
+        return True
+
+    @staticmethod
+    def _load(path: Path) -> tuple[Config, Runtime]:
+        cfg = cfgmod.load_config(path)
+        return cfg, build_runtime(cfg)
+
+    def _watched_paths(self) -> list[Path]:
+        if self.config_path is None:
+            return []
+        return [self.config_path, *self.config.policy.files]
+
+    def _mtimes(self) -> dict[Path, float]:
+        out = {}
+        for p in self._watched_paths():
+            try:
+                out[p] = os.stat(p).st_mtime
+            except OSError:
+                out[p] = -1.0
+        return out
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            current = await asyncio.to_thread(self._mtimes)
+            if current != self._watched:
+                self._watched = current
+                log.info("configuration files changed: reloading")
+                await self.reload()
+                self._watched = await asyncio.to_thread(self._mtimes)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.clock = now = time.monotonic()
+            for conn in list(self.connections):
+                conn.expire(now)
+
+    # -- admin ----------------------------------------------------------------------------------
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self.admin = web.AppRunner(app, access_log=None)
+        await self.admin.setup()
+        host, port = _split(self.config.admin.listen)
+        site = web.TCPSite(self.admin, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        if isinstance(server, asyncio.Server) and server.sockets:
+            self.admin_address = server.sockets[0].getsockname()[:2]
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,208 @@
+"""The decision path of one flow: resolve, guard, threat feeds, policy -> Verdict.
+
+Order (every step can refuse; the first refusal is the reason):
+
+1. The destination name is matched against the feeds before it is resolved.
+2. The name is resolved once (A and AAAA, CNAME chain); every name in the chain is matched too.
+3. Every resolved address is checked by the guard; one guarded address refuses the flow.
+4. Every resolved address is matched against the feeds.
+5. Policy decides for each address in turn, knowing which feeds matched; the flow goes to the first
+   address policy allows, so no address policy refused is ever connected to.
+
+Decisions are cached per (workload, destination): the policy is pure, so the cache is exact and is
+dropped whenever the policy, the feeds or the identity source change (a new Runtime).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from egressgw.flow import Flow
+from egressgw.guard import Guard, effective_ip
+from egressgw.identity import Inventory, Workload
+from egressgw.policy import Decision, Destination, Policy
+from egressgw.policy import Protocol as FlowProtocol
+from egressgw.resolver import ResolveError, Resolver
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+DEFAULT_DECISION_CACHE = 100_000
+
+
+class ThreatSource(Protocol):
+    """Feed matching as the gateway uses it; each match is an ECS-ready dict."""
+
+    def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
+        """Matches for a domain name (and its parents, per feed)."""
+        ...
+
+    def match_ip(self, ip: IPAddress) -> tuple[dict[str, Any], ...]:
+        """Matches for an address."""
+        ...
+
+    def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
+        """Matches for a plain-HTTP URL."""
+        ...
+
+
+class NoThreats:
+    """The threat source when no feed is configured."""
+
+    def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
+        """Nothing is listed."""
+        return ()
+
+    def match_ip(self, ip: IPAddress) -> tuple[dict[str, Any], ...]:
+        """Nothing is listed."""
+        return ()
+
+    def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
+        """Nothing is listed."""
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the proxy does with a flow: connect to ``ip``, or answer ``status`` with ``reason``."""
+
+    allowed: bool
+    status: int
+    reason: str
+    ip: IPAddress | None = None
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Everything the decision path needs; replaced whole on reload, never mutated in place."""
+
+    policy: Policy
+    guard: Guard
+    inventory: Inventory
+    resolver: Resolver
+    threats: ThreatSource = field(default_factory=NoThreats)
+    cache_size: int = DEFAULT_DECISION_CACHE
+    _cache: dict[tuple[Any, ...], Decision] = field(default_factory=dict)
+
+    def decide(self, w: Workload, d: Destination) -> Decision:
+        """Policy's decision, from the cache when this workload met this destination before."""
+        key = (w, d)
+        found = self._cache.get(key)
+        if found is None:
+            found = self.policy.decide(w, d)
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+
+def _feed_names(threats: Sequence[dict[str, Any]]) -> frozenset[str]:
+    return frozenset(t["feed"] for t in threats)
+
+
+def _deny(flow: Flow, decision: Decision | None, reason: str, status: int = 403) -> Verdict:
+    flow.decision = decision
+    flow.action = "connection_denied"
+    flow.reason = reason
+    return Verdict(False, status, reason)
+
+
+def _policy_reason(decision: Decision, flow: Flow) -> str:
+    reason = f"policy {decision.rule_ref}"
+    if flow.threats:
+        t = flow.threats[0]
+        reason += f": {t['matched']['atomic']} listed by feed {t['feed']}"
+    return reason
+
+
+def decide_addresses(rt: Runtime, flow: Flow, ips: Sequence[IPAddress]) -> Verdict:
+    """Steps 3-5 for addresses already known (resolved, literal, or the tunnel's own)."""
+    for ip in ips:
+        reason = rt.guard.check(ip)
+        if reason is not None:
+            flow.ip = ip
+            return _deny(flow, None, reason)
+    threats = list(flow.name_threats)
+    for ip in ips:
+        threats.extend(rt.threats.match_ip(effective_ip(ip)))
+    flow.threats = tuple(threats)
+    feeds = _feed_names(threats)
+    name = flow.host.name if flow.host is not None else None
+    if flow.sni is not None:
+        name = flow.sni
+    first: Decision | None = None
+    for ip in ips:
+        decision = rt.decide(
+            flow.workload, Destination(name, effective_ip(ip), flow.port, flow.protocol, feeds)
+        )
+        if decision.action == "allow":
+            flow.decision = decision
+            flow.ip = ip
+            if decision.audits:
+                flow.action = "would_deny"
+                flow.reason = f"{'; '.join(decision.audits)}; allowed by {decision.rule_ref}"
+            else:
+                flow.action = "connection_allowed"
+                flow.reason = f"policy {decision.rule_ref}"
+            return Verdict(True, 200, flow.reason, ip)
+        first = first or decision
+    assert first is not None  # ips is never empty
+    flow.ip = ips[0]
+    return _deny(flow, first, _policy_reason(first, flow))
+
+
+async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
+    """Run the whole decision path for a new flow (``flow.host``, port and protocol set)."""
+    flow.workload = rt.inventory.lookup(flow.source_ip)
+    host = flow.host
+    assert host is not None
+    threats: list[dict[str, Any]] = []
+    if host.name is not None:
+        threats.extend(rt.threats.match_name(host.name))
+        if flow.url is not None:
+            threats.extend(rt.threats.match_url(flow.url))
+        try:
+            resolution = await rt.resolver.resolve(host.name)
+        except ResolveError as e:
+            flow.threats = flow.name_threats = tuple(threats)
+            if threats:
+                return decide_without_address(rt, flow, e.reason)
+            return _deny(flow, None, str(e), status=502)
+        flow.resolved = resolution.ips
+        flow.cnames = resolution.chain
+        for cname in resolution.chain:
+            threats.extend(rt.threats.match_name(cname))
+        ips: Sequence[IPAddress] = resolution.ips
+    else:
+        assert host.ip is not None
+        if flow.url is not None:
+            threats.extend(rt.threats.match_url(flow.url))
+        ips = (host.ip,)
+    flow.name_threats = tuple(threats)
+    return decide_addresses(rt, flow, ips)
+
+
+def decide_without_address(rt: Runtime, flow: Flow, dns_reason: str) -> Verdict:
+    """A listed name that does not resolve: policy still decides, so the feed match is recorded."""
+    assert flow.host is not None
+    d = Destination(flow.host.name, None, flow.port, flow.protocol, _feed_names(flow.threats))
+    decision = rt.decide(flow.workload, d)
+    if decision.action == "deny":
+        return _deny(flow, decision, _policy_reason(decision, flow))
+    return _deny(flow, decision, f"dns: {flow.host.name}: {dns_reason}", status=502)
+
+
+def recheck_tunnel(rt: Runtime, flow: Flow, protocol: FlowProtocol, sni: str | None) -> Verdict:
+    """Decide a tunnel again once its first bytes showed the protocol and the SNI it asks for.
+
+    The address stays the one connected to: the SNI is matched against the feeds and policy with
+    that address, never resolved.
+    """
+    assert flow.ip is not None
+    flow.protocol = protocol
+    if sni is not None:
+        flow.sni = sni
+        if flow.host is None or sni != flow.host.name:
+            flow.name_threats += rt.threats.match_name(sni)
+    return decide_addresses(rt, flow, (flow.ip,))

@@ -1,0 +1,178 @@
+"""The ``egressgw`` command: run, check, explain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import uvloop
+
+from egressgw import __version__
+from egressgw import config as cfgmod
+from egressgw.app import Gateway, build_runtime
+from egressgw.checks import check_flow
+from egressgw.flow import Flow
+from egressgw.guard import effective_ip
+from egressgw.logs import configure_logging
+from egressgw.names import parse_authority
+from egressgw.policy import Destination
+from egressgw.yamlsource import ConfigError
+
+
+def _load(path: Path | None) -> cfgmod.Config:
+    return cfgmod.load_config(path) if path is not None else cfgmod.default_config()
+
+
+async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
+    gateway = Gateway(cfg, path)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
+    await stop.wait()
+    await gateway.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGTERM."""
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        print(f"egressgw: configuration refused ({len(e.errors)} errors):", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    configure_logging(cfg.log.level, cfg.log.format)
+    try:
+        uvloop.run(_serve(cfg, args.config))
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"egressgw: {line}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"egressgw: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Validate configuration and policy; print every error; exit 1 on any."""
+    errors: list[str] = []
+    cfg = None
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        errors.extend(e.errors)
+    if cfg is not None:
+        try:
+            rt = build_runtime(cfg)
+        except ConfigError as e:
+            errors.extend(e.errors)
+        else:
+            rules = sum(len(t.rules) for t in rt.policy.tiers)
+            print(
+                f"ok: {args.config or '(embedded defaults)'}: {len(rt.policy.tiers)} tiers, "
+                f"{rules} rules, default {rt.policy.default}, {len(cfg.feeds)} feeds, "
+                f"{len(cfg.sinks)} sinks",
+                file=out,
+            )
+            return 0
+    for line in errors:
+        print(line, file=out)
+    print(f"{len(errors)} error{'s' if len(errors) != 1 else ''}", file=out)
+    return 1
+
+
+async def _explain(cfg: cfgmod.Config, source: str, target: str, protocol: str) -> list[str]:
+    rt = build_runtime(cfg)
+    src = ipaddress.ip_address(source)
+    host, port = parse_authority(target)
+    flow = Flow(src, 0, 0.0, 0.0, host=host, port=port, protocol=protocol)  # type: ignore[arg-type]
+    verdict = await check_flow(rt, flow)
+    w = flow.workload
+    lines = [
+        f"source:      {src} -> "
+        + (
+            f"namespace {w.namespace}, pod {w.pod}, labels {dict(w.labels)}"
+            if w.known
+            else "unknown"
+        ),
+        f"destination: {host}:{port} ({protocol})",
+    ]
+    if flow.resolved:
+        lines.append(f"resolved:    {', '.join(map(str, flow.resolved))}")
+    if flow.cnames:
+        lines.append(f"cname chain: {' -> '.join(flow.cnames)}")
+    for t in flow.threats:
+        lines.append(f"feed match:  {t['feed']}: {t['matched']['atomic']}")
+    if flow.decision is not None:
+        d = flow.decision
+        ip = effective_ip(flow.ip) if flow.ip is not None else None
+        feeds = frozenset(t["feed"] for t in flow.threats)
+        traced = rt.policy.decide(
+            w, Destination(host.name, ip, port, flow.protocol, feeds), trace=True
+        )
+        lines.append("steps:")
+        lines.extend(f"  {s}" for s in traced.steps)
+        if d.audits:
+            lines.append(f"audit:       {'; '.join(d.audits)}")
+    lines.append(
+        f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
+        f"({flow.decision.rule_ref if flow.decision else 'no rule'}): {verdict.reason}"
+    )
+    return lines
+
+
+def cmd_explain(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Print how policy decides one flow, step by step."""
+    try:
+        cfg = _load(args.config)
+        lines = uvloop.run(_explain(cfg, args.source, args.to, args.protocol))
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=out)
+        return 1
+    except ValueError as e:
+        print(f"egressgw: {e}", file=out)
+        return 2
+    print("\n".join(lines), file=out)
+    return 0 if lines[-1].startswith("decision:    ALLOW") else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the egressgw command."""
+    parser = argparse.ArgumentParser(prog="egressgw", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"egressgw {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", type=Path, help="configuration file (embedded defaults if none)")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate configuration and policy")
+    check.add_argument("--config", type=Path, help="configuration file")
+    check.set_defaults(func=cmd_check)
+    explain = sub.add_parser("explain", help="show how policy decides a flow")
+    explain.add_argument("--config", type=Path, help="configuration file")
+    explain.add_argument("--from", dest="source", required=True, help="source IP address")
+    explain.add_argument("--to", required=True, help="destination HOST:PORT")
+    explain.add_argument("--protocol", choices=["tls", "tcp", "http"], default="tls")
+    explain.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the egressgw command."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

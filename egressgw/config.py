@@ -1,0 +1,402 @@
+"""Configuration: YAML files -> one validated, frozen model.
+
+Rules:
+
+1. ``load_config(path)`` reads the gateway configuration and every policy file it names; relative
+   paths are relative to the configuration file.
+2. Every error is collected, not only the first, and each names file, line and key path;
+   ``ConfigError.errors`` lists them (``egressgw check`` prints them all).
+3. The result is immutable. A reload builds a new one and swaps it in whole, or keeps the old one.
+4. Without a file, ``default_config()`` is the embedded default: proxy on 127.0.0.1:3128, admin on
+   127.0.0.1:9090, events to stdout, the guard on, everything else allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from egressgw import policy
+from egressgw.identity import StaticInventory, Workload
+from egressgw.names import normalise_name, parse_ip_literal
+from egressgw.yamlsource import ConfigError, YamlDocument
+from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, resolve_paths
+
+DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_HEAD_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_RESOLVER_TIMEOUT = 5.0
+DEFAULT_RESOLVER_CACHE = 10_000
+DEFAULT_MIN_TTL = 0.0
+DEFAULT_MAX_TTL = 3600.0
+DEFAULT_DECISION_CACHE = 100_000
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``500ms``, ``30s``, ``10m``, ``1h``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"bad duration {value!r}: use seconds or a string like 500ms, 30s, 10m, 1h")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"listen address {value!r} must be host:port")
+    if parse_ip_literal(host) is None:
+        raise ValueError(f"listen address {value!r} must use an IP address")
+    return value
+
+
+ListenAddress = Annotated[str, BeforeValidator(_listen)]
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a CIDR string, got {value!r}")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        raise ValueError(f"bad CIDR {value!r}: {e}") from e
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProxyConfig(_Model):
+    """The explicit proxy listener and its limits."""
+
+    listen: ListenAddress = DEFAULT_PROXY_LISTEN
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    max_header_bytes: int = Field(DEFAULT_MAX_HEADER_BYTES, ge=1024)
+    max_headers: int = Field(DEFAULT_MAX_HEADERS, ge=4)
+    connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
+    head_timeout: Duration = DEFAULT_HEAD_TIMEOUT
+    idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT
+    drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT
+    via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class AdminConfig(_Model):
+    """The admin HTTP server (/healthz, /readyz, /metrics)."""
+
+    listen: ListenAddress = DEFAULT_ADMIN_LISTEN
+
+
+class ResolverConfig(_Model):
+    """DNS resolution of destination names."""
+
+    nameservers: tuple[str, ...] = ()
+    timeout: Duration = DEFAULT_RESOLVER_TIMEOUT
+    cache_size: int = Field(DEFAULT_RESOLVER_CACHE, ge=0)
+    min_ttl: float = Field(DEFAULT_MIN_TTL, ge=0)
+    max_ttl: float = Field(DEFAULT_MAX_TTL, ge=0)
+    ipv6: bool = True
+
+    @field_validator("nameservers")
+    @classmethod
+    def _hostports(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for v in values:
+            host, _, port = v.rpartition(":") if v.count(":") == 1 or "]" in v else (v, "", "")
+            if parse_ip_literal(host or v) is None or (port and not port.isdigit()):
+                raise ValueError(f"nameserver {v!r} must be an IP or IP:port ([v6]:port)")
+        return values
+
+
+class GuardConfig(_Model):
+    """The destination guard."""
+
+    enabled: bool = True
+    allow: tuple[Network, ...] = ()
+
+
+class StaticEntry(_Model):
+    """One source CIDR attributed to a workload."""
+
+    cidr: Network
+    namespace: str = Field(min_length=1)
+    pod: str | None = None
+    serviceaccount: str | None = None
+    node: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class IdentityConfig(_Model):
+    """Where workload identities come from."""
+
+    static: tuple[StaticEntry, ...] = ()
+
+
+class PolicyConfig(_Model):
+    """Policy files, evaluated tier after tier in file order."""
+
+    files: tuple[Path, ...] = ()
+
+
+class LogConfig(_Model):
+    """The gateway's own log."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class FeedEntry(BaseModel):
+    """A threat feed definition; validated by the feeds library."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str
+
+
+class Config(_Model):
+    """The whole gateway configuration."""
+
+    proxy: ProxyConfig = ProxyConfig()
+    admin: AdminConfig = AdminConfig()
+    resolver: ResolverConfig = ResolverConfig()
+    guard: GuardConfig = GuardConfig()
+    identity: IdentityConfig = IdentityConfig()
+    feeds: tuple[FeedEntry, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
+    spool: SpoolSpec | None = None
+    sinks: tuple[SinkSpec, ...] = (StdoutSinkSpec(type="stdout"),)
+    log: LogConfig = LogConfig()
+
+
+# ---- policy files ----------------------------------------------------------------------------
+
+
+def _domain_pattern(value: str) -> str:
+    wildcard = value.startswith("*.")
+    name = normalise_name(value[2:] if wildcard else value)
+    return f"*.{name}" if wildcard else name
+
+
+class SourceSpec(_Model):
+    """``from`` of a rule."""
+
+    namespace: str | list[str] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    matchLabels: dict[str, str] = Field(default_factory=dict)
+    matchExpressions: list[ExpressionSpec] = Field(default_factory=list)
+    serviceaccount: str | list[str] | None = None
+    unknown: bool | None = None
+
+
+class ExpressionSpec(_Model):
+    """A Kubernetes label selector requirement."""
+
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+
+class DestinationSpec(_Model):
+    """``to`` of a rule."""
+
+    domains: list[Annotated[str, BeforeValidator(_domain_pattern)]] = Field(default_factory=list)
+    cidrs: list[Network] = Field(default_factory=list)
+    ports: list[int | str] = Field(default_factory=list)
+    protocols: list[Literal["tcp", "tls", "http"]] = Field(default_factory=list)
+    feeds: list[str] = Field(default_factory=list)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, values: list[int | str]) -> list[int | str]:
+        policy.parse_ports(values)
+        return values
+
+
+class RuleSpec(_Model):
+    """One rule."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    action: Literal["allow", "deny", "pass"]
+    audit: bool = False
+    from_: SourceSpec = Field(default_factory=SourceSpec, alias="from")
+    to: DestinationSpec = Field(default_factory=DestinationSpec)
+
+
+class TierSpec(_Model):
+    """One tier."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    default: Literal["allow", "deny", "pass"] = "pass"
+    rules: list[RuleSpec] = Field(default_factory=list)
+
+
+class PolicyFile(_Model):
+    """A policy file: tiers and, in at most one file, the final default."""
+
+    default: Literal["allow", "deny"] | None = None
+    tiers: list[TierSpec] = Field(default_factory=list)
+
+
+SourceSpec.model_rebuild()
+
+
+def _as_set(value: str | list[str] | None) -> frozenset[str] | None:
+    if value is None:
+        return None
+    return frozenset([value] if isinstance(value, str) else value)
+
+
+def compile_rule(spec: RuleSpec) -> policy.Rule:
+    """The runtime rule of a validated rule spec."""
+    src = spec.from_
+    labels = {**src.labels, **src.matchLabels}
+    dst = spec.to
+    exact, suffixes = policy.split_domains(dst.domains)
+    singles, ranges = policy.parse_ports(dst.ports)
+    return policy.Rule(
+        name=spec.name,
+        action=spec.action,
+        audit=spec.audit,
+        source=policy.SourceSelector(
+            namespaces=_as_set(src.namespace),
+            labels=tuple(sorted(labels.items())),
+            expressions=tuple(
+                policy.Expression(e.key, e.operator, frozenset(e.values))
+                for e in src.matchExpressions
+            ),
+            serviceaccounts=_as_set(src.serviceaccount),
+            unknown=src.unknown,
+        ),
+        destination=policy.DestinationSelector(
+            exact=exact,
+            suffixes=suffixes,
+            cidrs=tuple(dst.cidrs),
+            ports=singles if (dst.ports and singles) else None,
+            port_ranges=ranges,
+            protocols=frozenset(dst.protocols) if dst.protocols else None,
+            feeds=frozenset(dst.feeds) if dst.feeds else None,
+        ),
+    )
+
+
+def _check_expressions(spec: RuleSpec) -> list[tuple[list[str | int], str]]:
+    problems: list[tuple[list[str | int], str]] = []
+    for i, e in enumerate(spec.from_.matchExpressions):
+        if e.operator in ("In", "NotIn") and not e.values:
+            problems.append(
+                (["from", "matchExpressions", i, "values"], f"{e.operator} needs values")
+            )
+        if e.operator in ("Exists", "DoesNotExist") and e.values:
+            problems.append((["from", "matchExpressions", i, "values"], f"{e.operator} takes none"))
+    return problems
+
+
+def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
+    """Load and compile policy files, collecting every error with file, line and key path."""
+    if not paths:
+        return policy.ALLOW_ALL
+    errors: list[str] = []
+    tiers: list[policy.Tier] = []
+    default: Literal["allow", "deny"] | None = None
+    seen_tiers: dict[str, str] = {}
+    for path in paths:
+        try:
+            doc = YamlDocument(path)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
+        try:
+            spec = PolicyFile.model_validate(doc.data)
+        except ValidationError as e:
+            errors.extend(doc.errors_from(e))
+            continue
+        if spec.default is not None:
+            if default is not None:
+                errors.append(f"{path}:{doc.line_of(['default'])}: default: set in two files")
+            default = spec.default
+
+        def err(loc: list[str | int], msg: str, doc: YamlDocument = doc) -> None:
+            key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".")
+            errors.append(f"{doc.path}:{doc.line_of(loc)}: {key}: {msg}")
+
+        for ti, tier in enumerate(spec.tiers):
+            if tier.name in seen_tiers:
+                err(["tiers", ti, "name"], f"tier {tier.name!r} also in {seen_tiers[tier.name]}")
+            seen_tiers[tier.name] = f"{path}:{doc.line_of(['tiers', ti, 'name'])}"
+            names: set[str] = set()
+            for ri, rule in enumerate(tier.rules):
+                key: list[str | int] = ["tiers", ti, "rules", ri]
+                if rule.name in names:
+                    err([*key, "name"], f"duplicate rule {rule.name!r} in tier {tier.name!r}")
+                names.add(rule.name)
+                for fi, feed in enumerate(rule.to.feeds):
+                    if feed != "*" and feed not in feed_names:
+                        err([*key, "to", "feeds", fi], f"no feed named {feed!r} is configured")
+                for sub, msg in _check_expressions(rule):
+                    err([*key, *sub], msg)
+            tiers.append(
+                policy.Tier(tier.name, tuple(compile_rule(r) for r in tier.rules), tier.default)
+            )
+    if errors:
+        raise ConfigError(errors)
+    return policy.Policy(tuple(tiers), default or "deny")
+
+
+def _resolve_relative(cfg: Config, base: Path) -> Config:
+    files = tuple(p if p.is_absolute() else base / p for p in cfg.policy.files)
+    return cfg.model_copy(
+        update={
+            "policy": cfg.policy.model_copy(update={"files": files}),
+            "spool": resolve_paths(cfg.spool, base) if cfg.spool else None,
+            "sinks": tuple(resolve_paths(s, base) for s in cfg.sinks),
+        }
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Load and validate a configuration file (not its policy files: see ``load_runtime``)."""
+    doc = YamlDocument(path)
+    try:
+        cfg = Config.model_validate(doc.data, context={"base_dir": path.parent})
+    except ValidationError as e:
+        raise ConfigError(doc.errors_from(e)) from e
+    return _resolve_relative(cfg, path.parent)
+
+
+def default_config() -> Config:
+    """The embedded default configuration."""
+    return Config()
+
+
+def build_inventory(cfg: Config) -> StaticInventory:
+    """The static identity inventory of a configuration."""
+    return StaticInventory(
+        (
+            e.cidr,
+            Workload.make(e.namespace, e.pod, e.labels, e.serviceaccount, e.node),
+        )
+        for e in cfg.identity.static
+    )
+
+
+def as_plain(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain data (for `egressgw check --print`)."""
+    return cfg.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,135 @@
+"""ECS 8.x events of a flow. Pure: a Flow and the observer in, a plain dict out.
+
+Two documents per flow share ``flow.id``: one when the flow is decided (``event.type``
+``["connection", "start"]`` for allowed flows, ``["connection", "denied"]`` for refused ones)
+and, for flows that were relayed, one when it ends (``["connection", "end"]``) with bytes and
+duration. ``event.id`` is ``<flow.id>.1`` / ``<flow.id>.2``: unique, and stable across retries so a
+sink that deduplicates (Elasticsearch ``_id``) stores each event once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from egressgw.flow import Flow
+
+ECS_VERSION = "8.11.0"
+
+
+def _timestamp(epoch: float) -> str:
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    )
+
+
+def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "ecs": {"version": ECS_VERSION},
+        "flow": {"id": flow.id},
+        "source": {"ip": str(flow.source_ip), "port": flow.source_port},
+        "network": {"transport": "tcp", "protocol": flow.protocol, "direction": "egress"},
+        "observer": observer,
+    }
+    w = flow.workload
+    if w.known:
+        k8s: dict[str, Any] = {"namespace": w.namespace}
+        if w.pod:
+            k8s["pod"] = {"name": w.pod}
+        if w.label_map:
+            k8s["labels"] = dict(w.label_map)
+        if w.serviceaccount:
+            k8s["serviceaccount"] = {"name": w.serviceaccount}
+        if w.node:
+            k8s["node"] = {"name": w.node}
+        doc["kubernetes"] = k8s
+    dest: dict[str, Any] = {"port": flow.port}
+    host = flow.host
+    if host is not None and host.name is not None:
+        dest["domain"] = host.name
+    ip = flow.ip if flow.ip is not None else (host.ip if host is not None else None)
+    if ip is not None:
+        dest["ip"] = str(ip)
+    elif flow.resolved:
+        dest["ip"] = str(flow.resolved[0])
+    doc["destination"] = dest
+    if flow.sni is not None:
+        doc["tls"] = {"client": {"server_name": flow.sni}}
+    if flow.method is not None:
+        doc["http"] = {"request": {"method": flow.method}}
+        if flow.status is not None:
+            doc["http"]["response"] = {"status_code": flow.status}
+    if flow.url is not None:
+        doc["url"] = {
+            "full": flow.url,
+            "domain": dest.get("domain", dest.get("ip")),
+            "port": flow.port,
+        }
+    if flow.decision is not None:
+        doc["rule"] = {"name": flow.decision.rule, "ruleset": flow.decision.tier or "default"}
+    return doc
+
+
+def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
+    """The event written when a flow is decided (allowed, denied, or would be denied)."""
+    doc = _common(flow, observer)
+    denied = flow.action == "connection_denied"
+    event: dict[str, Any] = {
+        "id": f"{flow.id}.1",
+        "kind": "alert" if flow.threats and denied else "event",
+        "category": ["network"],
+        "type": ["connection", "denied"] if denied else ["connection", "start"],
+        "action": flow.action,
+        "outcome": "failure" if denied else "success",
+        "reason": flow.reason,
+        "start": _timestamp(flow.started),
+    }
+    if flow.decision is not None and flow.decision.audits:
+        doc["egressgw"] = {"audit": list(flow.decision.audits)}
+    if flow.error:
+        event["reason"] = f"{flow.reason}: {flow.error}" if flow.reason else flow.error
+    doc["@timestamp"] = _timestamp(flow.started)
+    doc["event"] = event
+    if flow.threats:
+        doc["threat"] = to_threat(flow.threats)
+    if flow.cnames:
+        doc.setdefault("dns", {})["resolved_ip"] = [str(i) for i in flow.resolved]
+        doc["dns"]["answers"] = [{"type": "CNAME", "data": c} for c in flow.cnames]
+    return doc
+
+
+def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str, Any]:
+    """The event written when a relayed flow ends: bytes each way and duration."""
+    doc = _common(flow, observer)
+    duration = (flow.ended_mono or flow.started_mono) - flow.started_mono
+    doc["@timestamp"] = _timestamp(ended)
+    doc["event"] = {
+        "id": f"{flow.id}.2",
+        "kind": "event",
+        "category": ["network"],
+        "type": ["connection", "end"],
+        "action": "connection_ended",
+        "outcome": "failure" if flow.error else "success",
+        "reason": flow.error or "closed",
+        "start": _timestamp(flow.started),
+        "end": _timestamp(ended),
+        "duration": int(duration * 1e9),
+    }
+    doc["source"]["bytes"] = flow.bytes_out
+    doc["destination"]["bytes"] = flow.bytes_in
+    doc["network"]["bytes"] = flow.bytes_out + flow.bytes_in
+    return doc
+
+
+def to_threat(threats: tuple[Any, ...]) -> dict[str, Any]:
+    """ECS ``threat.*`` from feed matches (plain dicts made by egressgw.threats)."""
+    first = threats[0]
+    return {
+        "framework": "egressgw",
+        "feed": {"name": first["feed"]},
+        "indicator": first["indicator"],
+        "enrichments": [
+            {"indicator": t["indicator"], "feed": {"name": t["feed"]}, "matched": t["matched"]}
+            for t in threats
+        ],
+    }

@@ -1,0 +1,55 @@
+"""One connection through the gateway, as the checks and the event builder see it."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from egressgw.identity import UNKNOWN, Workload
+from egressgw.names import Host
+from egressgw.policy import Decision, Protocol
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Flow ids: a random per-process prefix and a counter; unique without a syscall per flow.
+_PREFIX = os.urandom(6).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_flow_id() -> str:
+    """A process-unique, globally unlikely-to-collide flow id."""
+    return f"{_PREFIX}{next(_COUNTER):08x}"
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """Mutable record of one flow; the proxy fills it in as the flow goes."""
+
+    source_ip: IPAddress
+    source_port: int
+    started: float  # wall clock, seconds since the epoch
+    started_mono: float
+    id: str = field(default_factory=new_flow_id)
+    workload: Workload = UNKNOWN
+    host: Host | None = None
+    port: int = 0
+    protocol: Protocol = "tcp"
+    method: str | None = None
+    url: str | None = None
+    sni: str | None = None
+    ip: IPAddress | None = None  # the destination address connected to
+    resolved: tuple[IPAddress, ...] = ()
+    cnames: tuple[str, ...] = ()
+    decision: Decision | None = None
+    action: str = ""  # connection_allowed | connection_denied | would_deny
+    reason: str = ""
+    name_threats: tuple[Any, ...] = ()  # feed matches of the names (host, CNAMEs, SNI, URL)
+    threats: tuple[Any, ...] = ()  # every feed match: names and addresses
+    status: int | None = None  # the HTTP status the gateway answered or forwarded
+    bytes_out: int = 0  # client -> destination
+    bytes_in: int = 0  # destination -> client
+    ended_mono: float | None = None
+    error: str | None = None

@@ -1,0 +1,884 @@
+"""The explicit proxy: CONNECT tunnels and absolute-form HTTP/1.1 forwarding on asyncio Protocols.
+
+Connection states (``Mode``):
+
+    HEAD      reading a request head (httptools/llhttp parses; limits on size, count, time)
+    CHECKING  the flow is being decided (resolution, guard, feeds, policy); input is buffered
+    TUNNEL    CONNECT accepted: bytes relayed both ways; the client's first bytes are read as a
+              TLS ClientHello (SNI, or plain TCP) and the flow is decided again before they pass
+    HTTP      absolute-form requests relayed one at a time (pipelined requests wait their turn)
+    CLOSED    done
+
+Rules:
+
+- A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 504) sent
+  before any byte reaches a destination; after a tunnel is established a refusal closes it.
+- Backpressure: each side's transport pauses the other side's reading when its write buffer is
+  full, so a slow reader never makes the gateway buffer without bound.
+- One connection's trouble (malformed input, a slow peer, an unreachable upstream) ends that
+  connection only; errors are counted by kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import time
+from collections import deque
+from typing import Any, Protocol, cast
+
+import httptools
+import structlog
+
+from egressgw.checks import Runtime, Verdict, check_flow, recheck_tunnel
+from egressgw.config import ProxyConfig
+from egressgw.flow import Flow
+from egressgw.names import Host, parse_authority, parse_host
+from egressgw.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
+from egressgw.tasks import spawn
+from egressgw.tlshello import MAX_HELLO_SIZE, parse_client_hello
+
+log = structlog.get_logger("egressgw.proxy")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Request methods forwarded in absolute form; anything else is answered 405.
+FORWARDED_METHODS = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE"}
+)
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+    }
+)
+# Bytes of request body buffered while the flow is decided or the upstream is slow.
+MAX_PENDING_BODY = 256 * 1024
+
+
+class Hub(Protocol):
+    """What a connection needs from the gateway around it."""
+
+    runtime: Runtime
+    limits: ProxyConfig
+    clock: float  # a coarse monotonic clock, updated by the idle sweeper
+
+    def flow_decided(self, flow: Flow) -> None:
+        """Record a decided flow (event and metrics)."""
+        ...
+
+    def flow_ended(self, flow: Flow) -> None:
+        """Record a finished flow (event and metrics)."""
+        ...
+
+    def count_error(self, kind: str) -> None:
+        """Count an error by kind."""
+        ...
+
+    def tunnel_opened(self) -> None:
+        """A tunnel started relaying."""
+        ...
+
+    def tunnel_closed(self) -> None:
+        """A tunnel stopped relaying."""
+        ...
+
+    def connection_opened(self, conn: ClientConnection) -> bool:
+        """Register a client connection; False when the connection limit is reached."""
+        ...
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """Forget a client connection."""
+        ...
+
+
+class Mode(enum.Enum):
+    """Where a client connection is in its life (see the module docstring)."""
+
+    HEAD = 1
+    CHECKING = 2
+    TUNNEL = 3
+    HTTP = 4
+    CLOSED = 5
+
+
+class _Refuse(Exception):
+    """Raised inside parser callbacks to answer with ``status``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Request:
+    """One parsed request head waiting to be relayed."""
+
+    __slots__ = ("body_done", "chunked", "headers", "keep_alive", "method", "url", "version")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.body_done = False
+
+
+class _Pipe(asyncio.Protocol):
+    """The upstream side of a tunnel: bytes from the destination go to the client."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.client.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        self.client.upstream_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_client_reading()
+
+
+class _HttpUpstream(asyncio.Protocol):
+    """The upstream side of absolute-form forwarding: parses responses and relays them."""
+
+    def __init__(self, client: ClientConnection, max_header_bytes: int) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: asyncio.Future[bool] | None = None
+        self.head_only = False
+        self.chunked = False
+        self.close_delimited = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.max_header_bytes = max_header_bytes
+        self.closed = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.client.flow_bytes_in(len(data))
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, _Refuse) as e:
+            self._finish_with_error(f"bad response from upstream: {e}")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            if self.close_delimited and self.status:
+                self.done.set_result(False)
+            else:
+                self.done.set_exception(
+                    ConnectionError("upstream closed before the response ended")
+                )
+
+    def pause_writing(self) -> None:
+        self.client.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_client_reading()
+
+    # -- an exchange
+    def begin(self, head_only: bool) -> asyncio.Future[bool]:
+        """Expect one response; the future says whether the connection stays reusable."""
+        self.done = asyncio.get_running_loop().create_future()
+        self.head_only = head_only
+        self.status = 0
+        self.headers = []
+        self.head_size = 0
+        return self.done
+
+    def _finish_with_error(self, reason: str) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(ConnectionError(reason))
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_header_bytes:
+            raise _Refuse(502, "upstream response head too large")
+        self.headers.append((name, value))
+
+    def on_status(self, status: bytes) -> None:
+        pass
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200:
+            if self.status == 100:
+                self.client.write(CONTINUE)
+            self.headers = []
+            return
+        out = [b"HTTP/1.1 %d %s\r\n" % (self.status, _phrase(self.status))]
+        length_known = False
+        connection_tokens = _connection_tokens(self.headers)
+        self.chunked = False
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+                continue
+            if lower in HOP_BY_HOP or lower in connection_tokens:
+                continue
+            if lower == b"content-length":
+                length_known = True
+            out.append(name + b": " + value + b"\r\n")
+        no_body = self.head_only or self.status in (204, 304)
+        self.close_delimited = not (no_body or length_known or self.chunked)
+        if self.chunked and not no_body:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        out.append(self.client.via_header)
+        if self.close_delimited:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        self.client.write(b"".join(out))
+        self.client.note_status(self.status)
+        # llhttp cannot be told the request was HEAD: end here and do not reuse the socket.
+        if self.head_only and self.done is not None and not self.done.done():
+            self.done.set_result(False)
+
+    def on_body(self, body: bytes) -> None:
+        if self.head_only:
+            return
+        if self.chunked:
+            self.client.write(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.client.write(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200 or self.head_only:
+            return
+        if self.chunked:
+            self.client.write(b"0\r\n\r\n")
+        if self.done is not None and not self.done.done():
+            self.done.set_result(self.parser.should_keep_alive() and not self.close_delimited)
+
+
+def _phrase(status: int) -> bytes:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client of the explicit proxy."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.limits = hub.limits
+        self.mode = Mode.HEAD
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
+        self.last_active = hub.clock
+        self.head_deadline = hub.clock + self.limits.head_timeout
+        self.flow: Flow | None = None
+        self.request: Request | None = None
+        self.raw_head = 0
+        self.awaiting_head = True
+        self.items: deque[Request | bytes | None] = deque()
+        self.items_waiter: asyncio.Future[None] | None = None
+        self.pending_body = 0
+        self.reading_paused = False
+        self.http_task: asyncio.Task[Any] | None = None
+        self.upstream: _HttpUpstream | None = None
+        self.upstream_key: tuple[IPAddress, int] | None = None
+        self.pipe: _Pipe | None = None
+        self.peeking = False
+        self.peek_buffer = b""
+        self.client_eof = False
+        self.upstream_eof_seen = False
+        self.via_header = f"Via: 1.1 {self.limits.via}\r\n".encode()
+        self.close_after_write = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (ipaddress.ip_address(peer[0].partition("%")[0]), int(peer[1]))
+        if not self.hub.connection_opened(self):
+            self._refuse(503, f"more than {self.limits.max_connections} client connections")
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.hub.clock
+        if self.mode is Mode.TUNNEL:
+            self._tunnel_from_client(data)
+            return
+        if self.mode is Mode.CLOSED:
+            return
+        if self.awaiting_head:
+            self.raw_head += len(data)
+            if self.raw_head > self.limits.max_header_bytes + 8192:
+                self._refuse(431, "request head too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.request is not None and self.request.method == b"CONNECT":
+                self._begin_connect(data[e.args[0] :])
+            else:
+                self._refuse(501, "protocol upgrade through the proxy: use CONNECT")
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Refuse):
+                self._refuse(cause.status, cause.reason)
+            else:
+                self.hub.count_error("internal")
+                log.error("parser callback failed", error=repr(cause), peer=str(self.peer[0]))
+                self._refuse(500, "internal error")
+        except httptools.HttpParserError as e:
+            self.hub.count_error("bad_request")
+            self._refuse(400, f"malformed request: {e}")
+
+    def eof_received(self) -> bool:
+        if self.mode is Mode.TUNNEL:
+            self.client_eof = True
+            pipe_transport = self.pipe.transport if self.pipe is not None else None
+            if pipe_transport is not None:
+                if self.peeking:
+                    self._decide_peeked(protocol="tcp", sni=None)
+                if pipe_transport.can_write_eof() and not pipe_transport.is_closing():
+                    pipe_transport.write_eof()
+            if self.upstream_eof_seen:
+                self.close()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.mode is not Mode.CLOSED:
+            if self.flow is not None and exc is not None:
+                self.flow.error = self.flow.error or f"client: {exc}"
+            self.close()
+        self.hub.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.pause_reading()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.resume_reading()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # -- httptools request callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.request = Request()
+        self.awaiting_head = True
+
+    def on_url(self, url: bytes) -> None:
+        assert self.request is not None
+        self.request.url += url
+        if len(self.request.url) > self.limits.max_header_bytes:
+            raise _Refuse(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.request
+        assert req is not None
+        req.headers.append((name, value))
+        if len(req.headers) > self.limits.max_headers:
+            raise _Refuse(431, f"more than {self.limits.max_headers} header fields")
+
+    def on_headers_complete(self) -> None:
+        req = self.request
+        assert req is not None
+        self.awaiting_head = False
+        self.raw_head = 0
+        size = len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
+        if size > self.limits.max_header_bytes:
+            raise _Refuse(431, f"request head larger than {self.limits.max_header_bytes} bytes")
+        req.method = self.parser.get_method()
+        req.version = self.parser.get_http_version()
+        req.keep_alive = self.parser.should_keep_alive()
+        if req.method == b"CONNECT":
+            return  # the parser raises HttpParserUpgrade next
+        if req.method not in FORWARDED_METHODS:
+            raise _Refuse(405, f"method {req.method.decode('latin-1')} not supported")
+        req.chunked = any(
+            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in req.headers
+        )
+        self._push(req)
+
+    def on_body(self, body: bytes) -> None:
+        self.pending_body += len(body)
+        self._push(body)
+        if self.pending_body > MAX_PENDING_BODY:
+            self.pause_client_reading()
+
+    def on_message_complete(self) -> None:
+        if self.request is not None and self.request.method == b"CONNECT":
+            return
+        if self.request is not None:
+            self.request.body_done = True
+        self._push(None)
+
+    # -- shared ----------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Write to the client unless it is gone."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def note_status(self, status: int) -> None:
+        """Remember the status forwarded for the current flow."""
+        if self.flow is not None:
+            self.flow.status = status
+
+    def flow_bytes_in(self, n: int) -> None:
+        """Count bytes from the destination."""
+        self.last_active = self.hub.clock
+        if self.flow is not None:
+            self.flow.bytes_in += n
+
+    def pause_client_reading(self) -> None:
+        """Stop reading the client (a peer's buffer is full)."""
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        """Read the client again."""
+        if (
+            self.reading_paused
+            and self.transport is not None
+            and self.pending_body < MAX_PENDING_BODY
+        ):
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _new_flow(self) -> Flow:
+        flow = Flow(self.peer[0], self.peer[1], time.time(), time.monotonic())
+        self.flow = flow
+        return flow
+
+    def _refuse(self, status: int, reason: str, flow: Flow | None = None) -> None:
+        """Answer with an error and close (the connection's framing can no longer be trusted)."""
+        if self.mode is Mode.CLOSED:
+            return
+        if status in (400, 405, 414, 431, 501):
+            self.hub.count_error({400: "bad_request", 431: "head_too_large"}.get(status, "refused"))
+        self.write(to_error_response(status, reason, close=True))
+        self.close()
+
+    def close(self) -> None:
+        """Close both sides and record the end of the current flow."""
+        if self.mode is Mode.CLOSED:
+            return
+        was_tunnel = self.mode is Mode.TUNNEL
+        self.mode = Mode.CLOSED
+        if self.items_waiter is not None and not self.items_waiter.done():
+            self.items_waiter.set_result(None)
+        if self.http_task is not None and not self.http_task.done():
+            self.http_task.cancel()
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        if self.transport is not None:
+            self.transport.close()
+        flow = self.flow
+        if was_tunnel and flow is not None:
+            if self.peeking:
+                self._decide_peeked(protocol="tcp", sni=None, closing=True)
+            self.hub.tunnel_closed()
+            self._end_flow(flow)
+
+    def _end_flow(self, flow: Flow) -> None:
+        if flow.ended_mono is None:
+            flow.ended_mono = time.monotonic()
+            self.hub.flow_ended(flow)
+
+    def expire(self, now: float) -> None:
+        """Close the connection if its head or idle timeout passed (called by the sweeper)."""
+        if self.mode is Mode.HEAD and self.awaiting_head and now > self.head_deadline:
+            self.hub.count_error("head_timeout")
+            self._refuse(408, "request head not received in time")
+        elif now - self.last_active > self.limits.idle_timeout and self.mode is not Mode.CHECKING:
+            if self.flow is not None:
+                self.flow.error = self.flow.error or "idle timeout"
+            self.hub.count_error("idle_timeout")
+            self.close()
+
+    # -- CONNECT -----------------------------------------------------------------------------------
+    def _begin_connect(self, rest: bytes) -> None:
+        req = self.request
+        assert req is not None and self.transport is not None
+        self.mode = Mode.CHECKING
+        self.transport.pause_reading()
+        self.peek_buffer = rest
+        flow = self._new_flow()
+        flow.protocol = "tls"  # assumed until the first bytes say otherwise
+        try:
+            flow.host, flow.port = parse_authority(req.url.decode("ascii"))
+        except (ValueError, UnicodeDecodeError) as e:
+            self._refuse(400, f"bad CONNECT target: {e}")
+            return
+        self.http_task = spawn(self._connect(flow), name=f"connect-{flow.id}")
+
+    async def _connect(self, flow: Flow) -> None:
+        verdict = await check_flow(self.hub.runtime, flow)
+        if not verdict.allowed:
+            self.hub.flow_decided(flow)
+            self._refuse(verdict.status, verdict.reason)
+            return
+        assert verdict.ip is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                _, pipe = await loop.create_connection(
+                    lambda: _Pipe(self), host=str(verdict.ip), port=flow.port
+                )
+        except TimeoutError:
+            self._upstream_failed(flow, 504, f"connect to {verdict.ip}:{flow.port} timed out")
+            return
+        except OSError as e:
+            self._upstream_failed(
+                flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
+            )
+            return
+        if self.mode is Mode.CLOSED:
+            if pipe.transport is not None:
+                pipe.transport.close()
+            return
+        self.pipe = pipe
+        self.mode = Mode.TUNNEL
+        self.hub.tunnel_opened()
+        self.write(CONNECT_ESTABLISHED)
+        self.peeking = True
+        assert self.transport is not None
+        self.transport.resume_reading()
+        if self.peek_buffer:
+            data, self.peek_buffer = self.peek_buffer, b""
+            self._tunnel_from_client(data)
+
+    def _upstream_failed(self, flow: Flow, status: int, reason: str) -> None:
+        self.hub.count_error("upstream_timeout" if status == 504 else "upstream_unreachable")
+        flow.action = "connection_denied" if flow.action != "would_deny" else flow.action
+        flow.error = reason
+        flow.status = status
+        self.hub.flow_decided(flow)
+        self._refuse(status, reason)
+
+    def _tunnel_from_client(self, data: bytes) -> None:
+        flow = self.flow
+        assert flow is not None
+        if self.peeking:
+            self.peek_buffer += data
+            try:
+                hello = parse_client_hello(self.peek_buffer)
+            except ValueError:
+                self._decide_peeked(protocol="tcp", sni=None)
+                return
+            if hello is None:
+                if len(self.peek_buffer) <= MAX_HELLO_SIZE + 5:
+                    return
+                self._decide_peeked(protocol="tcp", sni=None)
+                return
+            sni: str | None = None
+            if hello.sni is not None:
+                try:
+                    host = parse_host(hello.sni)
+                except ValueError:
+                    self._deny_tunnel(f"invalid TLS server name {hello.sni[:100]!r}")
+                    return
+                sni = host.name if host.name is not None else None
+            self._decide_peeked(protocol="tls", sni=sni)
+            return
+        flow.bytes_out += len(data)
+        pipe = self.pipe
+        if pipe is not None and pipe.transport is not None:
+            pipe.transport.write(data)
+
+    def _decide_peeked(self, protocol: Any, sni: str | None, closing: bool = False) -> None:
+        """The first client bytes arrived: confirm or refuse the tunnel, then let them through."""
+        flow = self.flow
+        assert flow is not None
+        self.peeking = False
+        same = protocol == "tls" and (
+            sni is None or (flow.host is not None and sni == flow.host.name)
+        )
+        if same:
+            flow.sni = sni
+        else:
+            verdict: Verdict = recheck_tunnel(self.hub.runtime, flow, protocol, sni)
+            if not verdict.allowed:
+                self.hub.flow_decided(flow)
+                if not closing:
+                    self._deny_tunnel(verdict.reason, decided=True)
+                return
+        self.hub.flow_decided(flow)
+        if not closing:
+            self._flush_peek()
+
+    def _flush_peek(self) -> None:
+        data, self.peek_buffer = self.peek_buffer, b""
+        if data and self.flow is not None:
+            self.flow.bytes_out += len(data)
+            if self.pipe is not None and self.pipe.transport is not None:
+                self.pipe.transport.write(data)
+
+    def _deny_tunnel(self, reason: str, decided: bool = False) -> None:
+        flow = self.flow
+        assert flow is not None
+        if not decided:
+            flow.action = "connection_denied"
+            flow.reason = reason
+            self.hub.flow_decided(flow)
+        self.peek_buffer = b""
+        self.close()
+
+    def from_upstream(self, data: bytes) -> None:
+        """Bytes from the tunnel's destination."""
+        self.last_active = self.hub.clock
+        if self.flow is not None:
+            self.flow.bytes_in += len(data)
+        self.write(data)
+
+    def upstream_eof(self) -> None:
+        """The destination finished sending."""
+        self.upstream_eof_seen = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.client_eof:
+            self.close()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        """The destination's connection closed."""
+        if exc is not None and self.flow is not None:
+            self.flow.error = self.flow.error or f"upstream: {exc}"
+        self.close()
+
+    # -- absolute-form HTTP ------------------------------------------------------------------------
+    def _push(self, item: Request | bytes | None) -> None:
+        self.items.append(item)
+        if self.items_waiter is not None and not self.items_waiter.done():
+            self.items_waiter.set_result(None)
+        if self.http_task is None:
+            self.mode = Mode.HTTP
+            self.http_task = spawn(self._serve_http(), name="http-client")
+
+    async def _next_item(self) -> Request | bytes | None:
+        while not self.items:
+            if self.mode is Mode.CLOSED:
+                raise ConnectionError("client gone")
+            self.items_waiter = asyncio.get_running_loop().create_future()
+            await self.items_waiter
+        item = self.items.popleft()
+        if isinstance(item, bytes):
+            self.pending_body -= len(item)
+            if self.reading_paused and self.pending_body < MAX_PENDING_BODY // 2:
+                self.resume_client_reading()
+        return item
+
+    async def _serve_http(self) -> None:
+        try:
+            while self.mode is not Mode.CLOSED:
+                item = await self._next_item()
+                if not isinstance(item, Request):
+                    continue  # body of a refused request already answered
+                keep_going = await self._exchange(item)
+                if not keep_going:
+                    self.close()
+                    return
+        except ConnectionError:
+            self.close()
+
+    async def _exchange(self, req: Request) -> bool:
+        flow = self._new_flow()
+        flow.protocol = "http"
+        flow.method = req.method.decode("ascii")
+        try:
+            target = _parse_target(req.url)
+        except ValueError as e:
+            self.hub.count_error("bad_request")
+            self.write(to_error_response(400, str(e), close=True))
+            return False
+        flow.host, flow.port, path, flow.url = target
+        verdict = await check_flow(self.hub.runtime, flow)
+        if not verdict.allowed:
+            flow.status = verdict.status
+            self.hub.flow_decided(flow)
+            close = not (req.body_done and req.keep_alive)
+            self.write(to_error_response(verdict.status, verdict.reason, close=close))
+            if not close:
+                await self._skip_body()
+            return not close
+        self.hub.flow_decided(flow)
+        assert verdict.ip is not None
+        try:
+            upstream = await self._upstream_for(verdict.ip, flow.port)
+        except TimeoutError:
+            return self._http_upstream_failed(
+                flow, 504, f"connect to {verdict.ip}:{flow.port} timed out"
+            )
+        except OSError as e:
+            return self._http_upstream_failed(
+                flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
+            )
+        done = upstream.begin(head_only=req.method == b"HEAD")
+        assert upstream.transport is not None
+        head = _request_head(req, path, flow, self.via_header)
+        flow.bytes_out += len(head)
+        upstream.transport.write(head)
+        try:
+            while True:
+                item = await self._next_item()
+                if item is None:
+                    break
+                assert isinstance(item, bytes)
+                flow.bytes_out += len(item)
+                upstream.transport.write(
+                    b"%x\r\n%s\r\n" % (len(item), item) if req.chunked else item
+                )
+            if req.chunked:
+                upstream.transport.write(b"0\r\n\r\n")
+            reusable = await done
+        except ConnectionError as e:
+            flow.error = str(e)
+            if flow.status is None:
+                flow.status = 502
+                self.write(to_error_response(502, f"upstream: {e}", close=True))
+            self._end_flow(flow)
+            self._drop_upstream()
+            return False
+        if not reusable:
+            self._drop_upstream()
+        self._end_flow(flow)
+        return req.keep_alive and not (upstream.close_delimited)
+
+    def _http_upstream_failed(self, flow: Flow, status: int, reason: str) -> bool:
+        self.hub.count_error("upstream_timeout" if status == 504 else "upstream_unreachable")
+        flow.error = reason
+        flow.status = status
+        self.write(to_error_response(status, reason, close=True))
+        self._end_flow(flow)
+        return False
+
+    async def _skip_body(self) -> None:
+        while (await self._next_item()) is not None:
+            pass
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        self.upstream = None
+        self.upstream_key = None
+
+    async def _upstream_for(self, ip: IPAddress, port: int) -> _HttpUpstream:
+        key = (ip, port)
+        if self.upstream is not None and self.upstream_key == key and not self.upstream.closed:
+            return self.upstream
+        self._drop_upstream()
+        loop = asyncio.get_running_loop()
+        limit = self.limits.max_header_bytes
+        async with asyncio.timeout(self.limits.connect_timeout):
+            _, upstream = await loop.create_connection(
+                lambda: _HttpUpstream(self, limit), host=str(ip), port=port
+            )
+        self.upstream = upstream
+        self.upstream_key = key
+        return upstream
+
+
+def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
+    """Absolute-form target -> (host, port, origin-form path, canonical URL for events/feeds)."""
+    if not url.lower().startswith(b"http://"):
+        if url.lower().startswith(b"https://"):
+            raise ValueError("https:// in absolute form: use CONNECT for TLS")
+        raise ValueError("request target must be an absolute http:// URL")
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError as e:
+        raise ValueError(f"bad URL: {e}") from e
+    if parsed.host is None or not parsed.host:
+        raise ValueError("URL has no host")
+    host_text = parsed.host.decode("utf-8", "strict")
+    if ":" in host_text and not host_text.startswith("["):
+        host_text = f"[{host_text}]"
+    host = parse_host(host_text)
+    port = parsed.port or 80
+    path = parsed.path or b"/"
+    if parsed.query:
+        path += b"?" + parsed.query
+    authority = (
+        str(host) if host.name is not None or (host.ip and host.ip.version == 4) else f"[{host.ip}]"
+    )
+    shown_port = "" if port == 80 else f":{port}"
+    canonical = f"http://{authority}{shown_port}{path.decode('latin-1')}"
+    return host, port, path, canonical
+
+
+def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
+    tokens = _connection_tokens(req.headers)
+    host = flow.host
+    assert host is not None
+    authority = (
+        host.name
+        if host.name is not None
+        else (str(host.ip) if host.ip and host.ip.version == 4 else f"[{host.ip}]")
+    )
+    if flow.port != 80:
+        authority = f"{authority}:{flow.port}"
+    out = [req.method + b" " + path + b" HTTP/1.1\r\nHost: " + authority.encode() + b"\r\n"]
+    for name, value in req.headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in tokens:
+            continue
+        if lower == b"via":
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    incoming_via = b", ".join(v for n, v in req.headers if n.lower() == b"via")
+    if incoming_via:
+        out.append(b"Via: " + incoming_via + b", " + via[5:])
+    else:
+        out.append(via)
+    if req.chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)

@@ -1,0 +1,130 @@
+"""Syslog sink: RFC 5424 messages over UDP (RFC 5426), TCP (RFC 6587 octet counting) or TLS
+(RFC 5425), with a JSON, CEF or LEEF body.
+
+Before each batch the sink checks whether the receiver closed the connection (EOF) and
+reconnects; a failed connect or write raises, and the exporter retries the batch with
+backoff. Plain TCP syslog has no application acknowledgement, so a batch written just as
+the receiver dies can be lost in kernel buffers or, when resent, duplicated: delivery to
+syslog is at least once in the common case, not guaranteed exactly once (RELP would be).
+UDP is fire-and-forget; messages longer than max_message_bytes are truncated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Sequence
+
+import orjson
+
+from siem.config import SyslogSinkSpec
+from siem.formats import frame_octet_count, to_rfc5424
+from siem.sinks import SendResult
+from siem.spool import Record
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port" into host and port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def tls_context(spec: SyslogSinkSpec) -> ssl.SSLContext:
+    """Client TLS context: CA file (or system CAs), optional client certificate."""
+    ctx = ssl.create_default_context(cafile=str(spec.ca) if spec.ca else None)
+    if spec.cert is not None and spec.key is not None:
+        ctx.load_cert_chain(str(spec.cert), str(spec.key))
+    return ctx
+
+
+class SyslogSink:
+    """Sends each event as one RFC 5424 message."""
+
+    def __init__(self, spec: SyslogSinkSpec, name: str) -> None:
+        self.spec = spec
+        self.name = name
+        self.host, self.port = split_address(spec.address)
+        self._ssl: ssl.SSLContext | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self.connects = 0
+
+    async def start(self) -> None:
+        """Load TLS material; the connection opens on the first send."""
+        if self.spec.transport == "tls":
+            self._ssl = tls_context(self.spec)
+
+    def to_message(self, record: Record) -> bytes:
+        """The RFC 5424 message for one record."""
+        spec = self.spec
+        return to_rfc5424(
+            orjson.loads(record.payload),
+            spec.format,
+            app_name=spec.app_name,
+            hostname=spec.hostname,
+            facility=spec.facility_code,
+            sd_id=spec.sd_id,
+        )
+
+    async def _connect(self) -> None:
+        await self._disconnect()
+        loop = asyncio.get_running_loop()
+        if self.spec.transport == "udp":
+            transport, _ = await loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, remote_addr=(self.host, self.port)
+            )
+            self._udp = transport
+        else:
+            server_hostname = (self.spec.server_name or self.host) if self._ssl else None
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    self.host, self.port, ssl=self._ssl, server_hostname=server_hostname
+                ),
+                self.spec.timeout,
+            )
+        self.connects += 1
+
+    async def _disconnect(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+                await asyncio.wait_for(writer.wait_closed(), self.spec.timeout)
+
+    def _alive(self) -> bool:
+        if self.spec.transport == "udp":
+            return self._udp is not None and not self._udp.is_closing()
+        return (
+            self._writer is not None
+            and self._reader is not None
+            and not self._writer.is_closing()
+            and not self._reader.at_eof()
+        )
+
+    async def send(self, batch: Sequence[Record]) -> SendResult:
+        """Send the batch; raises (and drops the connection) if the receiver is unreachable."""
+        messages = [self.to_message(r) for r in batch]
+        if not self._alive():
+            await self._connect()
+        if self._udp is not None:
+            limit = self.spec.max_message_bytes
+            for message in messages:
+                self._udp.sendto(message[:limit])
+            return SendResult()
+        assert self._writer is not None
+        try:
+            self._writer.write(b"".join(frame_octet_count(m) for m in messages))
+            await asyncio.wait_for(self._writer.drain(), self.spec.timeout)
+        except BaseException:
+            await self._disconnect()
+            raise
+        return SendResult()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self._disconnect()

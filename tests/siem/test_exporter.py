@@ -1,0 +1,252 @@
+"""Tests for the exporter: batching into the spool, per-sink delivery, retries, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import TypeAdapter
+from ruamel.yaml import YAML
+
+from siem.config import FileSinkSpec, SinkSpec, SpoolSpec
+from siem.exporter import DeliveryOptions, Exporter, backoff_delay
+from siem.sinks import SendResult
+from siem.sinks.elasticsearch import ElasticsearchSink
+from siem.sinks.file import FileSink
+from siem.sinks.syslog import SyslogSink
+from siem.spool import Record
+
+CONTRACT = Path("/work/shared/contract/egressgw-siem.yaml")
+FAST = DeliveryOptions(batch_events=100, backoff_initial=0.01, backoff_max=0.05)
+
+
+def event(n: int) -> dict[str, Any]:
+    return {"@timestamp": "2026-11-24T10:00:00Z", "event": {"id": f"e-{n}", "action": "connect"}}
+
+
+class RecordingSink:
+    """A sink that keeps what it receives; can fail whole batches or ask for item retries."""
+
+    def __init__(self, name: str, fail_batches: int = 0, retry_first: int = 0) -> None:
+        self.name = name
+        self.received: list[str] = []
+        self.fail_batches = fail_batches
+        self.retry_first = retry_first
+        self.gate: asyncio.Event | None = None
+        self.closed = False
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, batch: Sequence[Record]) -> SendResult:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_batches:
+            self.fail_batches -= 1
+            raise ConnectionError("receiver down")
+        retry = list(batch[: self.retry_first])
+        self.retry_first = 0
+        self.received += [orjson.loads(r.payload)["event"]["id"] for r in batch[len(retry) :]]
+        return SendResult(retry=retry)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def spool_spec(tmp_path: Path, **kw: Any) -> SpoolSpec:
+    return SpoolSpec(dir=tmp_path / "spool", segment_bytes=64 * 1024, batch_interval=0.01, **kw)
+
+
+def exporter(sinks: list[Any], spool: SpoolSpec | None, **kw: Any) -> Exporter:
+    return Exporter(
+        sinks,
+        spool,
+        delivery={s.name: FAST for s in sinks},
+        registry=CollectorRegistry(),
+        **kw,
+    )
+
+
+def metric(exp: Exporter, name: str, **labels: str) -> float:
+    value = exp.metrics.delivered._name  # keep mypy quiet about the registry type
+    assert value
+    for family in exp.metrics.__dict__.values():
+        for m in family.collect():
+            for sample in m.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+    return 0.0
+
+
+async def test_events_reach_every_sink_in_order(tmp_path: Path) -> None:
+    """Submitted events are spooled and each sink receives all of them once, in order."""
+    a, b = RecordingSink("a"), RecordingSink("b")
+    exp = exporter([a, b], spool_spec(tmp_path))
+    await exp.start()
+    for i in range(2500):
+        exp.submit(event(i))
+    await exp.flush()
+    assert await exp.wait_delivered(within=10)
+    want = [f"e-{i}" for i in range(2500)]
+    assert a.received == want and b.received == want
+    assert metric(exp, "siem_sink_delivered_events_total", sink="a") == 2500
+    await exp.aclose()
+    assert a.closed and b.closed
+
+
+async def test_dead_sink_blocks_neither_submit_nor_other_sinks(tmp_path: Path) -> None:
+    """A sink that never answers only grows its own lag."""
+    stuck, ok = RecordingSink("stuck"), RecordingSink("ok")
+    stuck.gate = asyncio.Event()
+    exp = exporter([stuck, ok], spool_spec(tmp_path))
+    await exp.start()
+    for i in range(500):
+        exp.submit(event(i))
+    await exp.flush()
+    for _ in range(200):
+        if len(ok.received) == 500:
+            break
+        await asyncio.sleep(0.01)
+    assert len(ok.received) == 500
+    assert exp.lag()["stuck"] == 500 and exp.lag()["ok"] == 0
+    await exp.aclose()
+
+
+async def test_undelivered_events_survive_restart(tmp_path: Path) -> None:
+    """Events a sink could not take stay in the spool and go out after the next start."""
+    down = RecordingSink("siem", fail_batches=10**9)
+    exp = exporter([down], spool_spec(tmp_path))
+    await exp.start()
+    for i in range(300):
+        exp.submit(event(i))
+    await exp.flush()
+    await asyncio.sleep(0.05)
+    await exp.aclose()
+    assert down.received == []
+    up = RecordingSink("siem")
+    exp2 = exporter([up], spool_spec(tmp_path))
+    await exp2.start()
+    assert await exp2.wait_delivered(within=10)
+    assert up.received == [f"e-{i}" for i in range(300)]
+    await exp2.aclose()
+
+
+async def test_failed_batches_and_items_are_retried(tmp_path: Path) -> None:
+    """Whole-batch failures and per-item retries both end in delivery, counted as retried."""
+    sink = RecordingSink("s", fail_batches=2, retry_first=5)
+    exp = exporter([sink], spool_spec(tmp_path))
+    await exp.start()
+    for i in range(50):
+        exp.submit(event(i))
+    await exp.flush()
+    assert await exp.wait_delivered(within=10)
+    assert sorted(sink.received) == sorted(f"e-{i}" for i in range(50))
+    assert len(sink.received) == 50
+    assert metric(exp, "siem_sink_retried_events_total", sink="s") == 2 * 50 + 5
+    await exp.aclose()
+
+
+async def test_interval_fsync_flush_is_durable(tmp_path: Path) -> None:
+    """With fsync: interval, flush still makes everything submitted durable."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], spool_spec(tmp_path, fsync="interval", fsync_interval=30))
+    await exp.start()
+    for i in range(10):
+        exp.submit(event(i))
+    await exp.flush()
+    assert exp.spool is not None and exp.spool.durable_seq == 10
+    await exp.aclose()
+
+
+async def test_memory_mode_bounds_and_reports_drops() -> None:
+    """Without a spool each sink has a bounded queue; overflow is counted and marked by a gap."""
+    sink = RecordingSink("s")
+    sink.gate = asyncio.Event()
+    exp = Exporter(
+        [sink],
+        None,
+        delivery={"s": DeliveryOptions(batch_events=1000, queue_events=100)},
+        registry=CollectorRegistry(),
+    )
+    await exp.start()
+    for i in range(250):
+        exp.submit(event(i))
+    await exp.flush()
+    sink.gate.set()
+    assert await exp.wait_delivered(within=5)
+    await asyncio.sleep(0.05)
+    assert any(r.startswith("e-") for r in sink.received)
+    gaps = [r for r in sink.received if not r.startswith("e-")]
+    assert len(gaps) == 1
+    assert metric(exp, "siem_dropped_events_total", sink="s", reason="queue_full") >= 150
+    await exp.aclose()
+
+
+async def test_pending_limit_counts_drops(tmp_path: Path) -> None:
+    """More submitted events than max_pending are dropped, counted and marked by a gap event."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], spool_spec(tmp_path), max_pending=10)
+    for i in range(25):  # before start: nothing drains the pending batch
+        exp.submit(event(i))
+    await exp.start()
+    await exp.flush()
+    assert await exp.wait_delivered(within=5)
+    assert sink.received[:10] == [f"e-{i}" for i in range(10)]
+    assert len(sink.received) == 11  # ten events and one gap marker
+    assert exp.spool is not None and exp.spool.dropped["pending_full"] == 15
+    await exp.aclose()
+
+
+async def test_file_sink_end_to_end_with_rotation(tmp_path: Path) -> None:
+    """The file sink writes JSON lines and rotates by size, keeping `keep` old files."""
+    spec = FileSinkSpec(
+        type="file", path=tmp_path / "out" / "events.jsonl", rotate_bytes=4096, keep=2
+    )
+    exp = Exporter.from_config(spool_spec(tmp_path), [spec], tmp_path, registry=CollectorRegistry())
+    await exp.start()
+    for i in range(400):
+        exp.submit(event(i))
+    await exp.flush()
+    assert await exp.wait_delivered(within=10)
+    await exp.aclose()
+    files = sorted((tmp_path / "out").iterdir())
+    assert [f.name for f in files] == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    lines = (tmp_path / "out" / "events.jsonl").read_bytes().splitlines()
+    assert orjson.loads(lines[-1])["event"]["id"] == "e-399"
+
+
+def test_from_config_builds_the_contract_sinks(tmp_path: Path) -> None:
+    """The contract's spool and sinks validate and become sinks with paths under base_dir."""
+    data = YAML(typ="safe").load(CONTRACT.read_text())
+    spool = SpoolSpec.model_validate(data["spool"])
+    sinks = TypeAdapter(list[SinkSpec]).validate_python(data["sinks"])
+    exp = Exporter.from_config(spool, sinks, tmp_path, registry=CollectorRegistry())
+    assert exp.spool_spec is not None and exp.spool_spec.dir == tmp_path / "spool"
+    kinds = [type(s).__name__ for s in exp.sinks]
+    assert kinds == ["FileSink", "SyslogSink", "ElasticsearchSink", "SplunkHecSink", "WebhookSink"]
+    file_sink, syslog_sink, es_sink = exp.sinks[0], exp.sinks[1], exp.sinks[2]
+    assert isinstance(file_sink, FileSink) and file_sink.spec.path == tmp_path / "events.jsonl"
+    assert isinstance(syslog_sink, SyslogSink) and syslog_sink.spec.ca == tmp_path / "ca.pem"
+    assert isinstance(es_sink, ElasticsearchSink)
+    assert es_sink.dead_letter == tmp_path / "spool" / "elasticsearch.dead-letter.jsonl"
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    """Backoff doubles per attempt, never exceeds the cap, and is at least half the delay."""
+    assert 0.05 <= backoff_delay(0, 0.1, 30) <= 0.1
+    assert 0.2 <= backoff_delay(2, 0.1, 30) <= 0.4
+    assert backoff_delay(100, 0.1, 30) <= 30
+
+
+def test_duplicate_sink_names_are_refused() -> None:
+    """Two sinks with one name would share a cursor, so the exporter refuses them."""
+    with pytest.raises(ValueError, match="unique"):
+        Exporter([RecordingSink("x"), RecordingSink("x")], None, registry=CollectorRegistry())
