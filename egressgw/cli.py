@@ -63,8 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Validate configuration and policy; print every error; exit 1 on any."""
+    out = out or sys.stdout
     errors: list[str] = []
     cfg = None
     try:
@@ -131,8 +132,9 @@ async def _explain(cfg: cfgmod.Config, source: str, target: str, protocol: str) 
     return lines
 
 
-def cmd_explain(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print how policy decides one flow, step by step."""
+    out = out or sys.stdout
     try:
         cfg = _load(args.config)
         lines = uvloop.run(_explain(cfg, args.source, args.to, args.protocol))

@@ -14,12 +14,12 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+import feeds.spec as feeds_spec
 from egressgw import policy
 from egressgw.identity import StaticInventory, Workload
 from egressgw.names import normalise_name, parse_ip_literal
@@ -41,22 +41,7 @@ DEFAULT_MIN_TTL = 0.0
 DEFAULT_MAX_TTL = 3600.0
 DEFAULT_DECISION_CACHE = 100_000
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string such as ``500ms``, ``30s``, ``10m``, ``1h``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"bad duration {value!r}: use seconds or a string like 500ms, 30s, 10m, 1h")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
 
 
 def _listen(value: str) -> str:
@@ -164,13 +149,6 @@ class LogConfig(_Model):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class FeedEntry(BaseModel):
-    """A threat feed definition; validated by the feeds library."""
-
-    model_config = ConfigDict(frozen=True, extra="allow")
-    name: str
-
-
 class Config(_Model):
     """The whole gateway configuration."""
 
@@ -179,7 +157,7 @@ class Config(_Model):
     resolver: ResolverConfig = ResolverConfig()
     guard: GuardConfig = GuardConfig()
     identity: IdentityConfig = IdentityConfig()
-    feeds: tuple[FeedEntry, ...] = ()
+    feeds: tuple[feeds_spec.FeedSpec, ...] = ()
     policy: PolicyConfig = PolicyConfig()
     spool: SpoolSpec | None = None
     sinks: tuple[SinkSpec, ...] = (StdoutSinkSpec(type="stdout"),)
@@ -372,12 +350,16 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
 
 
 def load_config(path: Path) -> Config:
-    """Load and validate a configuration file (not its policy files: see ``load_runtime``)."""
+    """Load and validate a configuration file (policy files are loaded by ``load_policy``)."""
     doc = YamlDocument(path)
     try:
         cfg = Config.model_validate(doc.data, context={"base_dir": path.parent})
     except ValidationError as e:
         raise ConfigError(doc.errors_from(e)) from e
+    try:
+        feeds_spec.check_unique_names(cfg.feeds)
+    except ValueError as e:
+        raise ConfigError([f"{path}:{doc.line_of(['feeds'])}: feeds: {e}"]) from e
     return _resolve_relative(cfg, path.parent)
 
 

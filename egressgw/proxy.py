@@ -353,11 +353,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.awaiting_head:
             self.raw_head += len(data)
-            if self.raw_head > self.limits.max_header_bytes + 8192:
-                self._refuse(431, "request head too large")
-                return
         try:
             self.parser.feed_data(data)
+            # A head that is still incomplete after all these bytes is too large (the parser
+            # keeps partial header lines in memory, so this bounds what a client can make us hold).
+            if self.awaiting_head and self.raw_head > self.limits.max_header_bytes:
+                self._refuse(431, f"request head larger than {self.limits.max_header_bytes} bytes")
         except httptools.HttpParserUpgrade as e:
             if self.request is not None and self.request.method == b"CONNECT":
                 self._begin_connect(data[e.args[0] :])
@@ -412,6 +413,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.request = Request()
         self.awaiting_head = True
+        self.raw_head = 0
 
     def on_url(self, url: bytes) -> None:
         assert self.request is not None

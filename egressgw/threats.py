@@ -1,0 +1,65 @@
+"""Feed matches as the gateway uses them: the feeds library's matcher -> ECS-ready dicts.
+
+The matcher is read through a getter on every lookup, so the feed refresher's atomic swap of
+its matcher is seen by the next flow without the gateway knowing about refreshes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from feeds.matcher import Match, Matcher
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_FIELD = {"domain-name": "destination.domain", "url": "url.full"}
+
+
+def to_threat_match(m: Match, field: str) -> dict[str, Any]:
+    """One match as an ECS threat enrichment (with the feed name beside it)."""
+    indicator: dict[str, Any] = {"type": m.ecs_type, "description": f"{m.why}: {m.indicator}"}
+    if m.ecs_type in ("ipv4-addr", "ipv6-addr"):
+        indicator["ip"] = m.matched
+        if m.indicator != m.matched:
+            indicator["description"] = f"{m.matched} in {m.indicator}"
+    elif m.ecs_type == "url":
+        indicator["url"] = {"full": m.indicator}
+    else:
+        indicator["url"] = {"domain": m.indicator}
+    if m.confidence is not None:
+        indicator["confidence"] = (
+            "High" if m.confidence >= 70 else "Medium" if m.confidence >= 40 else "Low"
+        )
+    if m.first_seen is not None:
+        indicator["first_seen"] = m.first_seen.isoformat()
+    if m.reference:
+        indicator["reference"] = m.reference
+    return {
+        "feed": m.feed,
+        "indicator": indicator,
+        "matched": {"atomic": m.matched, "field": field, "type": "indicator_match_rule"},
+        "why": m.why,
+    }
+
+
+class MatcherThreats:
+    """The gateway's ThreatSource over the current feeds matcher."""
+
+    def __init__(self, current: Callable[[], Matcher]) -> None:
+        self._current = current
+
+    def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
+        """Matches for a destination name (or a CNAME or SNI standing for it)."""
+        return tuple(
+            to_threat_match(m, "destination.domain") for m in self._current().match_domain(name)
+        )
+
+    def match_ip(self, ip: IPAddress) -> tuple[dict[str, Any], ...]:
+        """Matches for a destination address."""
+        return tuple(to_threat_match(m, "destination.ip") for m in self._current().match_ip(ip))
+
+    def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
+        """Matches for a plain-HTTP URL."""
+        return tuple(to_threat_match(m, "url.full") for m in self._current().match_url(url))

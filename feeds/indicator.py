@@ -1,0 +1,75 @@
+"""The indicator model: what a feed says is bad (or, for allowlists, good).
+
+Rules:
+
+- An indicator is a type (``ip``, ``cidr``, ``domain``, ``url``) and a *normalised* value (see
+  ``feeds.normalise``): two spellings of the same thing compare equal once normalised.
+- Provenance says where it came from (feed, confidence, severity, first seen, reference, tags).
+  Parsers share one provenance object between every row that carries no metadata of its own, so a
+  million-line list costs one provenance, not a million.
+- Everything here is frozen and slotted: indicators are values, shared freely between threads.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class IndicatorType(enum.StrEnum):
+    """The kinds of value the gateway can match."""
+
+    IP = "ip"
+    CIDR = "cidr"
+    DOMAIN = "domain"
+    URL = "url"
+
+    @property
+    def ecs_type(self) -> str:
+        """The ECS ``threat.indicator.type`` for this kind (IPv4 unless told otherwise)."""
+        return _ECS_TYPES[self]
+
+
+_ECS_TYPES = {
+    IndicatorType.IP: "ipv4-addr",
+    IndicatorType.CIDR: "ipv4-addr",
+    IndicatorType.DOMAIN: "domain-name",
+    IndicatorType.URL: "url",
+}
+
+
+def ecs_indicator_type(itype: IndicatorType, value: str) -> str:
+    """The ECS ``threat.indicator.type`` of a value (``ipv6-addr`` for IPv6 addresses and nets)."""
+    if itype in (IndicatorType.IP, IndicatorType.CIDR) and ":" in value:
+        return "ipv6-addr"
+    return itype.ecs_type
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where an indicator comes from and how much to trust it."""
+
+    feed: str = ""
+    confidence: int | None = None
+    severity: str | None = None
+    first_seen: datetime | None = None
+    reference: str | None = None
+    tags: tuple[str, ...] = field(default=())
+
+
+NO_PROVENANCE = Provenance()
+
+
+@dataclass(frozen=True, slots=True)
+class Indicator:
+    """One normalised value from one feed."""
+
+    type: IndicatorType
+    value: str
+    provenance: Provenance = NO_PROVENANCE
+
+    @property
+    def key(self) -> tuple[IndicatorType, str]:
+        """The identity of the value, independent of its provenance."""
+        return (self.type, self.value)

@@ -1,0 +1,423 @@
+"""The matcher: which feeds list an IP, a domain or a URL, and why. Pure and immutable.
+
+Rules:
+
+- IP: an address matches every listed address or network containing it (IPv4 and IPv6; an
+  IPv4-mapped IPv6 address is looked up as IPv4); matches come longest prefix first.
+- Domain: a listed domain matches itself and (suffix rule) every name below it, unless its feed
+  says ``subdomains: false`` (then only the exact name). ``why`` is ``exact`` or
+  ``parent domain``.
+- URL: only the exact canonical URL (``feeds.normalise.normalise_url``) matches; a URL indicator
+  never widens to its host (shared hosting appears in real URL feeds).
+- Allowlist feeds suppress: a value covered by an allowlist (same rules; for a URL, the URL or
+  its host) yields no match at all.
+- Bad input (not an IP, an invalid name) is simply a miss: the matcher never raises on lookups.
+
+Why it is fast: a miss is the common case on every proxied connection. IPv4 entries live in one
+dict per prefix length actually present, keyed by the address shifted right, so a lookup is one
+``dict.get`` per length; domains are one dict, walked from the full name up its parents. Values
+are ``Provenance`` objects shared by all entries of a feed without per-row metadata, so a million
+entries cost little more than their keys. Build a new matcher and swap the reference to update.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from feeds.indicator import Indicator, IndicatorType, Provenance, ecs_indicator_type
+from feeds.normalise import normalise_domain, normalise_url
+
+Entry = Provenance | tuple[Provenance, ...]
+_FILTER_SHIFT = 8  # the IPv4 miss filter has one byte per /24 (16 MiB)
+_Tables = tuple[tuple[int, int, dict[int, Entry]], ...]
+
+_AF_INET = socket.AF_INET
+_inet_pton = socket.inet_pton
+_from_bytes = int.from_bytes
+
+
+class Match(NamedTuple):
+    """One feed listing one indicator that covers the looked-up value (immutable)."""
+
+    feed: str
+    indicator_type: IndicatorType
+    indicator: str
+    matched: str
+    why: str
+    confidence: int | None = None
+    severity: str | None = None
+    first_seen: datetime | None = None
+    reference: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @property
+    def ecs_type(self) -> str:
+        """ECS ``threat.indicator.type``: ipv4-addr, ipv6-addr, domain-name or url."""
+        return ecs_indicator_type(self.indicator_type, self.indicator)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRules:
+    """What the matcher needs to know about a feed besides its indicators."""
+
+    name: str
+    allowlist: bool = False
+    subdomains: bool = True
+
+
+@dataclass(slots=True)
+class _Side:
+    v4: dict[int, dict[int, Entry]] = field(default_factory=dict)
+    v6: dict[int, dict[int, Entry]] = field(default_factory=dict)
+    domains: dict[str, Entry] = field(default_factory=dict)
+    urls: dict[str, Entry] = field(default_factory=dict)
+
+
+def _add(table: dict[Any, Entry], key: object, prov: Provenance) -> None:
+    old: Entry | None = table.get(key)
+    if old is None:
+        table[key] = prov
+        return
+    if isinstance(old, Provenance):
+        if old is not prov:
+            table[key] = (old, prov)
+        return
+    if prov not in old:
+        table[key] = (*old, prov)
+
+
+def _entries(entry: Entry) -> tuple[Provenance, ...]:
+    return (entry,) if isinstance(entry, Provenance) else entry
+
+
+def _ip_key(value: str) -> tuple[int, int, int]:
+    """(version, prefix length, address int) of a normalised IP or CIDR."""
+    addr, _, plen = value.partition("/")
+    if ":" in addr:
+        n = int(ipaddress.IPv6Address(addr))
+        return 6, int(plen) if plen else 128, n
+    return 4, int(plen) if plen else 32, _from_bytes(_inet_pton(_AF_INET, addr), "big")
+
+
+def _v4_filter(by_len: dict[int, dict[int, Entry]]) -> bytearray:
+    """One byte per /24: non-zero when some entry covers part of it (a miss costs one read)."""
+    bits = bytearray(1 << (32 - _FILTER_SHIFT))
+    for plen, table in by_len.items():
+        if plen >= 32 - _FILTER_SHIFT:
+            drop = plen - (32 - _FILTER_SHIFT)
+            for key in table:
+                bits[key >> drop] = 1
+        else:
+            width = 1 << (32 - _FILTER_SHIFT - plen)
+            ones = b"\x01" * width
+            for key in table:
+                start = key * width
+                bits[start : start + width] = ones
+    return bits
+
+
+def _tables(by_len: dict[int, dict[int, Entry]], bits: int) -> _Tables:
+    return tuple((plen, bits - plen, by_len[plen]) for plen in sorted(by_len, reverse=True))
+
+
+class Matcher:
+    """An immutable index of indicators from many feeds; build once, swap whole."""
+
+    __slots__ = (
+        "_allow",
+        "_allow_v4",
+        "_allow_v6",
+        "_block",
+        "_counts",
+        "_rules",
+        "_tails",
+        "_v4",
+        "_v4_filter",
+        "_v6",
+    )
+
+    def __init__(self, block: _Side, allow: _Side, rules: Mapping[str, FeedRules]) -> None:
+        self._block = block
+        self._allow = allow
+        self._rules = dict(rules)
+        self._v4 = _tables(block.v4, 32)
+        self._v4_filter = _v4_filter(block.v4)
+        self._tails = frozenset(_tail(name) for name in block.domains)
+        self._v6 = _tables(block.v6, 128)
+        self._allow_v4 = _tables(allow.v4, 32)
+        self._allow_v6 = _tables(allow.v6, 128)
+        self._counts = {
+            "ip": sum(len(t) for t in block.v4.values()) + sum(len(t) for t in block.v6.values()),
+            "domain": len(block.domains),
+            "url": len(block.urls),
+            "allow": sum(len(t) for t in allow.v4.values())
+            + sum(len(t) for t in allow.v6.values())
+            + len(allow.domains)
+            + len(allow.urls),
+        }
+
+    @classmethod
+    def build(cls, feeds: Iterable[tuple[FeedRules, Iterable[Indicator]]]) -> Matcher:
+        """Index the indicators of each feed (feed order does not matter)."""
+        block = _Side()
+        allow = _Side()
+        rules: dict[str, FeedRules] = {}
+        for feed, indicators in feeds:
+            rules[feed.name] = feed
+            side = allow if feed.allowlist else block
+            v4, v6, domains, urls = side.v4, side.v6, side.domains, side.urls
+            stamped: dict[Provenance, Provenance] = {}
+            for ind in indicators:
+                prov = ind.provenance
+                if prov.feed != feed.name:
+                    # Parsers normally stamp the feed name; share one copy per distinct value.
+                    prov = stamped.setdefault(prov, replace(prov, feed=feed.name))
+                itype = ind.type
+                if itype is IndicatorType.DOMAIN:
+                    _add(domains, ind.value, prov)
+                elif itype is IndicatorType.URL:
+                    _add(urls, ind.value, prov)
+                else:
+                    version, plen, n = _ip_key(ind.value)
+                    bits = 32 if version == 4 else 128
+                    by_len = v4 if version == 4 else v6
+                    table = by_len.get(plen)
+                    if table is None:
+                        table = by_len[plen] = {}
+                    _add(table, n >> (bits - plen), prov)
+        return cls(block, allow, rules)
+
+    @classmethod
+    def empty(cls) -> Matcher:
+        """A matcher that matches nothing."""
+        return cls(_Side(), _Side(), {})
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """Number of distinct blocklist values per kind, and allowlist values."""
+        return dict(self._counts)
+
+    # -- IPs ---------------------------------------------------------------------------------
+
+    def match_ip(
+        self, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> tuple[Match, ...]:
+        """Every blocklist entry covering this address, longest prefix first."""
+        if isinstance(ip, str) and ":" not in ip:
+            # The hot path: a dotted quad, usually absent from every feed.
+            try:
+                n = _from_bytes(_inet_pton(_AF_INET, ip), "big")
+            except OSError:
+                return ()
+            if not self._v4_filter[n >> _FILTER_SHIFT]:
+                return ()
+            version = 4
+        else:
+            version, n = _address(ip)
+            if version == 0 or (version == 4 and not self._v4_filter[n >> _FILTER_SHIFT]):
+                return ()
+        tables = self._v4 if version == 4 else self._v6
+        found: list[tuple[int, Entry]] | None = None
+        for plen, shift, table in tables:
+            entry = table.get(n >> shift)
+            if entry is not None:
+                if found is None:
+                    found = []
+                found.append((plen, entry))
+        if found is None:
+            return ()
+        if self._allowed_address(version, n):
+            return ()
+        bits = 32 if version == 4 else 128
+        text = _format_address(version, n)
+        out: list[Match] = []
+        for plen, entry in found:
+            net = _format_network(version, n, plen, bits)
+            itype = IndicatorType.IP if plen == bits else IndicatorType.CIDR
+            why = "exact" if plen == bits else "in network"
+            out.extend(_match(p, itype, net, text, why) for p in _entries(entry))
+        return tuple(out)
+
+    def _allowed_address(self, version: int, n: int) -> bool:
+        tables = self._allow_v4 if version == 4 else self._allow_v6
+        return any(table.get(n >> shift) is not None for _, shift, table in tables)
+
+    def ip_allowlisted(self, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """True when an allowlist feed covers this address."""
+        version, n = _address(ip)
+        return version != 0 and self._allowed_address(version, n)
+
+    # -- domains -----------------------------------------------------------------------------
+
+    def match_domain(self, name: str) -> tuple[Match, ...]:
+        """Every blocklist entry for this name or (suffix rule) a parent domain."""
+        domains = self._block.domains
+        if not domains:
+            return ()
+        if name.isascii():
+            key = name.lower()
+            if key.endswith("."):
+                key = key[:-1]
+        else:
+            key = _domain_key(name) or ""
+        if _tail(key) not in self._tails:
+            # Any listed name covering this one ends with the same last two labels.
+            return ()
+        entry = domains.get(key)
+        found = None if entry is None else [(key, entry)]
+        i = key.find(".")
+        while i >= 0:
+            j = key.find(".", i + 1)
+            if j < 0:
+                break
+            parent = key[i + 1 :]
+            entry = domains.get(parent)
+            if entry is not None:
+                if found is None:
+                    found = []
+                found.append((parent, entry))
+            i = j
+        if found is None:
+            return ()
+        out: list[Match] = []
+        for listed, entry in found:
+            exact = listed == key
+            for prov in _entries(entry):
+                if exact or self._rules[prov.feed].subdomains:
+                    why = "exact" if exact else "parent domain"
+                    out.append(_match(prov, IndicatorType.DOMAIN, listed, key, why))
+        if not out or self._domain_allowed(key):
+            return ()
+        return tuple(out)
+
+    def _domain_allowed(self, key: str) -> bool:
+        allowed = self._allow.domains
+        if not allowed:
+            return False
+        labels = key.split(".")
+        for start in range(len(labels) - 1):
+            entry = allowed.get(".".join(labels[start:]))
+            if entry is not None and (
+                start == 0 or any(self._rules[p.feed].subdomains for p in _entries(entry))
+            ):
+                return True
+        return False
+
+    def domain_allowlisted(self, name: str) -> bool:
+        """True when an allowlist feed covers this name (or a parent, per its feed)."""
+        key = _domain_key(name)
+        return key is not None and self._domain_allowed(key)
+
+    # -- URLs --------------------------------------------------------------------------------
+
+    def match_url(self, url: str) -> tuple[Match, ...]:
+        """Blocklist entries for exactly this URL (after canonicalisation); never the host."""
+        urls = self._block.urls
+        if not urls:
+            return ()
+        try:
+            key = normalise_url(url)
+        except ValueError:
+            return ()
+        entry = urls.get(key)
+        if entry is None or self.url_allowlisted(key):
+            return ()
+        return tuple(_match(p, IndicatorType.URL, key, key, "exact URL") for p in _entries(entry))
+
+    def url_allowlisted(self, url: str) -> bool:
+        """True when an allowlist feed lists this URL or covers its host."""
+        try:
+            key = normalise_url(url)
+        except ValueError:
+            return False
+        if key in self._allow.urls:
+            return True
+        host = key.split("://", 1)[1].split("/", 1)[0]
+        if host.startswith("["):
+            return self.ip_allowlisted(host[1 : host.index("]")])
+        host = host.rsplit(":", 1)[0] if ":" in host else host
+        return self.ip_allowlisted(host) if host[-1].isdigit() else self.domain_allowlisted(host)
+
+    def match(self, value: str) -> tuple[Match, ...]:
+        """Look up a value of any kind: a URL (has ``://``), an IP, else a domain."""
+        if "://" in value:
+            return self.match_url(value)
+        version, _ = _address(value)
+        if version:
+            return self.match_ip(value)
+        return self.match_domain(value)
+
+
+def _address(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:
+    """(4 or 6, int) for an address, (0, 0) if it is not one."""
+    if isinstance(ip, str):
+        if ":" not in ip:
+            try:
+                return 4, _from_bytes(_inet_pton(_AF_INET, ip), "big")
+            except OSError:
+                return 0, 0
+        try:
+            addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(
+                ip.split("%", 1)[0].strip("[]")
+            )
+        except ValueError:
+            return 0, 0
+    else:
+        addr = ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        mapped = addr.ipv4_mapped
+        if mapped is not None:
+            return 4, int(mapped)
+        return 6, int(addr)
+    return 4, int(addr)
+
+
+def _format_address(version: int, n: int) -> str:
+    if version == 4:
+        return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+    return str(ipaddress.IPv4Address(n) if version == 4 else ipaddress.IPv6Address(n))
+
+
+def _format_network(version: int, n: int, plen: int, bits: int) -> str:
+    base = (n >> (bits - plen)) << (bits - plen)
+    text = _format_address(version, base)
+    return text if plen == bits else f"{text}/{plen}"
+
+
+def _tail(name: str) -> str:
+    """The last two labels of a name (the whole name if it has fewer)."""
+    i = name.rfind(".")
+    j = name.rfind(".", 0, i) if i > 0 else -1
+    return name[j + 1 :] if j >= 0 else name
+
+
+def _domain_key(name: str) -> str | None:
+    if name.isascii():
+        key = name.lower()
+        if key.endswith("."):
+            key = key[:-1]
+        return key or None
+    try:
+        return normalise_domain(name)
+    except ValueError:
+        return None
+
+
+def _match(prov: Provenance, itype: IndicatorType, listed: str, matched: str, why: str) -> Match:
+    return Match(
+        feed=prov.feed,
+        indicator_type=itype,
+        indicator=listed,
+        matched=matched,
+        why=why,
+        confidence=prov.confidence,
+        severity=prov.severity,
+        first_seen=prov.first_seen,
+        reference=prov.reference,
+        tags=prov.tags,
+    )

@@ -1,0 +1,113 @@
+"""Tests of configuration and policy loading: validation, file/line/key errors, the CLI check."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from egressgw.cli import main
+from egressgw.config import default_config, load_config, load_policy
+from egressgw.yamlsource import ConfigError
+
+CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "contract"
+
+
+@pytest.fixture
+def contract_dir(tmp_path: Path) -> Path:
+    """A copy of the contract examples (skipped only if the shared folder is absent)."""
+    if not CONTRACT.is_dir():
+        pytest.skip(f"contract examples not found at {CONTRACT}")
+    shutil.copytree(CONTRACT, tmp_path / "contract")
+    return tmp_path / "contract"
+
+
+def test_contract_config_loads(contract_dir: Path) -> None:
+    """The contract egressgw.yaml validates unchanged; relative paths resolve beside it."""
+    cfg = load_config(contract_dir / "egressgw.yaml")
+    assert cfg.proxy.listen == "127.0.0.1:3128"
+    assert cfg.policy.files == (contract_dir / "policy.yaml",)
+    assert [f.name for f in cfg.feeds] == ["local-ips", "local-domains"]
+    assert cfg.identity.static[0].labels == {"app": "api", "team": "payments"}
+    pol = load_policy(cfg.policy.files, {f.name for f in cfg.feeds})
+    assert [t.name for t in pol.tiers] == ["security", "platform", "apps"]
+
+
+def test_embedded_defaults() -> None:
+    """Without a file: proxy and admin on loopback, stdout events, guard on, allow all."""
+    cfg = default_config()
+    assert (cfg.proxy.listen, cfg.admin.listen) == ("127.0.0.1:3128", "127.0.0.1:9090")
+    assert [s.type for s in cfg.sinks] == ["stdout"]
+    assert cfg.guard.enabled and cfg.policy.files == ()
+
+
+def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
+    """Every error is reported, each with file, line and key path."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "proxy:\n"
+        "  listen: nowhere\n"
+        "  max_connections: -1\n"
+        "guard:\n"
+        "  allow: ['10.0.0.1/8']\n"
+        "identity:\n"
+        "  static:\n"
+        "    - cidr: 10.1.0.0/16\n"
+        "      pods: typo\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    errors = info.value.errors
+    assert any(e.startswith(f"{path}:2: proxy.listen: ") for e in errors), errors
+    assert any(e.startswith(f"{path}:3: proxy.max_connections: ") for e in errors), errors
+    assert any(e.startswith(f"{path}:5: guard.allow[0]: bad CIDR") for e in errors), errors
+    assert any(e.startswith(f"{path}:9: identity.static[0].pods: Extra") for e in errors), errors
+    assert any(
+        e.startswith(f"{path}:8: identity.static[0].namespace: Field required") for e in errors
+    ), errors
+
+
+def test_policy_errors(tmp_path: Path) -> None:
+    """Unknown feeds, duplicate rules and bad selectors are refused with their line."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "tiers:\n"
+        "  - name: a\n"
+        "    rules:\n"
+        "      - name: r\n"
+        "        action: deny\n"
+        "        to: {feeds: [nosuch]}\n"
+        "      - name: r\n"
+        "        action: allow\n"
+        "        from:\n"
+        "          matchExpressions: [{key: app, operator: In}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_policy((path,), {"known"})
+    assert info.value.errors == [
+        f"{path}:6: tiers[0].rules[0].to.feeds[0]: no feed named 'nosuch' is configured",
+        f"{path}:7: tiers[1].rules[1].name: duplicate rule 'r' in tier 'a'".replace(
+            "tiers[1]", "tiers[0]"
+        ),
+        f"{path}:10: tiers[0].rules[1].from.matchExpressions[0].values: In needs values",
+    ]
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    """Broken YAML is reported with its line."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("proxy:\n  listen: [\n")
+    with pytest.raises(ConfigError, match=r"gw.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_check_command(contract_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``egressgw check`` exits 0 on the contract and 1 with every error on a broken policy."""
+    assert main(["check", "--config", str(contract_dir / "egressgw.yaml")]) == 0
+    assert "3 tiers, 6 rules" in capsys.readouterr().out
+    (contract_dir / "policy.yaml").write_text(
+        "tiers:\n  - name: x\n    rules:\n      - action: allow\n"
+    )
+    assert main(["check", "--config", str(contract_dir / "egressgw.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "policy.yaml:4: tiers[0].rules[0].name: Field required" in out
+    assert out.rstrip().endswith("1 error")

@@ -1,0 +1,109 @@
+"""Tests of the ECS event builder (pure core)."""
+
+import ipaddress
+
+from egressgw.events import to_decision_event, to_end_event
+from egressgw.flow import Flow
+from egressgw.identity import UNKNOWN, Workload
+from egressgw.names import Host
+from egressgw.policy import Decision
+
+OBSERVER = {"vendor": "egressgw", "product": "egressgw", "type": "proxy"}
+
+
+def make_flow(**kw: object) -> Flow:
+    """A flow from payments to allowed.test:8443 decided by platform/payments-to-psp."""
+    flow = Flow(ipaddress.ip_address("127.0.0.5"), 40000, 1_700_000_000.0, 100.0)
+    flow.workload = Workload.make("payments", "api-1", {"app": "api"}, "api")
+    flow.host = Host("allowed.test", None)
+    flow.port = 8443
+    flow.protocol = "tls"
+    flow.sni = "allowed.test"
+    flow.ip = ipaddress.ip_address("127.0.0.30")
+    flow.decision = Decision(
+        "allow", "platform", "payments-to-psp", "allow by platform/payments-to-psp"
+    )
+    flow.action = "connection_allowed"
+    flow.reason = "policy platform/payments-to-psp"
+    for k, v in kw.items():
+        setattr(flow, k, v)
+    return flow
+
+
+def test_decision_event_fields() -> None:
+    """The decision event carries who, where, the rule and the outcome in ECS fields."""
+    doc = to_decision_event(make_flow(), OBSERVER)
+    assert doc["@timestamp"] == "2023-11-14T22:13:20.000000Z"
+    assert doc["event"]["action"] == "connection_allowed"
+    assert doc["event"]["category"] == ["network"]
+    assert doc["event"]["outcome"] == "success"
+    assert doc["kubernetes"] == {
+        "namespace": "payments",
+        "pod": {"name": "api-1"},
+        "labels": {"app": "api"},
+        "serviceaccount": {"name": "api"},
+    }
+    assert doc["destination"] == {"domain": "allowed.test", "ip": "127.0.0.30", "port": 8443}
+    assert doc["tls"]["client"]["server_name"] == "allowed.test"
+    assert doc["rule"] == {"name": "payments-to-psp", "ruleset": "platform"}
+    assert doc["source"] == {"ip": "127.0.0.5", "port": 40000}
+    assert doc["observer"] == OBSERVER
+
+
+def test_ids_pair_the_two_events() -> None:
+    """Both events share flow.id and have distinct, stable event ids."""
+    flow = make_flow(bytes_out=10, bytes_in=2000, ended_mono=100.25)
+    start = to_decision_event(flow, OBSERVER)
+    end = to_end_event(flow, OBSERVER, 1_700_000_000.25)
+    assert start["flow"]["id"] == end["flow"]["id"] == flow.id
+    assert start["event"]["id"] != end["event"]["id"]
+    assert to_decision_event(flow, OBSERVER)["event"]["id"] == start["event"]["id"]
+    assert end["event"]["duration"] == 250_000_000
+    assert (end["source"]["bytes"], end["destination"]["bytes"], end["network"]["bytes"]) == (
+        10,
+        2000,
+        2010,
+    )
+
+
+def test_denied_unknown_source_with_threat() -> None:
+    """A feed denial of an unknown source is an alert with threat fields and no kubernetes."""
+    threat = {
+        "feed": "local-domains",
+        "indicator": {"type": "domain-name", "url": {"domain": "evil.test"}},
+        "matched": {
+            "atomic": "sub.evil.test",
+            "field": "destination.domain",
+            "type": "indicator_match_rule",
+        },
+        "why": "parent domain",
+    }
+    flow = make_flow(
+        workload=UNKNOWN,
+        action="connection_denied",
+        reason="policy security/block-threat-feeds: sub.evil.test listed by feed local-domains",
+        threats=(threat,),
+    )
+    doc = to_decision_event(flow, OBSERVER)
+    assert "kubernetes" not in doc
+    assert doc["event"]["kind"] == "alert" and doc["event"]["outcome"] == "failure"
+    assert doc["event"]["type"] == ["connection", "denied"]
+    assert doc["threat"]["feed"]["name"] == "local-domains"
+    assert doc["threat"]["enrichments"][0]["matched"]["atomic"] == "sub.evil.test"
+
+
+def test_http_fields() -> None:
+    """Absolute-form flows carry url.* and http.request.method."""
+    flow = make_flow(
+        protocol="http",
+        sni=None,
+        method="POST",
+        url="http://allowed.test:8080/x",
+        port=8080,
+        status=201,
+    )
+    doc = to_decision_event(flow, OBSERVER)
+    assert doc["url"]["full"] == "http://allowed.test:8080/x"
+    assert doc["http"] == {"request": {"method": "POST"}, "response": {"status_code": 201}}
+    assert doc["network"]["protocol"] == "http"
+    assert "tls" not in doc

@@ -1,0 +1,170 @@
+"""Tests of feeds.matcher: IP containment, domain suffix rule, exact URLs, allowlists."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from feeds.indicator import Indicator, IndicatorType, Provenance
+from feeds.matcher import FeedRules, Matcher
+from feeds.normalise import format_network
+
+T = IndicatorType
+
+
+def _ind(value: str, feed: str = "bad", **prov: object) -> Indicator:
+    if "://" in value:
+        itype = T.URL
+    else:
+        try:
+            ipaddress.ip_network(value)
+        except ValueError:
+            itype = T.DOMAIN
+        else:
+            itype = T.CIDR if "/" in value else T.IP
+    return Indicator(itype, value, Provenance(feed, **prov))  # type: ignore[arg-type]
+
+
+def _matcher(*feeds: tuple[FeedRules, list[Indicator]]) -> Matcher:
+    return Matcher.build(feeds)
+
+
+def test_ip_longest_prefix_first_with_metadata() -> None:
+    """An address matches its exact entry and every covering network, longest first."""
+    m = _matcher(
+        (
+            FeedRules("bad"),
+            [
+                _ind("1.2.0.0/16", reference="SBL1"),
+                _ind("1.2.3.4", confidence=90),
+                _ind("1.2.3.0/24"),
+            ],
+        )
+    )
+    got = m.match_ip("1.2.3.4")
+    assert [(x.indicator, x.why) for x in got] == [
+        ("1.2.3.4", "exact"),
+        ("1.2.3.0/24", "in network"),
+        ("1.2.0.0/16", "in network"),
+    ]
+    assert got[0].confidence == 90 and got[2].reference == "SBL1"
+    assert got[0].ecs_type == "ipv4-addr" and got[1].indicator_type is T.CIDR
+    assert m.match_ip("1.3.0.0") == ()
+
+
+def test_ipv6_and_mapped_addresses() -> None:
+    """IPv6 networks match; an IPv4-mapped address is looked up as IPv4."""
+    m = _matcher((FeedRules("bad"), [_ind("2a06:e480::/29"), _ind("5.6.7.8")]))
+    assert m.match_ip("2a06:e480::1")[0].ecs_type == "ipv6-addr"
+    assert m.match_ip("::ffff:5.6.7.8")[0].indicator == "5.6.7.8"
+    assert m.match_ip(ipaddress.ip_address("5.6.7.8"))[0].matched == "5.6.7.8"
+
+
+def test_bad_lookup_input_is_a_miss() -> None:
+    """Lookups never raise: garbage is simply not listed."""
+    m = _matcher((FeedRules("bad"), [_ind("1.2.3.4"), _ind("evil.example"), _ind("http://a.b/")]))
+    assert m.match_ip("not-an-ip") == () and m.match_ip("01.2.3.4") == ()
+    assert m.match_domain("bad name..") == () and m.match_url("::nope") == ()
+
+
+def test_domain_suffix_rule_and_exact_only_feeds() -> None:
+    """A listed domain covers subdomains unless its feed says subdomains: false."""
+    m = _matcher(
+        (FeedRules("c2"), [_ind("evil.example", feed="c2")]),
+        (FeedRules("hosts", subdomains=False), [_ind("ads.example", feed="hosts")]),
+    )
+    sub = m.match_domain("a.b.EVIL.example.")
+    assert [(x.feed, x.indicator, x.matched, x.why) for x in sub] == [
+        ("c2", "evil.example", "a.b.evil.example", "parent domain")
+    ]
+    assert m.match_domain("ads.example")[0].why == "exact"
+    assert m.match_domain("x.ads.example") == ()
+    assert m.match_domain("notevil.example") == ()
+
+
+def test_idn_lookup_matches_punycode_entry() -> None:
+    """A Unicode host name finds the A-label entry."""
+    m = _matcher((FeedRules("bad"), [_ind("xn--bcher-kva.example")]))
+    assert m.match_domain("www.bücher.example")[0].indicator == "xn--bcher-kva.example"
+
+
+def test_same_indicator_from_two_feeds_is_one_entry_with_both() -> None:
+    """The same value in two feeds yields one match per feed."""
+    m = _matcher(
+        (FeedRules("a"), [_ind("evil.example", feed="a")]),
+        (FeedRules("b"), [_ind("evil.example", feed="b")]),
+    )
+    assert m.counts["domain"] == 1
+    assert sorted(x.feed for x in m.match_domain("evil.example")) == ["a", "b"]
+
+
+def test_url_exact_only_never_widens_to_host() -> None:
+    """A URL indicator matches the canonical URL only, never other paths on the host."""
+    m = _matcher((FeedRules("urls"), [_ind("https://www.dropbox.com/scl/fi/x?dl=1")]))
+    assert m.match_url("HTTPS://www.Dropbox.com:443/scl/fi/x?dl=1")[0].why == "exact URL"
+    assert m.match_url("https://www.dropbox.com/") == ()
+    assert m.match_domain("www.dropbox.com") == ()
+
+
+def test_allowlists_suppress_matches() -> None:
+    """Values covered by an allowlist feed yield no match, for each kind."""
+    m = _matcher(
+        (
+            FeedRules("bad"),
+            [_ind("8.8.8.0/24"), _ind("evil.example"), _ind("http://evil.example/a")],
+        ),
+        (
+            FeedRules("ok", allowlist=True),
+            [_ind("8.8.8.8", feed="ok"), _ind("good.evil.example", feed="ok")],
+        ),
+    )
+    assert m.match_ip("8.8.8.8") == () and m.match_ip("8.8.8.9") != ()
+    assert m.match_domain("x.good.evil.example") == ()
+    assert m.match_domain("other.evil.example") != ()
+    assert m.ip_allowlisted("8.8.8.8") and m.domain_allowlisted("good.evil.example")
+    assert m.match_url("http://evil.example/a") != ()
+
+
+def test_match_dispatches_on_kind() -> None:
+    """match() looks up URLs, IPs and domains by what the value looks like."""
+    m = _matcher(
+        (FeedRules("bad"), [_ind("1.2.3.4"), _ind("evil.example"), _ind("http://u.example/")])
+    )
+    assert m.match("1.2.3.4") and m.match("a.evil.example") and m.match("http://u.example")
+    assert Matcher.empty().match("1.2.3.4") == ()
+
+
+_nets = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), min_size=1, max_size=30)
+
+
+@settings(max_examples=60)
+@given(_nets, st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=30))
+def test_ip_matching_equals_brute_force(nets: list[tuple[int, int]], probes: list[int]) -> None:
+    """match_ip agrees with plain containment over every listed network."""
+    networks = {ipaddress.IPv4Network((addr, plen), strict=False) for addr, plen in nets}
+    m = _matcher((FeedRules("bad"), [_ind(format_network(n)) for n in networks]))
+    listed_addrs = [int(n.network_address) for n in networks]
+    for probe in probes + listed_addrs:
+        addr = ipaddress.IPv4Address(probe)
+        expected = {format_network(n) for n in networks if addr in n}
+        assert {x.indicator for x in m.match_ip(str(addr))} == expected
+
+
+_label = st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.lists(_label, min_size=1, max_size=3), min_size=1, max_size=10),
+    st.lists(_label, min_size=0, max_size=3),
+)
+def test_domain_suffix_rule_equals_brute_force(listed: list[list[str]], prefix: list[str]) -> None:
+    """A name matches exactly the listed names equal to it or a parent of it."""
+    names = {".".join([*labels, "example"]) for labels in listed}
+    m = _matcher((FeedRules("bad"), [_ind(n) for n in names]))
+    for base in names:
+        query = ".".join([*prefix, base])
+        expected = {n for n in names if query == n or query.endswith("." + n)}
+        assert {x.indicator for x in m.match_domain(query)} == expected
