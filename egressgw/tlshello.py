@@ -49,12 +49,14 @@ def _handshake_bytes(buf: bytes) -> bytes | None:
     payload = bytearray()
     pos = 0
     while True:
+        # Judge the record header by the bytes there are: a client that sends a few bytes of
+        # another protocol and waits for an answer must not be kept waiting for more.
+        if len(buf) > pos and buf[pos] != _HANDSHAKE:
+            raise ValueError("not a TLS handshake record")
+        if len(buf) > pos + 1 and buf[pos + 1] != 3:
+            raise ValueError("not a TLS record version")
         if len(buf) - pos < 5:
             return None
-        if buf[pos] != _HANDSHAKE:
-            raise ValueError("not a TLS handshake record")
-        if buf[pos + 1] != 3:
-            raise ValueError("not a TLS record version")
         length = int.from_bytes(buf[pos + 3 : pos + 5], "big")
         if length == 0:
             raise ValueError("empty TLS record")

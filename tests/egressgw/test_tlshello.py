@@ -46,7 +46,14 @@ def test_hello_split_over_records() -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"GET / HTTP/1.1\r\n", b"SSH-2.0-OpenSSH_9.2\r\n", b"\x16\x03\x01\x00\x05\x02\x00"]
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"\x16\x03\x01\x00\x05\x02\x00",
+        b"ping",
+        b"\x16X",
+    ],
 )
 def test_not_tls(data: bytes) -> None:
     """Plain HTTP, SSH, and a handshake that is not a ClientHello are refused."""

@@ -1,0 +1,131 @@
+"""In-process tests of the running gateway: reload, metrics, readiness, drain (real sockets)."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from egressgw.app import Gateway
+from egressgw.config import load_config
+
+ALLOW_ECHO = """\
+default: deny
+tiers:
+  - name: t
+    rules:
+      - name: echo
+        action: allow
+        to: {cidrs: ["127.0.0.1/32"]}
+"""
+DENY_ALL = "default: deny\ntiers: []\n"
+
+
+async def echo_server() -> tuple[asyncio.Server, int]:
+    """A TCP server on loopback that echoes what it reads."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway on free loopback ports with a file sink and a policy allowing 127.0.0.1."""
+    (tmp_path / "policy.yaml").write_text(ALLOW_ECHO)
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0', drain_timeout: 2s}\n"
+        "admin: {listen: '127.0.0.1:0'}\n"
+        "guard: {allow: ['127.0.0.1/32']}\n"
+        "policy: {files: [policy.yaml]}\n"
+        "sinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+async def tunnel(
+    gw: Gateway, port: int
+) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a CONNECT tunnel to 127.0.0.1:port and return the proxy's answer head."""
+    assert gw.proxy_address is not None
+    reader, writer = await asyncio.open_connection(*gw.proxy_address)
+    writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    return head, reader, writer
+
+
+async def test_tunnel_relays_and_reload_swaps_policy(gateway: Gateway, tmp_path: Path) -> None:
+    """A tunnel relays bytes; after a reload to deny-all the next CONNECT gets 403."""
+    server, port = await echo_server()
+    async with server:
+        head, reader, writer = await tunnel(gateway, port)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        (tmp_path / "policy.yaml").write_text(DENY_ALL)
+        assert await gateway.reload() is True
+        head, _, writer = await tunnel(gateway, port)
+        assert head.startswith(b"HTTP/1.1 403")
+        assert b"X-Egressgw-Reason: policy default" in head
+        writer.close()
+
+
+async def test_broken_policy_keeps_last_good(gateway: Gateway, tmp_path: Path) -> None:
+    """A reload with a broken policy file is refused and the running policy stays."""
+    server, port = await echo_server()
+    async with server:
+        (tmp_path / "policy.yaml").write_text("tiers: [{name: t, rules: [{name: x}]}]\n")
+        assert await gateway.reload() is False
+        head, _, writer = await tunnel(gateway, port)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+
+
+async def test_admin_endpoints(gateway: Gateway) -> None:
+    """/healthz and /readyz answer 200 and /metrics counts decided flows by action and tier."""
+    server, port = await echo_server()
+    async with server:
+        _, _, writer = await tunnel(gateway, port)
+        writer.write(b"\x16\x03\x01")  # first bytes: the tunnel is decided as tcp/tls now
+        await writer.drain()
+        writer.close()
+        await asyncio.sleep(0.1)
+    assert gateway.admin_address is not None
+    base = "http://{}:{}".format(*gateway.admin_address)
+    async with aiohttp.ClientSession() as http:
+        for path in ("/healthz", "/readyz"):
+            async with http.get(base + path) as r:
+                assert r.status == 200
+        async with http.get(base + "/metrics") as r:
+            text = await r.text()
+    assert 'egressgw_flows_total{action="connection_allowed",tier="t"} 1.0' in text
+    assert "egressgw_decision_seconds_bucket" in text
+
+
+async def test_stop_drains_open_tunnel(tmp_path: Path, gateway: Gateway) -> None:
+    """stop() waits for an open tunnel up to drain_timeout, then closes it and records its end."""
+    server, port = await echo_server()
+    async with server:
+        _, reader, writer = await tunnel(gateway, port)
+        writer.write(b"abc")
+        assert await reader.readexactly(3) == b"abc"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await gateway.stop()
+        assert 1.5 < loop.time() - started < 5
+        assert await reader.read() == b""
+        writer.close()
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert any('"connection_ended"' in line for line in lines)
