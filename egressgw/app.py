@@ -18,6 +18,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from egressgw import __version__
 from egressgw import config as cfgmod
-from egressgw.checks import Runtime
+from egressgw.checks import NoThreats, Runtime, ThreatSource
 from egressgw.config import Config
 from egressgw.events import to_decision_event, to_end_event
 from egressgw.flow import Flow
@@ -36,7 +37,9 @@ from egressgw.metrics import Metrics
 from egressgw.proxy import ClientConnection
 from egressgw.resolver import Resolver
 from egressgw.tasks import spawn
+from egressgw.threats import MatcherThreats
 from egressgw.yamlsource import ConfigError
+from feeds.refresh import FeedManager, UpdateReport
 from siem.exporter import Exporter
 
 log = structlog.get_logger("egressgw")
@@ -45,7 +48,7 @@ SWEEP_INTERVAL = 1.0
 WATCH_INTERVAL = 2.0
 
 
-def build_runtime(cfg: Config) -> Runtime:
+def build_runtime(cfg: Config, threats: ThreatSource | None = None) -> Runtime:
     """Load policy files and build everything the decision path needs (blocking: file reads)."""
     pol = cfgmod.load_policy(cfg.policy.files, {f.name for f in cfg.feeds})
     r = cfg.resolver
@@ -54,6 +57,19 @@ def build_runtime(cfg: Config) -> Runtime:
         guard=Guard(cfg.guard.allow, cfg.guard.enabled),
         inventory=cfgmod.build_inventory(cfg),
         resolver=Resolver(r.nameservers, r.timeout, r.cache_size, r.min_ttl, r.max_ttl, r.ipv6),
+        threats=threats or NoThreats(),
+    )
+
+
+def build_feeds(
+    cfg: Config,
+    base: Path,
+    registry: CollectorRegistry | None,
+    on_report: Callable[[UpdateReport], None] | None = None,
+) -> FeedManager:
+    """The feed manager of a configuration (feed state lives under ``state_dir/feeds``)."""
+    return FeedManager(
+        list(cfg.feeds), base, cfg.state_dir / "feeds", registry=registry, on_report=on_report
     )
 
 
@@ -70,8 +86,11 @@ class Gateway:
         self.config_path = config_path
         self.limits = cfg.proxy
         self.metrics = Metrics(CollectorRegistry())
-        self.runtime = build_runtime(cfg)
         base = config_path.parent if config_path else Path.cwd()
+        self.base_dir = base
+        self.feeds = build_feeds(cfg, base, self.metrics.registry, self._feed_report)
+        self.threats = MatcherThreats(lambda: self.feeds.matcher)
+        self.runtime = build_runtime(cfg, self.threats)
         self.exporter = Exporter.from_config(
             cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry
         )
@@ -142,6 +161,12 @@ class Gateway:
         """Start exporter, admin server and proxy listener."""
         loop = asyncio.get_running_loop()
         await self.exporter.start()
+        await self.feeds.start()
+        missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+        if missing:
+            # Feeds with no stored data are fetched now rather than after the startup spread,
+            # so /readyz turns ready as soon as they are in.
+            self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
         await self._start_admin()
         host, port = _split(self.config.proxy.listen)
         self.server = await loop.create_server(
@@ -178,6 +203,7 @@ class Gateway:
         await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
         for task in self._tasks:
             task.cancel()
+        await self.feeds.stop()
         if self.admin is not None:
             await self.admin.cleanup()
         await self.exporter.aclose()
@@ -188,7 +214,7 @@ class Gateway:
         if self.config_path is None:
             return False
         try:
-            cfg, runtime = await asyncio.to_thread(self._load, self.config_path)
+            cfg, runtime = await asyncio.to_thread(self._load, self.config_path, self.threats)
         except ConfigError as e:
             self.metrics.reloads.labels("failed").inc()
             for line in e.errors:
@@ -201,6 +227,8 @@ class Gateway:
             log.warning("listen addresses change only on restart")
         if cfg.sinks != self.config.sinks or cfg.spool != self.config.spool:
             log.warning("sinks and spool change only on restart")
+        if cfg.feeds != self.config.feeds or cfg.state_dir != self.config.state_dir:
+            log.warning("feed definitions change only on restart")
         self.config = cfg
         self.limits = cfg.proxy
         self.runtime = runtime
@@ -209,9 +237,9 @@ class Gateway:
         return True
 
     @staticmethod
-    def _load(path: Path) -> tuple[Config, Runtime]:
+    def _load(path: Path, threats: ThreatSource) -> tuple[Config, Runtime]:
         cfg = cfgmod.load_config(path)
-        return cfg, build_runtime(cfg)
+        return cfg, build_runtime(cfg, threats)
 
     def _watched_paths(self) -> list[Path]:
         if self.config_path is None:
@@ -255,17 +283,24 @@ class Gateway:
         host, port = _split(self.config.admin.listen)
         site = web.TCPSite(self.admin, host, port, reuse_address=True)
         await site.start()
-        server = site._server
-        if isinstance(server, asyncio.Server) and server.sockets:
-            self.admin_address = server.sockets[0].getsockname()[:2]
+        sockets = getattr(site._server, "sockets", None)  # uvloop's Server is no asyncio.Server
+        if sockets:
+            self.admin_address = sockets[0].getsockname()[:2]
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready:
+        waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+        if self.ready and self.feeds.ready:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        why = "starting" if not self.ready else f"feeds without data: {', '.join(waiting)}"
+        return web.Response(status=503, text=f"not ready: {why}\n")
+
+    def _feed_report(self, report: UpdateReport) -> None:
+        # The feeds library logs each update itself; the gateway counts the refused ones.
+        if not report.ok:
+            self.metrics.count_error("feed_update")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

@@ -162,6 +162,7 @@ class Config(_Model):
     spool: SpoolSpec | None = None
     sinks: tuple[SinkSpec, ...] = (StdoutSinkSpec(type="stdout"),)
     log: LogConfig = LogConfig()
+    state_dir: Path = Path("state")
 
 
 # ---- policy files ----------------------------------------------------------------------------
@@ -343,6 +344,7 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
     return cfg.model_copy(
         update={
             "policy": cfg.policy.model_copy(update={"files": files}),
+            "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
             "spool": resolve_paths(cfg.spool, base) if cfg.spool else None,
             "sinks": tuple(resolve_paths(s, base) for s in cfg.sinks),
         }

@@ -13,6 +13,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -73,3 +74,59 @@ class Indicator:
     def key(self) -> tuple[IndicatorType, str]:
         """The identity of the value, independent of its provenance."""
         return (self.type, self.value)
+
+
+_TYPE_CODES = {t: n for n, t in enumerate(IndicatorType)}
+_CODE_TYPES = tuple(IndicatorType)
+
+
+class IndicatorSet:
+    """One feed's indicators stored compactly: values, one byte of type each, shared provenance.
+
+    A million ``Indicator`` objects cost ~100 MB; this keeps the value strings (shared with
+    the matcher's keys for domains and URLs), a byte per type and only the provenances that
+    differ from the feed default.
+    """
+
+    __slots__ = ("_default", "_overrides", "_types", "_values")
+
+    def __init__(self, indicators: Iterable[Indicator], default: Provenance = NO_PROVENANCE):
+        values: list[str] = []
+        types = bytearray()
+        overrides: dict[int, Provenance] = {}
+        for n, ind in enumerate(indicators):
+            values.append(ind.value)
+            types.append(_TYPE_CODES[ind.type])
+            if ind.provenance is not default:
+                overrides[n] = ind.provenance
+        self._values = tuple(values)
+        self._types = bytes(types)
+        self._default = default
+        self._overrides = overrides
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Indicator]:
+        for itype, value, prov in self.triples():
+            yield Indicator(itype, value, prov)
+
+    def triples(self) -> Iterator[tuple[IndicatorType, str, Provenance]]:
+        """(type, value, provenance) of every indicator, without building Indicator objects."""
+        overrides = self._overrides
+        default = self._default
+        types = _CODE_TYPES
+        if not overrides:
+            for code, value in zip(self._types, self._values, strict=True):
+                yield types[code], value, default
+            return
+        for n, (code, value) in enumerate(zip(self._types, self._values, strict=True)):
+            yield types[code], value, overrides.get(n, default)
+
+    def keys(self) -> set[tuple[IndicatorType, str]]:
+        """The (type, value) identities, for computing what an update added and removed."""
+        types = _CODE_TYPES
+        return {(types[c], v) for c, v in zip(self._types, self._values, strict=True)}
+
+
+EMPTY_SET = IndicatorSet(())

@@ -37,6 +37,10 @@ _FILTER_SHIFT = 8  # the IPv4 miss filter has one byte per /24 (16 MiB)
 _Tables = tuple[tuple[int, int, dict[int, Entry]], ...]
 
 _AF_INET = socket.AF_INET
+_IP = IndicatorType.IP
+_CIDR = IndicatorType.CIDR
+_DOMAIN = IndicatorType.DOMAIN
+_URL = IndicatorType.URL
 _inet_pton = socket.inet_pton
 _from_bytes = int.from_bytes
 
@@ -164,6 +168,16 @@ class Matcher:
     @classmethod
     def build(cls, feeds: Iterable[tuple[FeedRules, Iterable[Indicator]]]) -> Matcher:
         """Index the indicators of each feed (feed order does not matter)."""
+        return cls.build_raw(
+            (feed, ((i.type, i.value, i.provenance) for i in indicators))
+            for feed, indicators in feeds
+        )
+
+    @classmethod
+    def build_raw(
+        cls, feeds: Iterable[tuple[FeedRules, Iterable[tuple[IndicatorType, str, Provenance]]]]
+    ) -> Matcher:
+        """``build`` from (type, normalised value, provenance) triples: no Indicator objects."""
         block = _Side()
         allow = _Side()
         rules: dict[str, FeedRules] = {}
@@ -172,24 +186,35 @@ class Matcher:
             side = allow if feed.allowlist else block
             v4, v6, domains, urls = side.v4, side.v6, side.domains, side.urls
             stamped: dict[Provenance, Provenance] = {}
-            for ind in indicators:
-                prov = ind.provenance
-                if prov.feed != feed.name:
+            name = feed.name
+            host32 = v4.setdefault(32, {})
+            for itype, value, prov in indicators:
+                if prov.feed != name:
                     # Parsers normally stamp the feed name; share one copy per distinct value.
-                    prov = stamped.setdefault(prov, replace(prov, feed=feed.name))
-                itype = ind.type
-                if itype is IndicatorType.DOMAIN:
-                    _add(domains, ind.value, prov)
-                elif itype is IndicatorType.URL:
-                    _add(urls, ind.value, prov)
+                    fixed = stamped.get(prov)
+                    if fixed is None:
+                        fixed = stamped[prov] = replace(prov, feed=name)
+                    prov = fixed
+                if itype is _IP and ":" not in value and "/" not in value:
+                    # Fast path for the bulk of IP lists: a bare IPv4 address.
+                    n = _from_bytes(_inet_pton(_AF_INET, value), "big")
+                    if host32.setdefault(n, prov) is not prov:
+                        _add(host32, n, prov)
+                elif itype is _DOMAIN:
+                    if domains.setdefault(value, prov) is not prov:
+                        _add(domains, value, prov)
+                elif itype is _URL:
+                    _add(urls, value, prov)
                 else:
-                    version, plen, n = _ip_key(ind.value)
+                    version, plen, n = _ip_key(value)
                     bits = 32 if version == 4 else 128
                     by_len = v4 if version == 4 else v6
                     table = by_len.get(plen)
                     if table is None:
                         table = by_len[plen] = {}
                     _add(table, n >> (bits - plen), prov)
+            if not host32:
+                del v4[32]
         return cls(block, allow, rules)
 
     @classmethod
@@ -237,15 +262,22 @@ class Matcher:
         text = _format_address(version, n)
         out: list[Match] = []
         for plen, entry in found:
-            net = _format_network(version, n, plen, bits)
-            itype = IndicatorType.IP if plen == bits else IndicatorType.CIDR
-            why = "exact" if plen == bits else "in network"
-            out.extend(_match(p, itype, net, text, why) for p in _entries(entry))
+            if plen == bits:
+                net, itype, why = text, _IP, "exact"
+            else:
+                net, itype, why = _format_network(version, n, plen, bits), _CIDR, "in network"
+            if isinstance(entry, Provenance):
+                out.append(_match(entry, itype, net, text, why))
+            else:
+                for p in entry:
+                    out.append(_match(p, itype, net, text, why))
         return tuple(out)
 
     def _allowed_address(self, version: int, n: int) -> bool:
-        tables = self._allow_v4 if version == 4 else self._allow_v6
-        return any(table.get(n >> shift) is not None for _, shift, table in tables)
+        for _, shift, table in self._allow_v4 if version == 4 else self._allow_v6:
+            if table.get(n >> shift) is not None:
+                return True
+        return False
 
     def ip_allowlisted(self, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True when an allowlist feed covers this address."""
@@ -256,18 +288,17 @@ class Matcher:
 
     def match_domain(self, name: str) -> tuple[Match, ...]:
         """Every blocklist entry for this name or (suffix rule) a parent domain."""
-        domains = self._block.domains
-        if not domains:
-            return ()
         if name.isascii():
             key = name.lower()
-            if key.endswith("."):
+            if key[-1:] == ".":
                 key = key[:-1]
         else:
             key = _domain_key(name) or ""
-        if _tail(key) not in self._tails:
-            # Any listed name covering this one ends with the same last two labels.
+        # Any listed name covering this one ends with the same last two labels: one set probe
+        # settles almost every miss (inlined, no helper call: this is the hot path).
+        if key[key.rfind(".", 0, key.rfind(".")) + 1 :] not in self._tails:
             return ()
+        domains = self._block.domains
         entry = domains.get(key)
         found = None if entry is None else [(key, entry)]
         i = key.find(".")
@@ -391,9 +422,7 @@ def _format_network(version: int, n: int, plen: int, bits: int) -> str:
 
 def _tail(name: str) -> str:
     """The last two labels of a name (the whole name if it has fewer)."""
-    i = name.rfind(".")
-    j = name.rfind(".", 0, i) if i > 0 else -1
-    return name[j + 1 :] if j >= 0 else name
+    return name[name.rfind(".", 0, name.rfind(".")) + 1 :]
 
 
 def _domain_key(name: str) -> str | None:
@@ -409,15 +438,16 @@ def _domain_key(name: str) -> str | None:
 
 
 def _match(prov: Provenance, itype: IndicatorType, listed: str, matched: str, why: str) -> Match:
+    # Positional on purpose: this runs for every hit (field order of Match).
     return Match(
-        feed=prov.feed,
-        indicator_type=itype,
-        indicator=listed,
-        matched=matched,
-        why=why,
-        confidence=prov.confidence,
-        severity=prov.severity,
-        first_seen=prov.first_seen,
-        reference=prov.reference,
-        tags=prov.tags,
+        prov.feed,
+        itype,
+        listed,
+        matched,
+        why,
+        prov.confidence,
+        prov.severity,
+        prov.first_seen,
+        prov.reference,
+        prov.tags,
     )

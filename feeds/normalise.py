@@ -79,6 +79,10 @@ def _range_table(version: int) -> tuple[tuple[int, int, str], ...]:
 
 _V4_SPECIAL = _range_table(4)
 _V6_SPECIAL = _range_table(6)
+# First octets that start some special range: most public addresses skip the range scan.
+_V4_SPECIAL_FIRST_OCTETS = bytes(
+    int(any(lo >> 24 <= octet <= hi >> 24 for lo, hi, _ in _V4_SPECIAL)) for octet in range(256)
+)
 
 
 def normalise_domain(name: str) -> str:
@@ -244,6 +248,8 @@ def special_range(net: IPNetwork) -> str | None:
 
 def ipv4_special(address: int) -> str | None:
     """The category of special-purpose space an IPv4 address (as an int) is in, else None."""
+    if not _V4_SPECIAL_FIRST_OCTETS[address >> 24]:
+        return None
     for lo, hi, reason in _V4_SPECIAL:
         if lo <= address <= hi:
             return reason

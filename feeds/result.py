@@ -37,6 +37,7 @@ from feeds.options import DEFAULT_MAX_SAMPLES
 MAX_SAMPLE_TEXT = 200
 
 _HASH = re.compile(r"[0-9a-fA-F]{32}\Z|[0-9a-fA-F]{40}\Z|[0-9a-fA-F]{64}\Z|[0-9a-fA-F]{128}\Z")
+_HASH_LENGTHS = frozenset({32, 40, 64, 128})
 _ASN = re.compile(r"(?i)AS\d+\Z")
 _IPV4_PORT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}\Z")
 _IPV6_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:\d{1,5}\Z")
@@ -119,7 +120,9 @@ class ResultBuilder:
         if not value:
             self.reject(line, text, "empty value")
             return None
-        if _HASH.match(value) or _ASN.match(value):
+        if (len(value) in _HASH_LENGTHS and _HASH.match(value)) or (
+            value[:2] in ("AS", "as") and _ASN.match(value)
+        ):
             self.ignored += 1
             return None
         try:
@@ -153,6 +156,10 @@ class ResultBuilder:
             raise ValueError(f"expected an IP address or network, got {value!r}")
         if "/" in value or "@" in value or ":" in value:
             raise ValueError(f"not a domain, IP or URL: {value!r}")
+        if value.startswith("*."):
+            # "*.example.com" means the names below example.com: the suffix rule covers them.
+            self._notes["wildcard"] += 1
+            value = value[2:]
         name = normalise_domain(value)
         if is_public_suffix(name):
             self._dropped["public-suffix"] += 1

@@ -28,6 +28,8 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_RETRIES = 2
 DEFAULT_MAX_SHRINK = 0.5
 DEFAULT_MAX_REJECTED_RATIO = 0.5
+DEFAULT_TAXII_PAGE_SIZE = 1000
+DEFAULT_TAXII_MAX_PAGES = 100
 MIN_PERIOD = 1.0
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -73,6 +75,15 @@ def _duration(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(_duration)]
 
 
+class TaxiiOptions(BaseModel):
+    """Polling options of a TAXII 2.1 collection (``url`` is the collection URL)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    page_size: int = Field(default=DEFAULT_TAXII_PAGE_SIZE, ge=1, le=100_000)
+    max_pages: int = Field(default=DEFAULT_TAXII_MAX_PAGES, ge=1, le=100_000)
+
+
 class FeedSpec(BaseModel):
     """One threat feed: where it is, how to read it, how often, and how much to trust it."""
 
@@ -95,8 +106,10 @@ class FeedSpec(BaseModel):
     max_rejected_ratio: float = Field(default=DEFAULT_MAX_REJECTED_RATIO, ge=0.0, le=1.0)
     allow_empty: bool = False
     options: ParseOptions = ParseOptions()
+    taxii: TaxiiOptions | None = None
     enabled: bool = True
     license: str | None = None
+    special_ranges: Literal["auto", "drop", "keep"] = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -120,10 +133,27 @@ class FeedSpec(BaseModel):
             raise ValueError("url must be a path, file://, http:// or https://")
         return url
 
+    @model_validator(mode="after")
+    def _check_taxii(self) -> FeedSpec:
+        if self.taxii is not None and (self.format != "stix" or not self.is_remote):
+            raise ValueError("a taxii feed needs format: stix and an http(s) collection url")
+        return self
+
     @property
     def is_remote(self) -> bool:
         """True for http:// and https:// sources."""
         return self.url.lower().startswith(("http://", "https://"))
+
+    @property
+    def drops_special_ranges(self) -> bool:
+        """Whether private, loopback and other special ranges are dropped from this blocklist.
+
+        ``auto`` drops them from downloaded feeds (public lists carry 10.0.0.0/8 and the like by
+        mistake) and keeps them in local files, which the operator wrote on purpose.
+        """
+        if self.special_ranges == "auto":
+            return self.is_remote
+        return self.special_ranges == "drop"
 
 
 def check_unique_names(specs: Iterable[FeedSpec]) -> None:

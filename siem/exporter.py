@@ -56,6 +56,10 @@ READ_WAIT = 1.0  # a reader re-checks the spool at least this often even without
 ALL_SINKS = "*"
 
 
+# How long aclose() lets sinks deliver what they still hold before stopping them.
+DEFAULT_CLOSE_TIMEOUT = 5.0
+
+
 class ExporterMetrics:
     """Prometheus metrics of the exporter (one set per registry)."""
 
@@ -157,6 +161,7 @@ class _MemorySource:
         self.metrics = metrics
         self.queue: collections.deque[Record] = collections.deque()
         self.seq = 0
+        self.acked = 0  # highest sequence number a sink confirmed: lag counts batches in flight
         self.unreported = 0
         self._event = asyncio.Event()
 
@@ -189,10 +194,10 @@ class _MemorySource:
         return batch
 
     def ack(self, seq: int) -> None:
-        pass
+        self.acked = max(self.acked, seq)
 
     def lag(self) -> int:
-        return len(self.queue)
+        return self.seq - self.acked
 
 
 @dataclass
@@ -234,6 +239,7 @@ class Exporter:
         if len({s.name for s in self._sinks}) != len(self._sinks):
             raise ValueError("sink names must be unique")
         self.spool_spec = spool
+        self.close_timeout = DEFAULT_CLOSE_TIMEOUT
         self.metrics = metrics_for(registry if registry is not None else REGISTRY)
         self.max_pending = max_pending
         self.batch_events = spool.batch_events if spool else DEFAULT_BATCH_EVENTS
@@ -362,6 +368,14 @@ class Exporter:
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        # Give sinks a bounded time to deliver what they hold: without a spool, anything still
+        # queued in memory when the tasks are cancelled would be lost.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_timeout
+        while loop.time() < deadline and any(  # noqa: ASYNC110 (sources have no drained event)
+            st.source is not None and st.source.lag() > 0 for st in self._sinks
+        ):
+            await asyncio.sleep(0.01)
         for st in self._sinks:
             if st.task is not None:
                 st.task.cancel()
@@ -371,7 +385,6 @@ class Exporter:
                 await st.sink.aclose()
             except Exception:
                 log.exception("sink %s: error while closing", st.name)
-        loop = asyncio.get_running_loop()
         if self.spool is not None and self._io is not None:
             for st in self._sinks:
                 if isinstance(st.source, _SpoolSource):

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -40,7 +41,7 @@ LEEF_DELIMITER = "\t"
 Event = Mapping[str, Any]
 BodyFormat = Literal["json", "cef", "leef"]
 
-# (CEF extension key, ECS path); cs labels are added by to_cef.
+# (CEF extension key, ECS path); "a|b" means a, else b. cs labels are added by to_cef.
 CEF_FIELDS: tuple[tuple[str, str], ...] = (
     ("rt", "@timestamp"),
     ("externalId", "event.id"),
@@ -58,9 +59,9 @@ CEF_FIELDS: tuple[tuple[str, str], ...] = (
     ("out", "source.bytes"),
     ("in", "destination.bytes"),
     ("suser", "user.name"),
-    ("cs1", "orchestrator.namespace"),
+    ("cs1", "kubernetes.namespace|orchestrator.namespace"),
     ("cs2", "kubernetes.pod.name"),
-    ("cs3", "service.name"),
+    ("cs3", "kubernetes.labels.app|service.name"),
     ("cs4", "rule.name"),
     ("cs5", "rule.ruleset"),
     ("cs6", "threat.feed.name"),
@@ -92,9 +93,9 @@ LEEF_FIELDS: tuple[tuple[str, str], ...] = (
     ("srcBytes", "source.bytes"),
     ("dstBytes", "destination.bytes"),
     ("usrName", "user.name"),
-    ("namespace", "orchestrator.namespace"),
+    ("namespace", "kubernetes.namespace|orchestrator.namespace"),
     ("pod", "kubernetes.pod.name"),
-    ("app", "service.name"),
+    ("app", "kubernetes.labels.app|service.name"),
     ("rule", "rule.name"),
     ("tier", "rule.ruleset"),
     ("threatFeed", "threat.feed.name"),
@@ -110,25 +111,40 @@ SD_FIELDS: tuple[tuple[str, str], ...] = (
     ("dst", "destination.domain"),
     ("dstIp", "destination.ip"),
     ("dstPort", "destination.port"),
-    ("namespace", "orchestrator.namespace"),
-    ("app", "service.name"),
+    ("namespace", "kubernetes.namespace|orchestrator.namespace"),
+    ("app", "kubernetes.labels.app|service.name"),
     ("rule", "rule.name"),
 )
 
 
+@functools.lru_cache(maxsize=256)
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def get_path(event: Event, path: str) -> Any:
-    """Value at a dotted ECS path (nested dicts, or a flat dotted key), or None."""
+    """Value at a dotted ECS path (nested dicts or a flat dotted key); "a|b": first found."""
+    if "|" in path:
+        for alternative in path.split("|"):
+            value = get_path(event, alternative)
+            if value is not None:
+                return value
+        return None
     if path in event:
         return event[path]
     node: Any = event
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+    for part in _parts(path):
+        if type(node) is not dict and not isinstance(node, Mapping):
             return None
-        node = node[part]
+        node = node.get(part)
+        if node is None:
+            return None
     return node
 
 
 def _text(value: Any) -> str | None:
+    if type(value) is str:
+        return value
     if value is None or isinstance(value, Mapping):
         return None
     if isinstance(value, bool):
@@ -184,6 +200,8 @@ def _timestamp(event: Event) -> str:
 
 def escape_param_value(value: str) -> str:
     """Escape an RFC 5424 PARAM-VALUE: backslash before '"', '\\' and ']'."""
+    if '"' not in value and "\\" not in value and "]" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 

@@ -219,6 +219,8 @@ class Spool:
         self._gap: dict[str, list[int]] = {}  # reason -> [count, first seq, last seq]
         self._lock_fd: int | None = None
         self.torn_bytes = 0
+        self._total = 0
+        self._buf: list[bytes] = []  # encoded records not yet handed to the file object
 
     # -- opening and recovery -------------------------------------------------------------
 
@@ -245,6 +247,7 @@ class Spool:
                 log.warning("spool segment %s is damaged after offset %d", seg.path, end)
         if self._segments:
             self._recover_tail(self._segments[-1])
+        self._total = sum(seg.size for seg in self._segments)
         last = self._segments[-1].last_seq if self._segments else 0
         self.next_seq = max(ledger_next, last + 1, 1)
         self.durable_seq = self.next_seq - 1
@@ -297,11 +300,20 @@ class Spool:
 
     # -- writing ----------------------------------------------------------------------------
 
+    def _flush_buf(self) -> None:
+        if self._buf and self._active is not None:
+            self._active.write(b"".join(self._buf))
+        self._buf = []
+
     def _new_segment(self) -> None:
         if self._active is not None:
+            self._flush_buf()
             self._active.flush()
             os.fsync(self._active.fileno())
             self._active.close()
+            if self._dir_dirty:
+                _fsync_dir(self.dir)
+                self._dir_dirty = False
             self.durable_seq = self.next_seq - 1
         path = self.dir / segment_name(self.next_seq)
         fh = path.open("wb")
@@ -309,13 +321,14 @@ class Spool:
         seg = Segment(path, self.next_seq, self.next_seq - 1, len(MAGIC))
         with self._lock:
             self._segments.append(seg)
+        self._total += seg.size
         self._active = fh
         self._dir_dirty = True
 
     @property
     def total_bytes(self) -> int:
         """Bytes in segment files."""
-        return sum(s.size for s in self._segments)
+        return self._total
 
     def _drop(self, reason: str, count: int, first: int, last: int) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -329,6 +342,7 @@ class Spool:
         with self._lock:
             self._segments.remove(seg)
             seg.deleted = True
+        self._total -= seg.size
         seg.path.unlink(missing_ok=True)
         self._dir_dirty = True
 
@@ -355,13 +369,18 @@ class Spool:
 
     def _write(self, payload: bytes) -> bool:
         size = HEADER.size + len(payload)
-        if not self._make_room(size):
+        if self._total + size > self.max_bytes and not self._make_room(size):
             return False
         assert self._active is not None
-        self._active.write(to_record(self.next_seq, payload))
+        seq = self.next_seq
+        self._active.write(
+            HEADER.pack(len(payload), zlib.crc32(payload, zlib.crc32(SEQ.pack(seq))), seq)
+        )
+        self._active.write(payload)
         seg = self._segments[-1]
-        seg.last_seq = self.next_seq
+        seg.last_seq = seq
         seg.size += size
+        self._total += size
         self.next_seq += 1
         if seg.size >= self.segment_bytes:
             self._new_segment()
@@ -401,6 +420,7 @@ class Spool:
         if self._gap and self._active is not None:
             self._write_gaps()
         if self._active is not None:
+            self._flush_buf()
             self._active.flush()
             os.fsync(self._active.fileno())
         if self._dir_dirty:

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import socket
 import ssl
+import termios
+import time
 from collections.abc import Sequence
 
 import orjson
@@ -22,6 +26,9 @@ from siem.config import SyslogSinkSpec
 from siem.formats import frame_octet_count, to_rfc5424
 from siem.sinks import SendResult
 from siem.spool import Record
+
+ACK_POLL_MIN = 0.0005
+ACK_POLL_MAX = 0.05
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -96,6 +103,32 @@ class SyslogSink:
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
                 await asyncio.wait_for(writer.wait_closed(), self.spec.timeout)
 
+    def _unacked_bytes(self) -> int:
+        assert self._writer is not None
+        buffered = self._writer.transport.get_write_buffer_size()
+        sock: socket.socket | None = self._writer.get_extra_info("socket")
+        if sock is None:
+            return buffered
+        try:
+            outq = int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4), "little")
+        except OSError:
+            return buffered
+        return buffered + outq
+
+    async def _wait_acked(self) -> None:
+        # A receiver that already closed answers new data with RST, never with an ACK: waiting
+        # until the kernel's send queue is empty turns "written into a dead connection" into an
+        # error (and a retry) instead of silent loss.
+        deadline = time.monotonic() + self.spec.timeout
+        delay = ACK_POLL_MIN
+        while self._unacked_bytes():
+            if not self._alive():
+                raise ConnectionError("syslog receiver closed the connection before acknowledging")
+            if time.monotonic() > deadline:
+                raise TimeoutError("syslog receiver did not acknowledge in time")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ACK_POLL_MAX)
+
     def _alive(self) -> bool:
         if self.spec.transport == "udp":
             return self._udp is not None and not self._udp.is_closing()
@@ -104,6 +137,7 @@ class SyslogSink:
             and self._reader is not None
             and not self._writer.is_closing()
             and not self._reader.at_eof()
+            and self._reader.exception() is None
         )
 
     async def send(self, batch: Sequence[Record]) -> SendResult:
@@ -120,6 +154,7 @@ class SyslogSink:
         try:
             self._writer.write(b"".join(frame_octet_count(m) for m in messages))
             await asyncio.wait_for(self._writer.drain(), self.spec.timeout)
+            await self._wait_acked()
         except BaseException:
             await self._disconnect()
             raise

@@ -1,0 +1,1 @@
+"""Tests of the feeds library, one file per source module."""

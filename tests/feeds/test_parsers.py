@@ -234,6 +234,13 @@ def test_lines_rejects_and_samples_bad_values() -> None:
     assert result.dropped == {"public-suffix": 1}
 
 
+def test_wildcard_domains_become_suffix_entries() -> None:
+    """'*.example.com' is the domain example.com (the suffix rule covers the names below)."""
+    result = parse_lines(b"*.evil.example\n*.com\n")
+    assert [i.value for i in result.indicators] == ["evil.example"]
+    assert result.notes["wildcard"] == 2 and result.rejected == 1
+
+
 def test_duplicates_are_one_entry() -> None:
     """The same value twice (after normalisation) is one indicator, counted as a duplicate."""
     result = parse_lines(b"a.example.com\nA.EXAMPLE.COM.\n")

@@ -285,3 +285,19 @@ def test_bulk_id_is_deterministic_without_event_id() -> None:
     event = {"message": "no id"}
     assert bulk_id(event) == bulk_id(dict(event)) and len(bulk_id(event)) == 64
     assert bulk_id({"event": {"id": "_bad"}}) != "_bad"
+
+
+def test_gateway_shaped_event_maps_kubernetes_fields() -> None:
+    """The gateway's kubernetes.namespace and labels.app feed the namespace and app fields."""
+    gw = {
+        "event": {"id": "f.1", "action": "connection_denied", "type": ["connection", "denied"]},
+        "kubernetes": {"namespace": "payments", "pod": {"name": "api-1"}, "labels": {"app": "api"}},
+        "observer": {"hostname": "node-7"},
+    }
+    _, ext = parse_cef(to_cef(gw))
+    assert (ext["cs1"], ext["cs2"], ext["cs3"]) == ("payments", "api-1", "api")
+    _, attrs = parse_leef(to_leef(gw))
+    assert attrs["namespace"] == "payments" and attrs["app"] == "api" and attrs["sev"] == "5"
+    m = RFC5424.match(to_rfc5424(gw))
+    assert m is not None and m.group(3) == b"node-7"
+    assert parse_sd(m.group(7).decode())["namespace"] == "payments"

@@ -1,0 +1,164 @@
+"""Plain functions behind ``egressgw feeds update | check | lookup``.
+
+Each takes parsed arguments and an output stream and returns an exit code (0 success, 1 the
+answer is "no" or something failed, 2 a usage error); none calls ``sys.exit`` or parses argv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from feeds.fetch import FetchError, gunzip_limited
+from feeds.guard import classify_body
+from feeds.matcher import Matcher
+from feeds.options import ParseOptions
+from feeds.parsers import parse
+from feeds.refresh import FeedManager, UpdateReport
+from feeds.spec import DEFAULT_MAX_BYTES, FeedSpec
+
+EXIT_OK = 0
+EXIT_NO = 1
+EXIT_USAGE = 2
+
+
+def _manager(specs: Sequence[FeedSpec], base_dir: Path, state_dir: Path) -> FeedManager:
+    # A private registry: the CLI may run inside a process that already has a manager.
+    return FeedManager(specs, base_dir, state_dir, registry=CollectorRegistry())
+
+
+def load_matcher(specs: Sequence[FeedSpec], base_dir: Path, state_dir: Path) -> Matcher:
+    """A matcher from the persisted last good data, without fetching anything."""
+    manager = _manager(specs, base_dir, state_dir)
+    manager.load_state()
+    return manager.matcher
+
+
+def format_report(report: UpdateReport) -> str:
+    """One aligned row of ``feeds update`` output."""
+    row = (
+        f"{report.feed:<24} {report.entries:>9} {report.added:>8} {report.removed:>8} "
+        f"{report.rejected:>8} {report.duration:>8.2f}s  {report.status}"
+    )
+    return f"{row}: {report.reason}" if report.reason else row
+
+
+REPORT_HEADER = (
+    f"{'FEED':<24} {'ENTRIES':>9} {'ADDED':>8} {'REMOVED':>8} {'REJECTED':>8} {'DURATION':>9}  "
+    "STATUS"
+)
+
+
+async def update_async(
+    specs: Sequence[FeedSpec],
+    base_dir: Path,
+    state_dir: Path,
+    names: Sequence[str],
+    out: TextIO,
+) -> int:
+    """Fetch the named feeds (all if none named) now; print one row per feed."""
+    known = {s.name for s in specs}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        out.write(f"unknown feed(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}\n")
+        return EXIT_USAGE
+    wanted = list(names) or [s.name for s in specs if s.enabled]
+    out.write(REPORT_HEADER + "\n")
+    out.flush()
+    async with aiohttp.ClientSession() as session:
+        manager = FeedManager(
+            specs, base_dir, state_dir, registry=CollectorRegistry(), session=session
+        )
+        await asyncio.to_thread(manager.load_state)
+        ok = True
+        # Rows appear as feeds finish, so a long download shows the others' progress.
+        for next_done in asyncio.as_completed([manager.update_now([n]) for n in wanted]):
+            for report in await next_done:
+                ok = ok and report.ok
+                out.write(format_report(report) + "\n")
+                out.flush()
+    return EXIT_OK if ok else EXIT_NO
+
+
+def update(
+    specs: Sequence[FeedSpec],
+    base_dir: Path,
+    state_dir: Path,
+    names: Sequence[str],
+    out: TextIO,
+) -> int:
+    """Synchronous ``update_async`` for a CLI without a running event loop."""
+    return asyncio.run(update_async(specs, base_dir, state_dir, names, out))
+
+
+def check_file(path: Path, fmt: str, options: ParseOptions | None, out: TextIO) -> int:
+    """Parse a local feed file and report what was found and rejected."""
+    try:
+        body = Path(path).read_bytes()
+    except OSError as e:
+        out.write(f"cannot read {path}: {e.strerror or e}\n")
+        return EXIT_USAGE
+    try:
+        if body.startswith(b"\x1f\x8b"):
+            body = gunzip_limited(body, DEFAULT_MAX_BYTES)
+        problem = classify_body(body)
+        if problem is not None:
+            out.write(f"{path}: {problem}\n")
+            return EXIT_NO
+        result = parse(fmt, body, options=options or ParseOptions(), now=datetime.now(UTC))
+    except (ValueError, FetchError) as e:
+        out.write(f"{path}: cannot parse as {fmt}: {e}\n")
+        return EXIT_NO
+    kinds = Counter(i.type.value for i in result.indicators)
+    out.write(f"{path}: format {fmt}, {result.records} rows\n")
+    out.write(
+        f"  indicators: {len(result.indicators)}"
+        + "".join(f", {k} {n}" for k, n in sorted(kinds.items()))
+        + "\n"
+    )
+    out.write(f"  rejected: {result.rejected}, ignored (out of scope): {result.ignored}\n")
+    for reason, n in sorted(result.dropped.items()):
+        out.write(f"  dropped ({reason}): {n}\n")
+    for note, n in sorted(result.notes.items()):
+        out.write(f"  note ({note}): {n}\n")
+    for sample in result.samples:
+        out.write(f"  line {sample.line}: {sample.reason}: {sample.text!r}\n")
+    if result.expected is not None:
+        verdict = "TRUNCATED" if result.truncated else "ok"
+        out.write(f"  trailer: {result.expected} entries announced, {verdict}\n")
+    bad = result.truncated or (result.records > 0 and result.rejected * 2 > result.records)
+    return EXIT_NO if bad else EXIT_OK
+
+
+def lookup(value: str, matcher: Matcher, out: TextIO) -> int:
+    """Say which feeds list a domain, IP or URL and why; exit 0 when listed, 1 when not."""
+    matches = matcher.match(value.strip())
+    if not matches:
+        allowed = (
+            matcher.url_allowlisted(value)
+            if "://" in value
+            else matcher.ip_allowlisted(value) or matcher.domain_allowlisted(value)
+        )
+        out.write(f"{value}: not listed" + (" (covered by an allowlist)" if allowed else "") + "\n")
+        return EXIT_NO
+    out.write(f"{value}: listed by {len({m.feed for m in matches})} feed(s)\n")
+    for m in matches:
+        extra = []
+        if m.confidence is not None:
+            extra.append(f"confidence {m.confidence}")
+        if m.severity:
+            extra.append(f"severity {m.severity}")
+        if m.first_seen is not None:
+            extra.append(f"first seen {m.first_seen.isoformat()}")
+        if m.reference:
+            extra.append(f"ref {m.reference}")
+        detail = f" ({', '.join(extra)})" if extra else ""
+        out.write(f"  {m.feed}: {m.ecs_type} {m.indicator} [{m.why}]{detail}\n")
+    return EXIT_OK

@@ -1,0 +1,493 @@
+"""FeedManager: keeps every feed fresh and serves one matcher, swapped whole.
+
+Rules:
+
+- At start, each feed's last good body persisted in ``state_dir`` is parsed again, so the
+  matcher is ready (``ready``) before the first fetch; a feed whose source changed since it
+  was stored starts empty.
+- Each enabled feed refreshes on its own period with jitter (``period * (1 +/- jitter)``);
+  after a failure it retries sooner (``FAILURE_RETRY`` doubling, never later than the period).
+  The first fetch happens at once unless the stored data is younger than the period.
+- An update runs: fetch (conditional) -> body guard -> parse -> result guard (see
+  ``feeds.guard``) -> persist -> rebuild the matcher -> swap the reference. A refused or failed
+  update keeps the last good data and says why: a log line, the ``last_error`` status, metrics
+  and the ``on_report`` callback.
+- Parsing and matcher builds run in a worker thread so the event loop keeps serving.
+- Metrics (``prometheus_client``, registry passed in or the global one), labelled by feed:
+  ``feeds_entries``, ``feeds_last_success_timestamp_seconds``, ``feeds_age_seconds``,
+  ``feeds_rejected_lines``, ``feeds_update_failures_total`` and
+  ``feeds_updates_total{result}``; ``feeds_ready`` is 1 when every enabled feed has data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+from feeds import fetch as fetching
+from feeds.guard import classify_body, classify_result
+from feeds.indicator import EMPTY_SET, IndicatorSet, Provenance
+from feeds.matcher import FeedRules, Matcher
+from feeds.parsers import parse
+from feeds.result import ParseResult
+from feeds.spec import FeedSpec, TaxiiOptions, check_unique_names
+from feeds.state import StoredFeed, load_feed, save_feed
+from feeds.taxii import merge_bundle, poll_collection
+
+log = logging.getLogger("feeds.refresh")
+
+DEFAULT_JITTER = 0.1
+FAILURE_RETRY = 30.0
+STARTUP_SPREAD = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReport:
+    """The outcome of one feed update: one row of ``feeds update``."""
+
+    feed: str
+    status: str  # updated | unchanged | rejected | failed | disabled
+    entries: int = 0
+    added: int = 0
+    removed: int = 0
+    rejected: int = 0
+    duration: float = 0.0
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the feed now serves fresh data (updated or confirmed unchanged)."""
+        return self.status in ("updated", "unchanged", "disabled")
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStatus:
+    """What is known about one feed right now."""
+
+    name: str
+    enabled: bool
+    entries: int
+    last_success: float | None
+    last_attempt: float | None
+    failures: int
+    rejected_lines: int
+    last_error: str | None
+    age: float | None
+
+
+@dataclass(slots=True)
+class _FeedState:
+    spec: FeedSpec
+    indicators: IndicatorSet = EMPTY_SET
+    has_data: bool = False
+    etag: str | None = None
+    last_modified: str | None = None
+    last_success: float | None = None
+    last_attempt: float | None = None
+    failures: int = 0
+    rejected_lines: int = 0
+    last_error: str | None = None
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.entries = Gauge(
+            "feeds_entries", "Indicators served per feed", ["feed"], registry=registry
+        )
+        self.last_success = Gauge(
+            "feeds_last_success_timestamp_seconds",
+            "Unix time of the last successful update (fetched or confirmed unchanged)",
+            ["feed"],
+            registry=registry,
+        )
+        self.age = Gauge(
+            "feeds_age_seconds",
+            "Seconds since the last successful update (-1 when never)",
+            ["feed"],
+            registry=registry,
+        )
+        self.rejected_lines = Gauge(
+            "feeds_rejected_lines",
+            "Malformed rows in the last parsed body",
+            ["feed"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "feeds_update_failures",
+            "Updates that failed or were refused by the guard",
+            ["feed"],
+            registry=registry,
+        )
+        self.updates = Counter(
+            "feeds_updates", "Update attempts by result", ["feed", "result"], registry=registry
+        )
+        self.ready = Gauge("feeds_ready", "1 when every enabled feed has data", registry=registry)
+
+
+class FeedManager:
+    """Fetches, guards, persists and serves the indicators of a set of feeds."""
+
+    def __init__(
+        self,
+        specs: Sequence[FeedSpec],
+        base_dir: Path,
+        state_dir: Path,
+        *,
+        registry: CollectorRegistry | None = None,
+        session: aiohttp.ClientSession | None = None,
+        on_report: Callable[[UpdateReport], None] | None = None,
+        jitter: float = DEFAULT_JITTER,
+        backoff: float = fetching.DEFAULT_BACKOFF,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        check_unique_names(specs)
+        self.base_dir = Path(base_dir)
+        self.state_dir = Path(state_dir)
+        self._feeds = {spec.name: _FeedState(spec) for spec in specs}
+        self._matcher = Matcher.empty()
+        self._served: frozenset[str] = frozenset()
+        self._default_provenance: dict[str, Provenance] = {}
+        self._session = session
+        self._own_session = False
+        self._on_report = on_report
+        self._jitter = jitter
+        self._backoff = backoff
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks = {name: asyncio.Lock() for name in self._feeds}
+        self._build_lock = asyncio.Lock()
+        self._metrics = _Metrics(registry if registry is not None else REGISTRY)
+        self._metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        for name in self._feeds:
+            self._metrics.age.labels(feed=name).set_function(self._age_function(name))
+
+    def _age_function(self, name: str) -> Callable[[], float]:
+        def age() -> float:
+            last = self._feeds[name].last_success
+            return -1.0 if last is None else max(0.0, self._clock() - last)
+
+        return age
+
+    # -- what the gateway reads ----------------------------------------------------------------
+
+    @property
+    def matcher(self) -> Matcher:
+        """The current matcher (replaced whole on every accepted update)."""
+        return self._matcher
+
+    @property
+    def ready(self) -> bool:
+        """True when every enabled feed has data, fresh or last good."""
+        served = self._served
+        return all(name in served for name, f in self._feeds.items() if f.spec.enabled)
+
+    def status(self) -> dict[str, FeedStatus]:
+        """Per-feed status, keyed by feed name."""
+        now = self._clock()
+        return {
+            name: FeedStatus(
+                name=name,
+                enabled=f.spec.enabled,
+                entries=len(f.indicators),
+                last_success=f.last_success,
+                last_attempt=f.last_attempt,
+                failures=f.failures,
+                rejected_lines=f.rejected_lines,
+                last_error=f.last_error,
+                age=None if f.last_success is None else max(0.0, now - f.last_success),
+            )
+            for name, f in self._feeds.items()
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def load_state(self) -> None:
+        """Load every feed's persisted last good data and build the matcher (synchronous)."""
+        for f in self._feeds.values():
+            if not f.spec.enabled:
+                continue
+            stored = load_feed(self.state_dir, f.spec.name)
+            if stored is None:
+                continue
+            if stored.source != f.spec.url:
+                log.info("feed %s: stored data is from another source, ignored", f.spec.name)
+                continue
+            try:
+                result = self._parse(f.spec, stored.body)
+            except ValueError as e:
+                log.warning("feed %s: stored data no longer parses: %s", f.spec.name, e)
+                continue
+            f.indicators = IndicatorSet(result.indicators, self._provenance(f.spec))
+            f.has_data = True
+            f.etag, f.last_modified = stored.etag, stored.last_modified
+            f.last_success = stored.last_success
+            f.rejected_lines = result.rejected
+            self._publish(f)
+        self._matcher, self._served = self._build()
+
+    async def start(self) -> None:
+        """Load the last good data, then refresh each enabled feed on its own schedule."""
+        await asyncio.to_thread(self.load_state)
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            self._own_session = True
+        for f in self._feeds.values():
+            if f.spec.enabled:
+                self._spawn(self._loop(f), name=f"feed-refresh-{f.spec.name}")
+
+    async def stop(self) -> None:
+        """Stop refreshing and release the HTTP session."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+            self._own_session = False
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s crashed", task.get_name(), exc_info=task.exception())
+
+    async def _loop(self, f: _FeedState) -> None:
+        period = f.spec.period
+        delay = self._rng.uniform(0, min(STARTUP_SPREAD, period))
+        if f.has_data and f.last_success is not None:
+            delay = max(delay, period - (self._clock() - f.last_success))
+        while True:
+            await asyncio.sleep(delay)
+            report = await self._update(f)
+            if report.ok:
+                delay = period * (1.0 + self._rng.uniform(-self._jitter, self._jitter))
+            else:
+                retry = FAILURE_RETRY * 2 ** min(f.failures - 1, 10)
+                delay = min(period, retry) * (1.0 + self._rng.uniform(-self._jitter, self._jitter))
+
+    # -- updates --------------------------------------------------------------------------------
+
+    async def update_now(self, names: Iterable[str] | None = None) -> list[UpdateReport]:
+        """Update the named feeds (all enabled ones by default) now; one report per feed."""
+        wanted = list(self._feeds) if names is None else list(names)
+        unknown = [n for n in wanted if n not in self._feeds]
+        if unknown:
+            raise ValueError(f"unknown feed(s): {', '.join(unknown)}")
+        session_made = False
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            session_made = True
+        try:
+            return list(await asyncio.gather(*(self._update(self._feeds[n]) for n in wanted)))
+        finally:
+            if session_made and self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    async def _update(self, f: _FeedState) -> UpdateReport:
+        async with self._locks[f.spec.name]:
+            report = await self._update_locked(f)
+        self._metrics.updates.labels(feed=f.spec.name, result=report.status).inc()
+        if report.status in ("rejected", "failed"):
+            self._metrics.failures.labels(feed=f.spec.name).inc()
+            log.warning("feed %s: update %s: %s", f.spec.name, report.status, report.reason)
+        else:
+            log.info(
+                "feed %s: %s, %d entries (+%d -%d), %d rejected lines",
+                f.spec.name,
+                report.status,
+                report.entries,
+                report.added,
+                report.removed,
+                report.rejected,
+            )
+        if self._on_report is not None:
+            self._on_report(report)
+        return report
+
+    async def _update_locked(self, f: _FeedState) -> UpdateReport:
+        spec = f.spec
+        start = time.monotonic()
+        if not spec.enabled:
+            return UpdateReport(spec.name, "disabled", reason="feed is disabled")
+        f.last_attempt = self._clock()
+        try:
+            fetched = await self._fetch(f)
+        except fetching.FetchError as e:
+            return self._failed(f, "failed", e.reason, start)
+        if fetched.body is None:
+            f.last_success = self._clock()
+            f.failures = 0
+            f.last_error = None
+            self._publish(f)
+            n = len(f.indicators)
+            return UpdateReport(spec.name, "unchanged", n, duration=time.monotonic() - start)
+        body = fetched.body
+        reason = classify_body(
+            body, content_type=fetched.content_type, allow_empty=spec.allow_empty
+        )
+        if reason is not None:
+            return self._failed(f, "rejected", reason, start)
+        try:
+            result = await asyncio.to_thread(self._parse, spec, body)
+        except ValueError as e:
+            return self._failed(f, "rejected", f"unparseable: {e}", start)
+        f.rejected_lines = result.rejected
+        previous = len(f.indicators) if f.has_data else None
+        reason = classify_result(
+            result,
+            previous,
+            max_shrink=spec.max_shrink,
+            max_rejected_ratio=spec.max_rejected_ratio,
+            allow_empty=spec.allow_empty,
+        )
+        if reason is not None:
+            return self._failed(f, "rejected", reason, start, rejected=result.rejected)
+        new_set = IndicatorSet(result.indicators, self._provenance(spec))
+        old_keys = f.indicators.keys()
+        new_keys = new_set.keys()
+        added, removed = len(new_keys - old_keys), len(old_keys - new_keys)
+        del old_keys, new_keys, result  # large transient sets: free them before the rebuild
+        now = self._clock()
+        stored = StoredFeed(body, spec.url, fetched.etag, fetched.last_modified, now)
+        try:
+            await asyncio.to_thread(save_feed, self.state_dir, spec.name, stored)
+        except OSError as e:
+            # Serving the new data matters more than persisting it; say so and carry on.
+            log.error("feed %s: cannot persist last good data: %s", spec.name, e)
+        f.indicators = new_set
+        f.has_data = True
+        f.etag, f.last_modified = fetched.etag, fetched.last_modified
+        f.last_success = now
+        f.failures = 0
+        f.last_error = None
+        self._publish(f)
+        await self._rebuild()
+        return UpdateReport(
+            spec.name,
+            "updated",
+            len(new_set),
+            added=added,
+            removed=removed,
+            rejected=f.rejected_lines,
+            duration=time.monotonic() - start,
+        )
+
+    async def _fetch(self, f: _FeedState) -> fetching.FetchResult:
+        spec = f.spec
+        if spec.taxii is not None:
+            return await self._fetch_taxii(f, spec.taxii)
+        return await fetching.fetch(
+            spec.url,
+            base_dir=self.base_dir,
+            session=self._session,
+            request_timeout=spec.timeout,
+            max_bytes=spec.max_bytes,
+            etag=f.etag if f.has_data else None,
+            last_modified=f.last_modified if f.has_data else None,
+            retries=spec.retries,
+            backoff=self._backoff,
+            rng=self._rng,
+        )
+
+    async def _fetch_taxii(self, f: _FeedState, options: TaxiiOptions) -> fetching.FetchResult:
+        # The stored body is the merged bundle and last_modified the server-side cursor.
+        assert self._session is not None
+        spec = f.spec
+        poll = await poll_collection(
+            self._session,
+            spec.url,
+            added_after=f.last_modified if f.has_data else None,
+            page_size=options.page_size,
+            max_pages=options.max_pages,
+            max_bytes=spec.max_bytes,
+            request_timeout=spec.timeout,
+        )
+        if f.has_data and not poll.objects:
+            return fetching.FetchResult(None, last_modified=poll.cursor, status=304)
+        stored = (
+            await asyncio.to_thread(load_feed, self.state_dir, spec.name) if f.has_data else None
+        )
+        body = merge_bundle(stored.body if stored else None, poll.objects)
+        return fetching.FetchResult(body, None, poll.cursor, "application/json")
+
+    def _failed(
+        self, f: _FeedState, status: str, reason: str, start: float, rejected: int = 0
+    ) -> UpdateReport:
+        f.failures += 1
+        f.last_error = reason
+        return UpdateReport(
+            f.spec.name,
+            status,
+            len(f.indicators),
+            rejected=rejected,
+            duration=time.monotonic() - start,
+            reason=reason,
+        )
+
+    def _parse(self, spec: FeedSpec, body: bytes) -> ParseResult:
+        if body.startswith(b"\x1f\x8b"):
+            body = fetching.gunzip_limited(body, spec.max_bytes)
+        provenance = self._provenance(spec)
+        # Rows with metadata of their own derive from this provenance, keeping its defaults.
+        return parse(
+            spec.format,
+            body,
+            options=spec.options,
+            provenance=provenance,
+            blocklist=spec.kind == "blocklist" and spec.drops_special_ranges,
+            now=datetime.fromtimestamp(self._clock(), UTC),
+        )
+
+    def _provenance(self, spec: FeedSpec) -> Provenance:
+        """The feed's default provenance: one shared object per feed definition."""
+        prov = self._default_provenance.get(spec.name)
+        if prov is None:
+            prov = Provenance(
+                feed=spec.name,
+                confidence=spec.confidence,
+                severity=spec.severity,
+                tags=spec.labels,
+            )
+            self._default_provenance[spec.name] = prov
+        return prov
+
+    def _publish(self, f: _FeedState) -> None:
+        name = f.spec.name
+        self._metrics.entries.labels(feed=name).set(len(f.indicators))
+        self._metrics.rejected_lines.labels(feed=name).set(f.rejected_lines)
+        if f.last_success is not None:
+            self._metrics.last_success.labels(feed=name).set(f.last_success)
+
+    def _build(self) -> tuple[Matcher, frozenset[str]]:
+        feeds = [f for f in self._feeds.values() if f.spec.enabled and f.has_data]
+        matcher = Matcher.build_raw(
+            (
+                FeedRules(f.spec.name, f.spec.kind == "allowlist", f.spec.subdomains),
+                f.indicators.triples(),
+            )
+            for f in feeds
+        )
+        return matcher, frozenset(f.spec.name for f in feeds)
+
+    async def _rebuild(self) -> None:
+        async with self._build_lock:
+            # The matcher and the set of feeds it serves change together: ready never lies.
+            self._matcher, self._served = await asyncio.to_thread(self._build)

@@ -1,0 +1,85 @@
+"""Tests of feeds.cli: the functions behind `egressgw feeds update|check|lookup`."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from feeds.cli import check_file, load_matcher, lookup, update_async
+from feeds.options import ParseOptions
+from feeds.spec import FeedSpec
+
+from .conftest import FeedServer
+
+
+def _specs(server: FeedServer) -> list[FeedSpec]:
+    return [
+        FeedSpec(name="ips", url=server.url("/ips"), format="lines"),
+        FeedSpec(name="doms", url="doms.txt", format="lines", confidence=70),
+    ]
+
+
+async def test_update_prints_one_row_per_feed(feed_server: FeedServer, tmp_path: Path) -> None:
+    """update prints a header and a row per feed with entries and status; exit 0 when ok."""
+    feed_server.serve("/ips", b"1.2.3.4\n5.6.7.8\n")
+    (tmp_path / "doms.txt").write_text("evil.example\n")
+    out = io.StringIO()
+    code = await update_async(_specs(feed_server), tmp_path, tmp_path / "st", [], out)
+    lines = out.getvalue().splitlines()
+    assert code == 0 and lines[0].startswith("FEED")
+    assert lines[1].split()[:5] == ["ips", "2", "2", "0", "0"] and lines[1].endswith("updated")
+    assert lines[2].split()[0] == "doms"
+
+
+async def test_update_failure_and_unknown_names(feed_server: FeedServer, tmp_path: Path) -> None:
+    """A failing feed gives exit 1 with its reason; an unknown name is a usage error."""
+    out = io.StringIO()
+    code = await update_async(_specs(feed_server), tmp_path, tmp_path / "st", ["ips"], out)
+    assert code == 1 and "failed: HTTP 404" in out.getvalue()
+    out = io.StringIO()
+    assert await update_async(_specs(feed_server), tmp_path, tmp_path / "st", ["x"], out) == 2
+    assert "unknown feed(s): x" in out.getvalue()
+
+
+async def test_lookup_explains_matches(feed_server: FeedServer, tmp_path: Path) -> None:
+    """lookup names the feed, indicator and why (parent domain); exit 1 when not listed."""
+    feed_server.serve("/ips", b"1.2.3.0/24\n")
+    (tmp_path / "doms.txt").write_text("evil.example\n")
+    specs = _specs(feed_server)
+    await update_async(specs, tmp_path, tmp_path / "st", [], io.StringIO())
+    matcher = load_matcher(specs, tmp_path, tmp_path / "st")
+    out = io.StringIO()
+    assert lookup("www.evil.example", matcher, out) == 0
+    text = out.getvalue()
+    assert "doms: domain-name evil.example [parent domain] (confidence 70)" in text
+    out = io.StringIO()
+    assert lookup("1.2.3.99", matcher, out) == 0 and "[in network]" in out.getvalue()
+    out = io.StringIO()
+    assert lookup("good.example", matcher, out) == 1 and "not listed" in out.getvalue()
+
+
+def test_check_file_reports_counts_rejects_and_trailer(tmp_path: Path) -> None:
+    """check reports indicators by kind, rejected samples with lines, drops and the trailer."""
+    path = tmp_path / "f.txt"
+    path.write_text("1.2.3.4\nevil.example\n10.0.0.1\nbad value\n# END 4 entries\n")
+    out = io.StringIO()
+    assert check_file(path, "lines", None, out) == 0
+    text = out.getvalue()
+    assert "indicators: 2, domain 1, ip 1" in text
+    assert "rejected: 1" in text and "line 4:" in text
+    assert "dropped (private): 1" in text and "trailer: 4 entries announced, ok" in text
+
+
+def test_check_file_failures(tmp_path: Path) -> None:
+    """Truncated files, HTML, unparseable bodies and missing files give non-zero exits."""
+    out = io.StringIO()
+    cut = tmp_path / "cut.txt"
+    cut.write_text("1.2.3.4\n# END 9 entries\n")
+    assert check_file(cut, "lines", None, out) == 1 and "TRUNCATED" in out.getvalue()
+    html = tmp_path / "page.txt"
+    html.write_text("<html><body>error</body></html>")
+    assert check_file(html, "lines", None, out) == 1
+    js = tmp_path / "f.json"
+    js.write_text("[1, 2")
+    assert check_file(js, "json", ParseOptions(), out) == 1 and "invalid JSON" in out.getvalue()
+    assert check_file(tmp_path / "missing", "lines", None, out) == 2

@@ -1,0 +1,183 @@
+"""Tests of feeds.refresh: the FeedManager against local servers and files."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from feeds.refresh import FeedManager, UpdateReport
+from feeds.spec import FeedSpec
+
+from .conftest import FeedServer
+
+IPS = b"# test list\n" + b"".join(f"5.6.{i}.1\n".encode() for i in range(20))
+
+
+def _spec(name: str, url: str, **extra: object) -> FeedSpec:
+    return FeedSpec.model_validate({"name": name, "url": url, "format": "lines", **extra})
+
+
+def _manager(
+    specs: list[FeedSpec], tmp_path: Path, registry: CollectorRegistry | None = None, **kw: object
+) -> FeedManager:
+    return FeedManager(
+        specs,
+        tmp_path,
+        tmp_path / "state",
+        registry=registry or CollectorRegistry(),
+        backoff=0.01,
+        rng=random.Random(1),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_update_serves_and_persists(feed_server: FeedServer, tmp_path: Path) -> None:
+    """An update swaps in a matcher that matches; a new manager loads it before any fetch."""
+    feed_server.serve("/ips", IPS, etag='"1"')
+    (tmp_path / "local.txt").write_text("evil.example\n")
+    specs = [_spec("remote", feed_server.url("/ips")), _spec("local", "local.txt")]
+    manager = _manager(specs, tmp_path)
+    assert not manager.ready and manager.matcher.match_ip("5.6.1.1") == ()
+    reports = await manager.update_now()
+    assert [(r.feed, r.status, r.entries, r.added) for r in reports] == [
+        ("remote", "updated", 20, 20),
+        ("local", "updated", 1, 1),
+    ]
+    assert manager.ready
+    assert manager.matcher.match_ip("5.6.1.1")[0].feed == "remote"
+    assert manager.matcher.match_domain("a.evil.example")[0].why == "parent domain"
+
+    restarted = _manager(specs, tmp_path)
+    restarted.load_state()
+    assert restarted.ready and restarted.matcher.match_ip("5.6.1.1")
+    again = await restarted.update_now(["remote"])
+    assert again[0].status == "unchanged"
+    assert feed_server.requests[-1].headers["If-None-Match"] == '"1"'
+
+
+async def test_guard_keeps_last_good(feed_server: FeedServer, tmp_path: Path) -> None:
+    """HTML, garbage, truncation, a big shrink and a 500 are refused; the old data stays."""
+    feed_server.serve("/ips", IPS)
+    registry = CollectorRegistry()
+    seen: list[UpdateReport] = []
+    manager = _manager(
+        [_spec("f", feed_server.url("/ips"))], tmp_path, registry, on_report=seen.append
+    )
+    assert (await manager.update_now())[0].status == "updated"
+    bad_bodies = {
+        "HTML page": b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>",
+        "unparseable": bytes(range(256)),
+        "truncated": b"5.6.0.1\n# END 20 entries\n",
+        "shrank from 20 to 5": b"".join(f"5.6.{i}.1\n".encode() for i in range(5)),
+        "mostly unparseable": b"".join(f"garbage line {i}\n".encode() for i in range(30)),
+        "no indicators": b"# nothing here\n",
+    }
+    for reason, body in bad_bodies.items():
+        feed_server.serve("/ips", body)
+        report = (await manager.update_now())[0]
+        assert report.status == "rejected" and reason in (report.reason or ""), report
+        assert manager.matcher.match_ip("5.6.19.1"), reason
+        assert manager.status()["f"].last_error == report.reason
+
+    async def fail(request: object) -> object:
+        from aiohttp import web
+
+        return web.Response(status=500)
+
+    feed_server.handlers["/ips"] = fail  # type: ignore[assignment]
+    report = (await manager.update_now())[0]
+    assert report.status == "failed" and "HTTP 500" in (report.reason or "")
+    assert manager.matcher.match_ip("5.6.19.1") and manager.ready
+    status = manager.status()["f"]
+    assert status.entries == 20 and status.failures == 7
+    assert registry.get_sample_value("feeds_update_failures_total", {"feed": "f"}) == 7
+    assert (
+        registry.get_sample_value("feeds_updates_total", {"feed": "f", "result": "rejected"}) == 6
+    )
+    assert registry.get_sample_value("feeds_entries", {"feed": "f"}) == 20
+    assert [r.status for r in seen] == ["updated"] + ["rejected"] * 6 + ["failed"]
+
+
+async def test_shrink_limit_is_configurable(feed_server: FeedServer, tmp_path: Path) -> None:
+    """max_shrink: 1.0 lets a list shrink to a single entry."""
+    feed_server.serve("/ips", IPS)
+    manager = _manager([_spec("f", feed_server.url("/ips"), max_shrink=1.0)], tmp_path)
+    await manager.update_now()
+    feed_server.serve("/ips", b"5.6.0.1\n")
+    report = (await manager.update_now())[0]
+    assert (report.status, report.entries, report.removed) == ("updated", 1, 19)
+    assert manager.matcher.match_ip("5.6.19.1") == ()
+
+
+async def test_allowlist_feed_suppresses(tmp_path: Path) -> None:
+    """An allowlist feed suppresses matches of blocklist feeds (8.8.8.8 in Feodo's list)."""
+    (tmp_path / "block.txt").write_text("8.8.8.8\n9.9.9.9\n")
+    (tmp_path / "allow.txt").write_text("8.8.8.8\n")
+    specs = [_spec("block", "block.txt"), _spec("allow", "allow.txt", kind="allowlist")]
+    manager = _manager(specs, tmp_path)
+    await manager.update_now()
+    assert manager.matcher.match_ip("8.8.8.8") == ()
+    assert manager.matcher.match_ip("9.9.9.9")
+
+
+async def test_ready_ignores_disabled_feeds_and_metrics(tmp_path: Path) -> None:
+    """ready waits for every enabled feed only; age and ready are exported."""
+    (tmp_path / "a.txt").write_text("1.1.1.1\n")
+    registry = CollectorRegistry()
+    now = [1000.0]
+    specs = [_spec("a", "a.txt"), _spec("off", "missing.txt", enabled=False)]
+    manager = _manager(specs, tmp_path, registry, clock=lambda: now[0])
+    assert registry.get_sample_value("feeds_ready") == 0.0
+    assert registry.get_sample_value("feeds_age_seconds", {"feed": "a"}) == -1.0
+    reports = await manager.update_now()
+    assert [r.status for r in reports] == ["updated", "disabled"]
+    now[0] = 1030.0
+    assert manager.ready and registry.get_sample_value("feeds_ready") == 1.0
+    assert registry.get_sample_value("feeds_age_seconds", {"feed": "a"}) == 30.0
+    assert manager.status()["a"].age == 30.0
+
+
+async def test_stored_data_from_another_source_is_ignored(tmp_path: Path) -> None:
+    """Changing a feed's url discards the data stored for the old source."""
+    (tmp_path / "a.txt").write_text("1.1.1.1\n")
+    (tmp_path / "b.txt").write_text("2.2.2.2\n")
+    await _manager([_spec("f", "a.txt")], tmp_path).update_now()
+    moved = _manager([_spec("f", "b.txt")], tmp_path)
+    moved.load_state()
+    assert not moved.ready
+
+
+async def test_start_refreshes_in_background_and_stops(tmp_path: Path) -> None:
+    """start() loads state and fetches on the feed's schedule; stop() ends the tasks."""
+    (tmp_path / "a.txt").write_text("1.1.1.1\n")
+    manager = _manager([_spec("a", "a.txt", period="1s")], tmp_path)
+    await manager.start()
+    try:
+        for _ in range(100):
+            if manager.ready:
+                break
+            await asyncio.sleep(0.05)
+        assert manager.ready and manager.matcher.match_ip("1.1.1.1")
+        (tmp_path / "a.txt").write_text("1.1.1.1\n3.3.3.3\n")
+        for _ in range(100):
+            if manager.matcher.match_ip("3.3.3.3"):
+                break
+            await asyncio.sleep(0.05)
+        assert manager.matcher.match_ip("3.3.3.3")
+    finally:
+        await manager.stop()
+    assert not manager._tasks
+
+
+async def test_unknown_names_rejected(tmp_path: Path) -> None:
+    """update_now refuses names that are not configured."""
+    manager = _manager([_spec("a", "a.txt")], tmp_path)
+    try:
+        await manager.update_now(["nope"])
+    except ValueError as e:
+        assert "nope" in str(e)
+    else:
+        raise AssertionError("expected ValueError")

@@ -1,0 +1,1 @@
+"""Integration tests: the real gateway, curl, dnsmasq and echo upstreams on loopback."""

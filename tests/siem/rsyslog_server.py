@@ -1,0 +1,101 @@
+"""A real rsyslogd on a loopback port, writing each received message (raw) as one line."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+from tests.siem.certs import TlsFiles
+
+RSYSLOGD = "/usr/sbin/rsyslogd"
+START_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Rsyslogd:
+    """Starts, stops and reads one rsyslogd instance (imtcp, optionally TLS via gtls)."""
+
+    def __init__(self, workdir: Path, port: int, tls: TlsFiles | None = None) -> None:
+        self.dir = workdir
+        self.port = port
+        self.tls = tls
+        self.out = workdir / "out.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _config(self) -> str:
+        lines = [
+            f'global(workDirectory="{self.dir}" maxMessageSize="64k"'
+            ' parser.escapeControlCharactersOnReceive="off"'
+        ]
+        if self.tls is not None:
+            lines[0] += (
+                f' defaultNetstreamDriver="gtls" defaultNetstreamDriverCAFile="{self.tls.ca}"'
+                f' defaultNetstreamDriverCertFile="{self.tls.cert}"'
+                f' defaultNetstreamDriverKeyFile="{self.tls.key}"'
+            )
+        lines[0] += ")"
+        if self.tls is not None:
+            lines.append(
+                'module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"'
+                ' streamDriver.authMode="anon")'
+            )
+        else:
+            lines.append('module(load="imtcp")')
+        lines += [
+            f'input(type="imtcp" address="127.0.0.1" port="{self.port}" ruleset="out")',
+            'template(name="raw" type="string" string="%rawmsg%\\n")',
+            f'ruleset(name="out") {{ action(type="omfile" file="{self.out}" template="raw") }}',
+        ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> None:
+        """Start rsyslogd and wait until it accepts connections."""
+        conf = self.dir / "rsyslog.conf"
+        conf.write_text(self._config())
+        self._stderr = (self.dir / "rsyslogd.stderr").open("ab")
+        self.proc = subprocess.Popen(
+            [RSYSLOGD, "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = (self.dir / "rsyslogd.stderr").read_text()
+                self.stop()
+                raise RuntimeError(f"rsyslogd exited: {err}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("rsyslogd did not start listening")
+
+    def stop(self) -> None:
+        """Stop rsyslogd (SIGTERM) and wait for it to exit."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def lines(self) -> list[bytes]:
+        """Messages written so far, one per line."""
+        return self.out.read_bytes().splitlines() if self.out.exists() else []

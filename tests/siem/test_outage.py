@@ -1,0 +1,80 @@
+"""Both receivers configured: taking one down delays only that sink, and nothing is lost or
+duplicated once it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from siem.config import ElasticsearchSinkSpec, SpoolSpec, SyslogSinkSpec
+from siem.exporter import Exporter
+from tests.siem.es_standin import EsStandin
+from tests.siem.rsyslog_server import RSYSLOGD, Rsyslogd, free_port
+from tests.siem.test_syslog import json_ids
+
+FAST = {"batch_events": 50, "backoff_initial": 0.02, "backoff_max": 0.2}
+
+
+def event(n: int) -> dict[str, Any]:
+    return {"@timestamp": "2026-11-24T10:00:00Z", "event": {"id": f"e-{n}", "action": "connect"}}
+
+
+async def produce(exp: Exporter, start: int, count: int) -> None:
+    for i in range(start, start + count):
+        exp.submit(event(i))
+        if i % 20 == 19:
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which(RSYSLOGD) is None, reason="needs rsyslogd (Debian rsyslog)")
+async def test_each_receiver_down_in_turn(tmp_path: Path) -> None:
+    """ES down: syslog keeps up; rsyslogd down: ES keeps up; in the end both have all, once."""
+    es = EsStandin()
+    await es.start()
+    port = free_port()
+    rsyslogd = Rsyslogd(tmp_path / "rsyslog", port)
+    await asyncio.to_thread(rsyslogd.start)
+    sinks = [
+        ElasticsearchSinkSpec(type="elasticsearch", hosts=[es.url], **FAST),
+        SyslogSinkSpec(type="syslog", address=f"127.0.0.1:{port}", transport="tcp", **FAST),
+    ]
+    spool = SpoolSpec(dir=Path("spool"), batch_interval=0.01)
+    exp = Exporter.from_config(spool, sinks, tmp_path, registry=CollectorRegistry())
+    await exp.start()
+    try:
+        await produce(exp, 0, 200)
+        await es.stop()
+        await produce(exp, 200, 200)
+        await exp.flush()
+        for _ in range(200):  # syslog catches up while Elasticsearch is down
+            if exp.lag()["syslog"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert exp.lag()["syslog"] == 0 and exp.lag()["elasticsearch"] > 0
+        await es.start()
+        await asyncio.to_thread(rsyslogd.stop)
+        await produce(exp, 400, 200)
+        await exp.flush()
+        for _ in range(300):
+            if exp.lag()["elasticsearch"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert exp.lag()["elasticsearch"] == 0 and exp.lag()["syslog"] > 0
+        await asyncio.to_thread(rsyslogd.start)
+        assert await exp.wait_delivered(within=20)
+    finally:
+        await exp.aclose()
+        await asyncio.to_thread(rsyslogd.stop)
+        await es.stop()
+    want = {f"e-{i}" for i in range(600)}
+    stored = collections.Counter(d["event"]["id"] for d in es.all_docs())
+    assert set(stored) == want and max(stored.values()) == 1
+    received = collections.Counter(json_ids(rsyslogd.lines()))
+    assert set(received) == want and max(received.values()) == 1
