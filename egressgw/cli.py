@@ -22,7 +22,11 @@ from egressgw.guard import effective_ip
 from egressgw.logs import configure_logging
 from egressgw.names import parse_authority
 from egressgw.policy import Destination
+from egressgw.tasks import spawn
+from egressgw.threats import MatcherThreats
 from egressgw.yamlsource import ConfigError
+from feeds import cli as feeds_cli
+from feeds.options import ParseOptions
 
 
 def _load(path: Path | None) -> cfgmod.Config:
@@ -36,7 +40,7 @@ async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(gateway.reload(), name="reload"))
     await stop.wait()
     await gateway.stop()
 
@@ -92,8 +96,12 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 1
 
 
-async def _explain(cfg: cfgmod.Config, source: str, target: str, protocol: str) -> list[str]:
-    rt = build_runtime(cfg)
+async def _explain(
+    cfg: cfgmod.Config, base: Path, source: str, target: str, protocol: str
+) -> list[str]:
+    # Feeds as the running gateway would have them at start: their last good data on disk.
+    matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
+    rt = build_runtime(cfg, MatcherThreats(lambda: matcher))
     src = ipaddress.ip_address(source)
     host, port = parse_authority(target)
     flow = Flow(src, 0, 0.0, 0.0, host=host, port=port, protocol=protocol)  # type: ignore[arg-type]
@@ -136,8 +144,8 @@ def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print how policy decides one flow, step by step."""
     out = out or sys.stdout
     try:
-        cfg = _load(args.config)
-        lines = uvloop.run(_explain(cfg, args.source, args.to, args.protocol))
+        cfg, base = _feeds_context(args)
+        lines = uvloop.run(_explain(cfg, base, args.source, args.to, args.protocol))
     except ConfigError as e:
         for line in e.errors:
             print(line, file=out)
@@ -147,6 +155,40 @@ def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 2
     print("\n".join(lines), file=out)
     return 0 if lines[-1].startswith("decision:    ALLOW") else 3
+
+
+def _feeds_context(args: argparse.Namespace) -> tuple[cfgmod.Config, Path]:
+    cfg = _load(args.config)
+    return cfg, args.config.parent if args.config else Path.cwd()
+
+
+def cmd_feeds_update(args: argparse.Namespace) -> int:
+    """Fetch feeds now and print one row per feed."""
+    cfg, base = _feeds_context(args)
+    if not cfg.feeds:
+        print("no feeds configured", file=sys.stderr)
+        return 1
+    return feeds_cli.update(cfg.feeds, base, cfg.state_dir / "feeds", args.names, sys.stdout)
+
+
+def cmd_feeds_check(args: argparse.Namespace) -> int:
+    """Parse a local feed file and report what was found and rejected."""
+    options = ParseOptions.model_validate(dict(args.option or []))
+    return feeds_cli.check_file(args.file, args.format, options, sys.stdout)
+
+
+def cmd_feeds_lookup(args: argparse.Namespace) -> int:
+    """Say which configured feeds list a value (from their last good data)."""
+    cfg, base = _feeds_context(args)
+    matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
+    return feeds_cli.lookup(args.value, matcher, sys.stdout)
+
+
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--to", required=True, help="destination HOST:PORT")
     explain.add_argument("--protocol", choices=["tls", "tcp", "http"], default="tls")
     explain.set_defaults(func=cmd_explain)
+    feeds = sub.add_parser("feeds", help="threat feeds: update, check a file, look up a value")
+    feeds_sub = feeds.add_subparsers(dest="feeds_command", required=True)
+    update = feeds_sub.add_parser("update", help="fetch feeds now (all, or the named ones)")
+    update.add_argument("--config", type=Path, help="configuration file")
+    update.add_argument("names", nargs="*", help="feed names (default: every enabled feed)")
+    update.set_defaults(func=cmd_feeds_update)
+    fcheck = feeds_sub.add_parser("check", help="parse a local feed file and report")
+    fcheck.add_argument("file", type=Path)
+    fcheck.add_argument("--format", required=True, help="lines, hosts, csv, json, spamhaus, stix")
+    fcheck.add_argument(
+        "--option", action="append", type=_option, help="format option KEY=VALUE (repeatable)"
+    )
+    fcheck.set_defaults(func=cmd_feeds_check)
+    lookup = feeds_sub.add_parser("lookup", help="which feeds list a domain, IP or URL, and why")
+    lookup.add_argument("value")
+    lookup.add_argument("--config", type=Path, help="configuration file")
+    lookup.set_defaults(func=cmd_feeds_lookup)
     return parser
 
 
