@@ -246,13 +246,15 @@ class Gateway:
             return []
         return [self.config_path, *self.config.policy.files]
 
-    def _mtimes(self) -> dict[Path, float]:
+    def _mtimes(self) -> dict[Path, tuple[int, int]]:
         out = {}
         for p in self._watched_paths():
             try:
-                out[p] = os.stat(p).st_mtime
+                st = os.stat(p)
             except OSError:
-                out[p] = -1.0
+                out[p] = (-1, -1)
+            else:
+                out[p] = (st.st_mtime_ns, st.st_size)
         return out
 
     async def _watch(self) -> None:

@@ -129,3 +129,27 @@ async def test_stop_drains_open_tunnel(tmp_path: Path, gateway: Gateway) -> None
         writer.close()
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert any('"connection_ended"' in line for line in lines)
+
+
+async def test_policy_file_change_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Editing the policy file is noticed by the watcher and swaps the policy in."""
+    monkeypatch.setattr("egressgw.app.WATCH_INTERVAL", 0.05)
+    (tmp_path / "policy.yaml").write_text(ALLOW_ECHO)
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "guard: {allow: ['127.0.0.1/32']}\npolicy: {files: [policy.yaml]}\n"
+        "sinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    try:
+        before = gw.runtime
+        (tmp_path / "policy.yaml").write_text(DENY_ALL)
+        for _ in range(100):
+            if gw.runtime is not before:
+                break
+            await asyncio.sleep(0.02)
+        assert gw.runtime is not before
+        assert gw.runtime.policy.tiers == ()
+    finally:
+        await gw.stop()
