@@ -23,6 +23,13 @@ def _timestamp(epoch: float) -> str:
     )
 
 
+def _start(flow: Flow) -> str:
+    # Both events of a flow carry its start time: format it once.
+    if not flow.started_text:
+        flow.started_text = _timestamp(flow.started)
+    return flow.started_text
+
+
 def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "ecs": {"version": ECS_VERSION},
@@ -82,13 +89,13 @@ def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
         "action": flow.action,
         "outcome": "failure" if denied else "success",
         "reason": flow.reason,
-        "start": _timestamp(flow.started),
+        "start": _start(flow),
     }
     if flow.decision is not None and flow.decision.audits:
         doc["egressgw"] = {"audit": list(flow.decision.audits)}
     if flow.error:
         event["reason"] = f"{flow.reason}: {flow.error}" if flow.reason else flow.error
-    doc["@timestamp"] = _timestamp(flow.started)
+    doc["@timestamp"] = event["start"]
     doc["event"] = event
     if flow.threats:
         doc["threat"] = to_threat(flow.threats)
@@ -111,7 +118,7 @@ def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str
         "action": "connection_ended",
         "outcome": "failure" if flow.error else "success",
         "reason": flow.error or "closed",
-        "start": _timestamp(flow.started),
+        "start": _start(flow),
         "end": _timestamp(ended),
         "duration": int(duration * 1e9),
     }

@@ -32,6 +32,7 @@ class Flow:
     source_port: int
     started: float  # wall clock, seconds since the epoch
     started_mono: float
+    started_text: str = ""  # ``started`` in ISO 8601, formatted once for both events
     id: str = field(default_factory=new_flow_id)
     workload: Workload = UNKNOWN
     host: Host | None = None

@@ -340,7 +340,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = (ipaddress.ip_address(peer[0].partition("%")[0]), int(peer[1]))
+            self.peer = (_source_ip(peer[0]), int(peer[1]))
         if not self.hub.connection_opened(self):
             self._refuse(503, f"more than {self.limits.max_connections} client connections")
 
@@ -826,6 +826,20 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = upstream
         self.upstream_key = key
         return upstream
+
+
+_SOURCE_IPS: dict[str, IPAddress] = {}
+_SOURCE_IP_CACHE = 65536  # clients are few and repeat: parse each address once
+
+
+def _source_ip(text: str) -> IPAddress:
+    ip = _SOURCE_IPS.get(text)
+    if ip is None:
+        ip = ipaddress.ip_address(text.partition("%")[0])
+        if len(_SOURCE_IPS) >= _SOURCE_IP_CACHE:
+            _SOURCE_IPS.clear()
+        _SOURCE_IPS[text] = ip
+    return ip
 
 
 def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
