@@ -85,7 +85,8 @@ class Gateway:
         self.config = cfg
         self.config_path = config_path
         self.limits = cfg.proxy
-        self.metrics = Metrics(CollectorRegistry())
+        self.connections: set[ClientConnection] = set()
+        self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
         base = config_path.parent if config_path else Path.cwd()
         self.base_dir = base
         self.feeds = build_feeds(cfg, base, self.metrics.registry, self._feed_report)
@@ -102,7 +103,6 @@ class Gateway:
             "hostname": socket.gethostname(),
         }
         self.clock = time.monotonic()
-        self.connections: set[ClientConnection] = set()
         self.ready = False
         self.server: asyncio.Server | None = None
         self.admin: web.AppRunner | None = None
@@ -117,14 +117,14 @@ class Gateway:
         """Count the decision and emit its event."""
         decision = flow.decision
         tier = (decision.tier or "default") if decision is not None else "none"
-        self.metrics.count_flow(flow.action or "connection_denied", tier)
-        self.metrics.decision_seconds.observe(time.monotonic() - flow.started_mono)
+        elapsed = time.monotonic() - flow.started_mono
+        self.metrics.count_flow(flow.action or "connection_denied", tier, elapsed)
         self.exporter.submit(to_decision_event(flow, self.observer))
 
     def flow_ended(self, flow: Flow) -> None:
         """Count bytes and emit the end event."""
-        self.metrics.bytes_out.inc(flow.bytes_out)
-        self.metrics.bytes_in.inc(flow.bytes_in)
+        self.metrics.bytes_out += flow.bytes_out
+        self.metrics.bytes_in += flow.bytes_in
         self.exporter.submit(to_end_event(flow, self.observer, time.time()))
 
     def count_error(self, kind: str) -> None:
@@ -133,11 +133,11 @@ class Gateway:
 
     def tunnel_opened(self) -> None:
         """A tunnel started."""
-        self.metrics.active_tunnels.inc()
+        self.metrics.tunnels += 1
 
     def tunnel_closed(self) -> None:
         """A tunnel ended."""
-        self.metrics.active_tunnels.dec()
+        self.metrics.tunnels -= 1
 
     def connection_opened(self, conn: ClientConnection) -> bool:
         """Admit a connection unless the limit is reached."""
@@ -145,14 +145,12 @@ class Gateway:
             self.metrics.count_error("too_many_connections")
             return False
         self.connections.add(conn)
-        self.metrics.active_connections.inc()
         return True
 
     def connection_closed(self, conn: ClientConnection) -> None:
         """Forget a connection."""
         if conn in self.connections:
             self.connections.discard(conn)
-            self.metrics.active_connections.dec()
             if not self.connections and self._drained is not None:
                 self._drained.set()
 
@@ -216,7 +214,7 @@ class Gateway:
         try:
             cfg, runtime = await asyncio.to_thread(self._load, self.config_path, self.threats)
         except ConfigError as e:
-            self.metrics.reloads.labels("failed").inc()
+            self.metrics.count_reload("failed")
             for line in e.errors:
                 log.error("reload refused: keeping the running configuration", error=line)
             return False
@@ -232,7 +230,7 @@ class Gateway:
         self.config = cfg
         self.limits = cfg.proxy
         self.runtime = runtime
-        self.metrics.reloads.labels("ok").inc()
+        self.metrics.count_reload("ok")
         log.info("configuration reloaded", tiers=len(runtime.policy.tiers))
         return True
 

@@ -9,18 +9,28 @@ sink that deduplicates (Elasticsearch ``_id``) stores each event once.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 from typing import Any
 
-from egressgw.flow import Flow
+from egressgw.flow import Flow, ip_text
 
 ECS_VERSION = "8.11.0"
 
 
+_second_cache: list[tuple[int, str]] = [(-1, "")]
+
+
 def _timestamp(epoch: float) -> str:
-    return (
-        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    )
+    """ISO 8601 UTC with microseconds; the date part is formatted once per second."""
+    seconds = int(epoch)
+    micros = round((epoch - seconds) * 1_000_000)
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    cached_second, prefix = _second_cache[0]
+    if cached_second != seconds:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second_cache[0] = (seconds, prefix)
+    return f"{prefix}.{micros:06d}Z"
 
 
 def _start(flow: Flow) -> str:
@@ -34,7 +44,7 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "ecs": {"version": ECS_VERSION},
         "flow": {"id": flow.id},
-        "source": {"ip": str(flow.source_ip), "port": flow.source_port},
+        "source": {"ip": ip_text(flow.source_ip), "port": flow.source_port},
         "network": {"transport": "tcp", "protocol": flow.protocol, "direction": "egress"},
         "observer": observer,
     }
@@ -56,9 +66,9 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
         dest["domain"] = host.name
     ip = flow.ip if flow.ip is not None else (host.ip if host is not None else None)
     if ip is not None:
-        dest["ip"] = str(ip)
+        dest["ip"] = ip_text(ip)
     elif flow.resolved:
-        dest["ip"] = str(flow.resolved[0])
+        dest["ip"] = ip_text(flow.resolved[0])
     doc["destination"] = dest
     if flow.sni is not None:
         doc["tls"] = {"client": {"server_name": flow.sni}}

@@ -19,6 +19,20 @@ _PREFIX = os.urandom(6).hex()
 _COUNTER = itertools.count(1)
 
 
+_IP_TEXT: dict[IPAddress, str] = {}
+_IP_TEXT_CACHE = 65536  # addresses repeat; str() of an ipaddress object is not free
+
+
+def ip_text(ip: IPAddress) -> str:
+    """The text form of an address, remembered for the addresses seen most."""
+    text = _IP_TEXT.get(ip)
+    if text is None:
+        if len(_IP_TEXT) >= _IP_TEXT_CACHE:
+            _IP_TEXT.clear()
+        text = _IP_TEXT[ip] = str(ip)
+    return text
+
+
 def new_flow_id() -> str:
     """A process-unique, globally unlikely-to-collide flow id."""
     return f"{_PREFIX}{next(_COUNTER):08x}"

@@ -1,8 +1,23 @@
-"""The gateway's Prometheus metrics, on a registry of its own (one per Gateway)."""
+"""The gateway's Prometheus metrics: plain integers on the hot path, read at scrape time.
+
+Every flow touches these counters, so they are plain ``int``s and lists in one object
+(the event loop is single-threaded: no locks needed) and a collector turns them into metric
+families when ``/metrics`` is scraped. Gauges of open connections and tunnels are read from the
+gateway's own state at scrape time.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 
@@ -10,49 +25,82 @@ DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 class Metrics:
     """Flows by decision and tier, tunnels, bytes, decision latency, errors by kind."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        connections: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.registry = registry
-        self.flows = Counter(
-            "egressgw_flows",
-            "Flows decided, by action and deciding tier",
-            ["action", "tier"],
-            registry=registry,
-        )
-        self.active_tunnels = Gauge(
-            "egressgw_active_tunnels", "CONNECT tunnels relaying now", registry=registry
-        )
-        self.active_connections = Gauge(
-            "egressgw_active_connections", "Client connections open now", registry=registry
-        )
-        self.bytes = Counter(
-            "egressgw_bytes", "Bytes relayed, by direction", ["direction"], registry=registry
-        )
-        self.decision_seconds = Histogram(
-            "egressgw_decision_seconds",
-            "Time from a complete request head to the decision (resolution included)",
-            buckets=DECISION_BUCKETS,
-            registry=registry,
-        )
-        self.errors = Counter("egressgw_errors", "Errors by kind", ["kind"], registry=registry)
-        self.reloads = Counter(
-            "egressgw_reloads", "Configuration reloads, by result", ["result"], registry=registry
-        )
-        self.bytes_out = self.bytes.labels("egress")
-        self.bytes_in = self.bytes.labels("ingress")
-        self._flow_children: dict[tuple[str, str], Counter] = {}
-        self._error_children: dict[str, Counter] = {}
+        self.connections = connections
+        self.flows: dict[tuple[str, str], int] = {}
+        self.errors: dict[str, int] = {}
+        self.reloads: dict[str, int] = {}
+        self.tunnels = 0
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.decision_counts = [0] * (len(DECISION_BUCKETS) + 1)
+        self.decision_sum = 0.0
+        registry.register(_Collector(self))
 
-    def count_flow(self, action: str, tier: str) -> None:
-        """Count a decided flow (label children cached: this is on every flow)."""
+    def count_flow(self, action: str, tier: str, seconds: float) -> None:
+        """Count a decided flow and how long its decision took."""
         key = (action, tier)
-        child = self._flow_children.get(key)
-        if child is None:
-            child = self._flow_children[key] = self.flows.labels(action, tier)
-        child.inc()
+        self.flows[key] = self.flows.get(key, 0) + 1
+        self.decision_counts[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
+        self.decision_sum += seconds
 
     def count_error(self, kind: str) -> None:
         """Count an error of a kind."""
-        child = self._error_children.get(kind)
-        if child is None:
-            child = self._error_children[kind] = self.errors.labels(kind)
-        child.inc()
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def count_reload(self, result: str) -> None:
+        """Count a reload by result (ok, failed)."""
+        self.reloads[result] = self.reloads.get(result, 0) + 1
+
+
+class _Collector:
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        flows = CounterMetricFamily(
+            "egressgw_flows",
+            "Flows decided, by action and deciding tier",
+            labels=["action", "tier"],
+        )
+        for (action, tier), n in sorted(m.flows.items()):
+            flows.add_metric([action, tier], n)
+        yield flows
+        errors = CounterMetricFamily("egressgw_errors", "Errors by kind", labels=["kind"])
+        for kind, n in sorted(m.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
+        reloads = CounterMetricFamily(
+            "egressgw_reloads", "Configuration reloads, by result", labels=["result"]
+        )
+        for result, n in sorted(m.reloads.items()):
+            reloads.add_metric([result], n)
+        yield reloads
+        relayed = CounterMetricFamily(
+            "egressgw_bytes", "Bytes relayed, by direction", labels=["direction"]
+        )
+        relayed.add_metric(["egress"], m.bytes_out)
+        relayed.add_metric(["ingress"], m.bytes_in)
+        yield relayed
+        yield GaugeMetricFamily(
+            "egressgw_active_tunnels", "CONNECT tunnels relaying now", value=m.tunnels
+        )
+        yield GaugeMetricFamily(
+            "egressgw_active_connections", "Client connections open now", value=m.connections()
+        )
+        cumulative, buckets = 0, []
+        for bound, n in zip((*DECISION_BUCKETS, float("inf")), m.decision_counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "egressgw_decision_seconds",
+            "Time from a complete request head to the decision (resolution included)",
+            buckets=buckets,
+            sum_value=m.decision_sum,
+        )

@@ -33,7 +33,7 @@ import structlog
 
 from egressgw.checks import Runtime, Verdict, check_flow, recheck_tunnel
 from egressgw.config import ProxyConfig
-from egressgw.flow import Flow
+from egressgw.flow import Flow, ip_text
 from egressgw.names import Host, parse_authority, parse_host
 from egressgw.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
 from egressgw.tasks import spawn
@@ -574,7 +574,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
                 _, pipe = await loop.create_connection(
-                    lambda: _Pipe(self), host=str(verdict.ip), port=flow.port
+                    lambda: _Pipe(self), host=ip_text(verdict.ip), port=flow.port
                 )
         except TimeoutError:
             self._upstream_failed(flow, 504, f"connect to {verdict.ip}:{flow.port} timed out")
@@ -821,7 +821,7 @@ class ClientConnection(asyncio.Protocol):
         limit = self.limits.max_header_bytes
         async with asyncio.timeout(self.limits.connect_timeout):
             _, upstream = await loop.create_connection(
-                lambda: _HttpUpstream(self, limit), host=str(ip), port=port
+                lambda: _HttpUpstream(self, limit), host=ip_text(ip), port=port
             )
         self.upstream = upstream
         self.upstream_key = key

@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
+from egressgw.flow import ip_text
 from feeds.matcher import Match, Matcher
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -58,7 +59,9 @@ class MatcherThreats:
 
     def match_ip(self, ip: IPAddress) -> tuple[dict[str, Any], ...]:
         """Matches for a destination address."""
-        return tuple(to_threat_match(m, "destination.ip") for m in self._current().match_ip(ip))
+        # The matcher's fast path takes the dotted-quad text.
+        matches = self._current().match_ip(ip_text(ip))
+        return tuple(to_threat_match(m, "destination.ip") for m in matches)
 
     def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
         """Matches for a plain-HTTP URL."""

@@ -1,8 +1,12 @@
 """Tests of the ECS event builder (pure core)."""
 
 import ipaddress
+from datetime import UTC, datetime
 
-from egressgw.events import to_decision_event, to_end_event
+from hypothesis import given
+from hypothesis import strategies as st
+
+from egressgw.events import _timestamp, to_decision_event, to_end_event
 from egressgw.flow import Flow
 from egressgw.identity import UNKNOWN, Workload
 from egressgw.names import Host
@@ -107,3 +111,10 @@ def test_http_fields() -> None:
     assert doc["http"] == {"request": {"method": "POST"}, "response": {"status_code": 201}}
     assert doc["network"]["protocol"] == "http"
     assert "tls" not in doc
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_timestamp_matches_datetime(epoch: float) -> None:
+    """The cached-prefix timestamp equals datetime's ISO 8601 rendering to the microsecond."""
+    expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
+    assert _timestamp(epoch) == expected.replace("+00:00", "Z")
