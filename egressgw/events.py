@@ -50,16 +50,7 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     }
     w = flow.workload
     if w.known:
-        k8s: dict[str, Any] = {"namespace": w.namespace}
-        if w.pod:
-            k8s["pod"] = {"name": w.pod}
-        if w.label_map:
-            k8s["labels"] = dict(w.label_map)
-        if w.serviceaccount:
-            k8s["serviceaccount"] = {"name": w.serviceaccount}
-        if w.node:
-            k8s["node"] = {"name": w.node}
-        doc["kubernetes"] = k8s
+        doc["kubernetes"] = w.ecs  # shared, never mutated: built once per workload
     dest: dict[str, Any] = {"port": flow.port}
     host = flow.host
     if host is not None and host.name is not None:

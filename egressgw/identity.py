@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -27,6 +27,8 @@ class Workload:
     serviceaccount: str | None = None
     node: str | None = None
     label_map: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # The ECS ``kubernetes.*`` object of this workload, built once and shared by every event.
+    ecs: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def make(
@@ -39,7 +41,16 @@ class Workload:
     ) -> Workload:
         """Build a workload from plain values (labels as a mapping)."""
         items = tuple(sorted((labels or {}).items()))
-        return cls(namespace, pod, items, serviceaccount, node, dict(items))
+        ecs: dict[str, Any] = {"namespace": namespace}
+        if pod:
+            ecs["pod"] = {"name": pod}
+        if items:
+            ecs["labels"] = dict(items)
+        if serviceaccount:
+            ecs["serviceaccount"] = {"name": serviceaccount}
+        if node:
+            ecs["node"] = {"name": node}
+        return cls(namespace, pod, items, serviceaccount, node, dict(items), ecs)
 
     @property
     def known(self) -> bool:
