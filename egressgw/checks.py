@@ -116,8 +116,13 @@ def _policy_reason(decision: Decision, flow: Flow) -> str:
     return reason
 
 
-def decide_addresses(rt: Runtime, flow: Flow, ips: Sequence[IPAddress]) -> Verdict:
-    """Steps 3-5 for addresses already known (resolved, literal, or the tunnel's own)."""
+def decide_addresses(
+    rt: Runtime, flow: Flow, ips: Sequence[IPAddress], name: str | None = None
+) -> Verdict:
+    """Steps 3-5 for addresses already known (resolved, literal, or the tunnel's own).
+
+    Policy judges ``name`` (default: the requested host name) with each address.
+    """
     for ip in ips:
         reason = rt.guard.check(ip)
         if reason is not None:
@@ -128,9 +133,8 @@ def decide_addresses(rt: Runtime, flow: Flow, ips: Sequence[IPAddress]) -> Verdi
         threats.extend(rt.threats.match_ip(effective_ip(ip)))
     flow.threats = tuple(threats)
     feeds = _feed_names(threats)
-    name = flow.host.name if flow.host is not None else None
-    if flow.sni is not None:
-        name = flow.sni
+    if name is None and flow.host is not None:
+        name = flow.host.name
     first: Decision | None = None
     for ip in ips:
         decision = rt.decide(
@@ -196,13 +200,22 @@ def decide_without_address(rt: Runtime, flow: Flow, dns_reason: str) -> Verdict:
 def recheck_tunnel(rt: Runtime, flow: Flow, protocol: FlowProtocol, sni: str | None) -> Verdict:
     """Decide a tunnel again once its first bytes showed the protocol and the SNI it asks for.
 
-    The address stays the one connected to: the SNI is matched against the feeds and policy with
-    that address, never resolved.
+    The address stays the one connected to and is never resolved again. The requested name is
+    decided again with the real protocol; an SNI naming something else must be allowed too, with
+    the same address (so an SNI can refuse a tunnel, never unlock one: CONNECT to an address with
+    the SNI of an allowed name gets nothing the address alone would not get).
     """
     assert flow.ip is not None
     flow.protocol = protocol
+    other_sni = sni is not None and (flow.host is None or sni != flow.host.name)
     if sni is not None:
         flow.sni = sni
-        if flow.host is None or sni != flow.host.name:
+        if other_sni:
             flow.name_threats += rt.threats.match_name(sni)
+    if other_sni:
+        sni_verdict = decide_addresses(rt, flow, (flow.ip,), name=sni)
+        if not sni_verdict.allowed:
+            flow.reason = f"TLS server name {sni}: {sni_verdict.reason}"
+            return Verdict(False, 403, flow.reason)
+    # Decided last so the flow records the requested name's rule.
     return decide_addresses(rt, flow, (flow.ip,))

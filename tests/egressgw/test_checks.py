@@ -1,0 +1,175 @@
+"""Tests of the decision path (resolution, guard, feeds, policy) with a stand-in resolver."""
+
+import ipaddress
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from egressgw.checks import Runtime, check_flow, recheck_tunnel
+from egressgw.config import load_policy
+from egressgw.flow import Flow
+from egressgw.guard import Guard
+from egressgw.identity import StaticInventory, Workload
+from egressgw.names import parse_host
+from egressgw.resolver import Resolution, ResolveError, Resolver
+
+POLICY = """\
+default: deny
+tiers:
+  - name: security
+    rules:
+      - name: block-feeds
+        action: deny
+        to: {feeds: ["*"]}
+      - name: no-raw-tcp-to-web
+        action: deny
+        to: {domains: ["web.test"], protocols: [tcp]}
+      - name: not-that-one
+        action: deny
+        to: {cidrs: ["198.51.100.1/32"]}
+  - name: apps
+    rules:
+      - name: web
+        action: allow
+        to: {domains: ["web.test", "multi.test", "alias.test"]}
+      - name: by-address
+        action: allow
+        to: {cidrs: ["203.0.113.0/24"]}
+"""
+NAMES = {
+    "web.test": Resolution("web.test", (ipaddress.ip_address("192.0.2.10"),), (), 60),
+    "multi.test": Resolution(
+        "multi.test",
+        (ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.2")),
+        (),
+        60,
+    ),
+    "alias.test": Resolution(
+        "alias.test", (ipaddress.ip_address("192.0.2.11"),), ("cdn.evil.test",), 60
+    ),
+    "rebind.test": Resolution(
+        "rebind.test",
+        (ipaddress.ip_address("192.0.2.12"), ipaddress.ip_address("169.254.169.254")),
+        (),
+        60,
+    ),
+}
+
+
+class StandInResolver:
+    """Answers from NAMES; anything else does not exist."""
+
+    async def resolve(self, name: str) -> Resolution:
+        """The stored answer, or 'no such name'."""
+        if name in NAMES:
+            return NAMES[name]
+        raise ResolveError(name, "no such name")
+
+
+class StandInThreats:
+    """evil.test and everything below it, and 192.0.2.66, are listed by feed 'intel'."""
+
+    def _hit(self, atomic: str) -> tuple[dict[str, Any], ...]:
+        return ({"feed": "intel", "indicator": {}, "matched": {"atomic": atomic}},)
+
+    def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
+        """Suffix match on evil.test."""
+        return self._hit(name) if name == "evil.test" or name.endswith(".evil.test") else ()
+
+    def match_ip(self, ip: Any) -> tuple[dict[str, Any], ...]:
+        """One listed address."""
+        return self._hit(str(ip)) if str(ip) == "192.0.2.66" else ()
+
+    def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
+        """No URLs listed."""
+        return ()
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Runtime:
+    """A runtime with the policy above, the guard on, and the stand-ins."""
+    (tmp_path / "p.yaml").write_text(POLICY)
+    return Runtime(
+        policy=load_policy((tmp_path / "p.yaml",), {"intel"}),
+        guard=Guard(),
+        inventory=StaticInventory([(ipaddress.ip_network("10.0.0.0/24"), Workload.make("ns"))]),
+        resolver=cast(Resolver, StandInResolver()),
+        threats=StandInThreats(),
+    )
+
+
+def flow_to(host: str, port: int = 443, protocol: Any = "tls") -> Flow:
+    """A flow from 10.0.0.5 to host:port."""
+    f = Flow(ipaddress.ip_address("10.0.0.5"), 50000, 0.0, 0.0)
+    f.host = parse_host(host)
+    f.port, f.protocol = port, protocol
+    return f
+
+
+async def test_allowed_name_connects_to_its_address(rt: Runtime) -> None:
+    """An allowed name goes to the address it resolved to, decided by apps/web."""
+    f = flow_to("web.test")
+    v = await check_flow(rt, f)
+    assert v.allowed and str(v.ip) == "192.0.2.10"
+    assert f.workload.namespace == "ns" and f.decision is not None
+    assert f.decision.rule_ref == "apps/web"
+
+
+async def test_policy_picks_an_allowed_address(rt: Runtime) -> None:
+    """Of two resolved addresses the one a deny rule names is never used."""
+    v = await check_flow(rt, flow_to("multi.test"))
+    assert v.allowed and str(v.ip) == "198.51.100.2"
+
+
+async def test_one_guarded_address_refuses_the_name(rt: Runtime) -> None:
+    """A name with a metadata address among its answers is refused by the guard."""
+    v = await check_flow(rt, flow_to("rebind.test"))
+    assert not v.allowed and v.reason == "guard: 169.254.169.254 is cloud-metadata"
+
+
+async def test_cname_chain_is_matched(rt: Runtime) -> None:
+    """A CNAME to a listed name is refused by the feed rule, naming feed and name."""
+    f = flow_to("alias.test")
+    v = await check_flow(rt, f)
+    assert not v.allowed and v.status == 403
+    assert v.reason == "policy security/block-feeds: cdn.evil.test listed by feed intel"
+
+
+async def test_listed_name_that_does_not_resolve_is_still_refused_by_feed(rt: Runtime) -> None:
+    """A listed name is refused (403 by policy), not reported as a DNS failure."""
+    v = await check_flow(rt, flow_to("gone.evil.test"))
+    assert (v.allowed, v.status) == (False, 403)
+    assert "security/block-feeds" in v.reason
+
+
+async def test_unknown_name_is_502(rt: Runtime) -> None:
+    """An unresolvable, unlisted name is a 502 with the DNS reason."""
+    v = await check_flow(rt, flow_to("nowhere.test"))
+    assert (v.allowed, v.status, v.reason) == (False, 502, "dns: nowhere.test: no such name")
+
+
+async def test_sni_can_refuse_but_not_unlock(rt: Runtime) -> None:
+    """A tunnel to an allowed name with the SNI of a listed name is refused after the peek."""
+    f = flow_to("web.test")
+    assert (await check_flow(rt, f)).allowed
+    v = recheck_tunnel(rt, f, "tls", "x.evil.test")
+    assert not v.allowed and v.reason.startswith("TLS server name x.evil.test: ")
+
+
+async def test_sni_of_an_allowed_name_does_not_unlock_an_address(rt: Runtime) -> None:
+    """CONNECT to an address no rule allows stays refused whatever SNI follows."""
+    f = flow_to("192.0.2.200")
+    assert not (await check_flow(rt, f)).allowed
+    f2 = flow_to("203.0.113.9")
+    assert (await check_flow(rt, f2)).allowed
+    v = recheck_tunnel(rt, f2, "tls", "web.test")
+    assert v.allowed and f2.decision is not None and f2.decision.rule_ref == "apps/by-address"
+
+
+async def test_plain_tcp_tunnel_is_decided_again(rt: Runtime) -> None:
+    """A tunnel whose first bytes are not TLS is decided as tcp (and refused here)."""
+    f = flow_to("web.test")
+    assert (await check_flow(rt, f)).allowed
+    v = recheck_tunnel(rt, f, "tcp", None)
+    assert not v.allowed and v.reason == "policy security/no-raw-tcp-to-web"
