@@ -104,9 +104,12 @@ async def run(
     t_durable = time.perf_counter() - t0
     ok = await exp.wait_delivered(within=300)
     t_delivered = time.perf_counter() - t0
+    dropped = sum(exp.spool.dropped.values()) if exp.spool is not None else 0
     await exp.aclose()
     if not ok:
         raise RuntimeError("delivery did not finish")
+    if dropped:
+        raise RuntimeError(f"{dropped} events dropped: the figures would be meaningless")
     n = len(events)
     return {
         "submit_ns": submit_time / n * 1e9,

@@ -13,9 +13,10 @@ Rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import overload
 
 
 class IndicatorType(enum.StrEnum):
@@ -80,17 +81,17 @@ _TYPE_CODES = {t: n for n, t in enumerate(IndicatorType)}
 _CODE_TYPES = tuple(IndicatorType)
 
 
-class IndicatorSet:
+class IndicatorSet(Sequence[Indicator]):
     """One feed's indicators stored compactly: values, one byte of type each, shared provenance.
 
-    A million ``Indicator`` objects cost ~100 MB; this keeps the value strings (shared with
-    the matcher's keys for domains and URLs), a byte per type and only the provenances that
-    differ from the feed default.
+    A million ``Indicator`` objects cost ~100 MB and keep the garbage collector busy; this keeps
+    the value strings (shared with the matcher's keys for domains and URLs), a byte per type and
+    only the provenances that differ from the feed default. Items are built on access.
     """
 
     __slots__ = ("_default", "_overrides", "_types", "_values")
 
-    def __init__(self, indicators: Iterable[Indicator], default: Provenance = NO_PROVENANCE):
+    def __init__(self, indicators: Iterable[Indicator] = (), default: Provenance = NO_PROVENANCE):
         values: list[str] = []
         types = bytearray()
         overrides: dict[int, Provenance] = {}
@@ -99,17 +100,55 @@ class IndicatorSet:
             types.append(_TYPE_CODES[ind.type])
             if ind.provenance is not default:
                 overrides[n] = ind.provenance
-        self._values = tuple(values)
+        self._values: tuple[str, ...] = tuple(values)
         self._types = bytes(types)
         self._default = default
         self._overrides = overrides
 
+    @classmethod
+    def from_parts(
+        cls,
+        values: Sequence[str],
+        types: bytes | bytearray,
+        default: Provenance,
+        overrides: dict[int, Provenance],
+    ) -> IndicatorSet:
+        """Assemble from parallel values and type codes (``type_code``) plus provenances."""
+        if len(values) != len(types):
+            raise ValueError("values and types differ in length")
+        new = cls.__new__(cls)
+        new._values = tuple(values)
+        new._types = bytes(types)
+        new._default = default
+        new._overrides = overrides
+        return new
+
     def __len__(self) -> int:
         return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> Indicator: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Indicator]: ...
+
+    def __getitem__(self, index: int | slice) -> Indicator | Sequence[Indicator]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self._values)
+        return Indicator(
+            _CODE_TYPES[self._types[index]],
+            self._values[index],
+            self._overrides.get(index, self._default),
+        )
 
     def __iter__(self) -> Iterator[Indicator]:
         for itype, value, prov in self.triples():
             yield Indicator(itype, value, prov)
+
+    def __repr__(self) -> str:
+        return f"IndicatorSet({len(self)} indicators)"
 
     def triples(self) -> Iterator[tuple[IndicatorType, str, Provenance]]:
         """(type, value, provenance) of every indicator, without building Indicator objects."""
@@ -127,6 +166,11 @@ class IndicatorSet:
         """The (type, value) identities, for computing what an update added and removed."""
         types = _CODE_TYPES
         return {(types[c], v) for c, v in zip(self._types, self._values, strict=True)}
+
+
+def type_code(itype: IndicatorType) -> int:
+    """The one-byte code of an indicator type inside an IndicatorSet."""
+    return _TYPE_CODES[itype]
 
 
 EMPTY_SET = IndicatorSet(())

@@ -34,6 +34,8 @@ from feeds.normalise import normalise_domain, normalise_url
 
 Entry = Provenance | tuple[Provenance, ...]
 _FILTER_SHIFT = 8  # the IPv4 miss filter has one byte per /24 (16 MiB)
+V4_FILTER_MIN_ENTRIES = 4096  # below this (and few prefix lengths), no filter
+V4_FILTER_MAX_PROBES = 4
 _Tables = tuple[tuple[int, int, dict[int, Entry]], ...]
 
 _AF_INET = socket.AF_INET
@@ -108,8 +110,14 @@ def _ip_key(value: str) -> tuple[int, int, int]:
     return 4, int(plen) if plen else 32, _from_bytes(_inet_pton(_AF_INET, addr), "big")
 
 
-def _v4_filter(by_len: dict[int, dict[int, Entry]]) -> bytearray:
-    """One byte per /24: non-zero when some entry covers part of it (a miss costs one read)."""
+def _v4_filter(by_len: dict[int, dict[int, Entry]]) -> bytearray | None:
+    """One byte per /24: non-zero when some entry covers part of it (a miss costs one read).
+
+    None for small indexes: a few dict probes cost less than 16 MiB.
+    """
+    entries = sum(len(t) for t in by_len.values())
+    if entries < V4_FILTER_MIN_ENTRIES and len(by_len) <= V4_FILTER_MAX_PROBES:
+        return None
     bits = bytearray(1 << (32 - _FILTER_SHIFT))
     for plen, table in by_len.items():
         if plen >= 32 - _FILTER_SHIFT:
@@ -237,14 +245,18 @@ class Matcher:
             # The hot path: a dotted quad, usually absent from every feed.
             try:
                 n = _from_bytes(_inet_pton(_AF_INET, ip), "big")
-            except OSError:
+            except (OSError, ValueError):  # ValueError: embedded NUL
                 return ()
-            if not self._v4_filter[n >> _FILTER_SHIFT]:
+            flt = self._v4_filter
+            if flt is not None and not flt[n >> _FILTER_SHIFT]:
                 return ()
             version = 4
         else:
             version, n = _address(ip)
-            if version == 0 or (version == 4 and not self._v4_filter[n >> _FILTER_SHIFT]):
+            if version == 0:
+                return ()
+            flt = self._v4_filter
+            if version == 4 and flt is not None and not flt[n >> _FILTER_SHIFT]:
                 return ()
         tables = self._v4 if version == 4 else self._v6
         found: list[tuple[int, Entry]] | None = None
@@ -288,12 +300,7 @@ class Matcher:
 
     def match_domain(self, name: str) -> tuple[Match, ...]:
         """Every blocklist entry for this name or (suffix rule) a parent domain."""
-        if name.isascii():
-            key = name.lower()
-            if key[-1:] == ".":
-                key = key[:-1]
-        else:
-            key = _domain_key(name) or ""
+        key = name.lower().rstrip(".") if name.isascii() else _domain_key(name) or ""
         # Any listed name covering this one ends with the same last two labels: one set probe
         # settles almost every miss (inlined, no helper call: this is the hot path).
         if key[key.rfind(".", 0, key.rfind(".")) + 1 :] not in self._tails:
@@ -321,7 +328,7 @@ class Matcher:
             for prov in _entries(entry):
                 if exact or self._rules[prov.feed].subdomains:
                     why = "exact" if exact else "parent domain"
-                    out.append(_match(prov, IndicatorType.DOMAIN, listed, key, why))
+                    out.append(_match(prov, _DOMAIN, listed, key, why))
         if not out or self._domain_allowed(key):
             return ()
         return tuple(out)
@@ -390,7 +397,7 @@ def _address(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[i
         if ":" not in ip:
             try:
                 return 4, _from_bytes(_inet_pton(_AF_INET, ip), "big")
-            except OSError:
+            except (OSError, ValueError):  # ValueError: embedded NUL
                 return 0, 0
         try:
             addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(

@@ -37,6 +37,7 @@ URL_SCHEMES = frozenset({"http", "https", "ftp", "ws", "wss"})
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "ws": 80, "wss": 443}
 
 _ASCII_LABEL = re.compile(r"[a-z0-9_-]{1,63}\Z")
+_ASCII_NAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)+[a-z0-9_-]{1,63}\Z")
 _MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 
 # Ranges that must never reach a blocklist: blocking them breaks the cluster itself.
@@ -94,6 +95,12 @@ def normalise_domain(name: str) -> str:
         raise ValueError("empty domain name")
     if text.isascii():
         text = text.lower()
+        if len(text) <= MAX_NAME_LENGTH and "xn--" not in text and _ASCII_NAME.match(text):
+            # The common case in one regex call; anything unusual takes the label-by-label
+            # path below, which also words the error.
+            if text[text.rfind(".") + 1 :].isdigit():
+                raise ValueError(f"numeric top-level label in {name!r} (an IP address?)")
+            return text
     else:
         try:
             text = idna.uts46_remap(text, std3_rules=False, transitional=False).lower()

@@ -105,12 +105,13 @@ def parse_lines(
             _check_trailer(builder, line, options)
             continue
         builder.records += 1
-        value, *more = line.split(None, 1)
-        rest = more[0] if more else ""
-        if rest and not rest.startswith(("#", ";")):
-            builder.reject(number, line, "more than one value on the line")
-            continue
-        if "://" not in value:
+        value = line
+        if " " in line or "\t" in line:
+            value, rest = line.split(None, 1)
+            if not rest.startswith(("#", ";")):
+                builder.reject(number, line, "more than one value on the line")
+                continue
+        if ("#" in value or ";" in value) and "://" not in value:
             # An inline comment glued to the value ("1.2.3.4;x"); URLs may hold ';' and '#'.
             value = value.split("#", 1)[0].split(";", 1)[0]
         builder.add(value, number)
@@ -196,10 +197,11 @@ def _row_provenance(
         changes["first_seen"] = ts
     if isinstance(reference, str | int) and str(reference) not in ("", "None"):
         changes["reference"] = str(reference)
+    # Row tags come after the feed's own labels (the base tags), never instead of them.
     if isinstance(tags, str) and tags not in ("", "None"):
-        changes["tags"] = tuple(t.strip() for t in tags.split(",") if t.strip())
+        changes["tags"] = base.tags + tuple(t.strip() for t in tags.split(",") if t.strip())
     elif isinstance(tags, list):
-        changes["tags"] = tuple(str(t) for t in tags)
+        changes["tags"] = base.tags + tuple(str(t) for t in tags)
     if isinstance(confidence, int | str) and str(confidence).isdigit():
         changes["confidence"] = min(100, int(confidence))
     return replace(base, **changes) if changes else base
@@ -299,7 +301,7 @@ def _guess_column(line: str, delimiter: str) -> int | None:
         return None
     probe = ResultBuilder(blocklist=False, max_samples=0)
     for index, cell in enumerate(row):
-        if cell.strip() and probe.add(cell, 0) is not None:
+        if cell.strip() and probe.add(cell, 0):
             return index
     return None
 

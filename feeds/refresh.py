@@ -49,6 +49,7 @@ log = logging.getLogger("feeds.refresh")
 DEFAULT_JITTER = 0.1
 FAILURE_RETRY = 30.0
 STARTUP_SPREAD = 5.0
+FRESH_ENOUGH = 0.5  # a scheduled refresh is skipped when the data is younger than this x period
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,8 @@ class FeedManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks = {name: asyncio.Lock() for name in self._feeds}
         self._build_lock = asyncio.Lock()
+        self._generation = 0
+        self._built_generation = 0
         self._metrics = _Metrics(registry if registry is not None else REGISTRY)
         self._metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         for name in self._feeds:
@@ -226,10 +229,10 @@ class FeedManager:
                 continue
             try:
                 result = self._parse(f.spec, stored.body)
-            except ValueError as e:
+            except (ValueError, fetching.FetchError) as e:
                 log.warning("feed %s: stored data no longer parses: %s", f.spec.name, e)
                 continue
-            f.indicators = IndicatorSet(result.indicators, self._provenance(f.spec))
+            f.indicators = result.indicators
             f.has_data = True
             f.etag, f.last_modified = stored.etag, stored.last_modified
             f.last_success = stored.last_success
@@ -275,6 +278,11 @@ class FeedManager:
             delay = max(delay, period - (self._clock() - f.last_success))
         while True:
             await asyncio.sleep(delay)
+            age = None if f.last_success is None else self._clock() - f.last_success
+            if age is not None and f.failures == 0 and age < period * FRESH_ENOUGH:
+                # Someone else (update_now) refreshed it meanwhile: no second download.
+                delay = period - age
+                continue
             report = await self._update(f)
             if report.ok:
                 delay = period * (1.0 + self._rng.uniform(-self._jitter, self._jitter))
@@ -303,7 +311,13 @@ class FeedManager:
 
     async def _update(self, f: _FeedState) -> UpdateReport:
         async with self._locks[f.spec.name]:
-            report = await self._update_locked(f)
+            try:
+                report = await self._update_locked(f)
+            except Exception as e:
+                # A bug must not stop this feed's refreshes or other feeds' updates: it is
+                # logged with its traceback and reported as a failure, the last good data kept.
+                log.exception("feed %s: update crashed", f.spec.name)
+                report = self._failed(f, "failed", f"internal error: {e!r}", time.monotonic())
         self._metrics.updates.labels(feed=f.spec.name, result=report.status).inc()
         if report.status in ("rejected", "failed"):
             self._metrics.failures.labels(feed=f.spec.name).inc()
@@ -360,7 +374,7 @@ class FeedManager:
         )
         if reason is not None:
             return self._failed(f, "rejected", reason, start, rejected=result.rejected)
-        new_set = IndicatorSet(result.indicators, self._provenance(spec))
+        new_set = result.indicators
         old_keys = f.indicators.keys()
         new_keys = new_set.keys()
         added, removed = len(new_keys - old_keys), len(old_keys - new_keys)
@@ -488,6 +502,13 @@ class FeedManager:
         return matcher, frozenset(f.spec.name for f in feeds)
 
     async def _rebuild(self) -> None:
+        self._generation += 1
         async with self._build_lock:
+            # Updates that finished while another build ran are served by one build, not one
+            # each: a build reads the data of every feed as it is when the build starts.
+            if self._built_generation == self._generation:
+                return
+            generation = self._generation
             # The matcher and the set of feeds it serves change together: ready never lies.
             self._matcher, self._served = await asyncio.to_thread(self._build)
+            self._built_generation = generation

@@ -341,5 +341,5 @@ def _provenance(obj: dict[str, Any], base: Provenance, valid_from: datetime | No
         confidence=confidence if isinstance(confidence, int) else base.confidence,
         first_seen=valid_from or base.first_seen,
         reference=obj.get("id") if isinstance(obj.get("id"), str) else base.reference,
-        tags=tuple(tags) or base.tags,
+        tags=base.tags + tuple(t for t in tags if t not in base.tags),
     )

@@ -56,8 +56,10 @@ READ_WAIT = 1.0  # a reader re-checks the spool at least this often even without
 ALL_SINKS = "*"
 
 
-# How long aclose() lets sinks deliver what they still hold before stopping them.
+# How long aclose() lets sinks deliver what they still hold before stopping them, and how
+# long it waits for a sink that makes no progress at all (a dead receiver) before giving up.
 DEFAULT_CLOSE_TIMEOUT = 5.0
+DEFAULT_CLOSE_STALL = 0.5
 
 
 class ExporterMetrics:
@@ -122,10 +124,21 @@ def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
 
 
 class _Source(Protocol):
-    async def next_batch(self, n: int) -> list[Record]: ...
-    def ack(self, seq: int) -> None: ...
-    def lag(self) -> int: ...
-    def wake(self) -> None: ...
+    async def next_batch(self, n: int) -> list[Record]:
+        """Wait for and return up to n records."""
+        ...
+
+    def ack(self, seq: int) -> None:
+        """Mark records up to seq delivered."""
+        ...
+
+    def lag(self) -> int:
+        """Records not delivered yet."""
+        ...
+
+    def wake(self) -> None:
+        """New records may be available."""
+        ...
 
 
 class _SpoolSource:
@@ -136,9 +149,11 @@ class _SpoolSource:
         self._event = asyncio.Event()
 
     def wake(self) -> None:
+        """New records may be available."""
         self._event.set()
 
     async def next_batch(self, n: int) -> list[Record]:
+        """Read up to n durable records after the cursor, waiting until there are some."""
         while True:
             self._event.clear()
             records = await asyncio.to_thread(self.reader.read, n)
@@ -148,9 +163,11 @@ class _SpoolSource:
                 await asyncio.wait_for(self._event.wait(), READ_WAIT)
 
     def ack(self, seq: int) -> None:
+        """Move the sink's cursor."""
         self.spool.ack(self.name, seq)
 
     def lag(self) -> int:
+        """Durable records after the cursor."""
         return self.spool.lag(self.name)
 
 
@@ -166,9 +183,11 @@ class _MemorySource:
         self._event = asyncio.Event()
 
     def wake(self) -> None:
+        """New records may be available."""
         self._event.set()
 
     def push(self, payloads: Sequence[bytes]) -> None:
+        """Queue payloads, dropping (and counting) the oldest beyond the limit."""
         for payload in payloads:
             self.seq += 1
             self.queue.append(Record(self.seq, payload))
@@ -181,6 +200,7 @@ class _MemorySource:
             log.warning("sink %s: memory queue full, dropped %d events", self.name, overflow)
 
     async def next_batch(self, n: int) -> list[Record]:
+        """Up to n queued records, a gap marker first if events were dropped."""
         while not self.queue and not self.unreported:
             self._event.clear()
             await self._event.wait()
@@ -231,6 +251,8 @@ class Exporter:
         delivery: Mapping[str, DeliveryOptions] | None = None,
         registry: CollectorRegistry | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        close_stall: float = DEFAULT_CLOSE_STALL,
     ) -> None:
         delivery = delivery or {}
         self._sinks = [
@@ -239,7 +261,8 @@ class Exporter:
         if len({s.name for s in self._sinks}) != len(self._sinks):
             raise ValueError("sink names must be unique")
         self.spool_spec = spool
-        self.close_timeout = DEFAULT_CLOSE_TIMEOUT
+        self.close_timeout = close_timeout
+        self.close_stall = close_stall
         self.metrics = metrics_for(registry if registry is not None else REGISTRY)
         self.max_pending = max_pending
         self.batch_events = spool.batch_events if spool else DEFAULT_BATCH_EVENTS
@@ -303,6 +326,7 @@ class Exporter:
         """Open the spool (recovering it), start sinks, the writer and one task per sink."""
         if self._started:
             return
+        self._stopping = False
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siem-spool")
@@ -370,12 +394,19 @@ class Exporter:
             await self._writer
         # Give sinks a bounded time to deliver what they hold: without a spool, anything still
         # queued in memory when the tasks are cancelled would be lost.
+        # A sink that makes no progress for close_stall seconds is not waited for (its events
+        # stay in the spool, or are reported lost without one).
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.close_timeout
-        while loop.time() < deadline and any(  # noqa: ASYNC110 (sources have no drained event)
-            st.source is not None and st.source.lag() > 0 for st in self._sinks
-        ):
-            await asyncio.sleep(0.01)
+        last_lag, last_progress = sum(self.lag().values()), loop.time()
+        while loop.time() < deadline and last_lag > 0:
+            await asyncio.sleep(DEFAULT_IDLE_POLL)
+            lag = sum(self.lag().values())
+            if lag < last_lag:
+                last_progress = loop.time()
+            elif loop.time() - last_progress >= self.close_stall:
+                break
+            last_lag = lag
         for st in self._sinks:
             if st.task is not None:
                 st.task.cancel()
@@ -402,13 +433,34 @@ class Exporter:
     def _spool_write(self, events: list[Mapping[str, Any]], lost: int, sync: bool) -> None:
         assert self.spool is not None
         payloads, bad = _serialise(events)
-        self.spool.append(payloads)
+        before = self.spool.next_seq
+        noted = False
+        try:
+            self.spool.append(payloads)
+            # Lost events were submitted after the accepted ones: their gap marker follows them.
+            self._note_lost(lost, bad)
+            noted = True
+            if sync:
+                self.spool.sync()
+        except Exception:
+            # Events of this batch that never reached the spool are lost too; those that did
+            # are counted by recover_write_error. Both get a gap marker; nothing is silent.
+            appended = self.spool.next_seq - before
+            try:
+                self.spool.recover_write_error()
+            finally:
+                if len(payloads) > appended:
+                    self.spool.note_lost("write_error", len(payloads) - appended)
+                if not noted:
+                    self._note_lost(lost, bad)
+            raise
+
+    def _note_lost(self, lost: int, bad: int) -> None:
+        assert self.spool is not None
         if lost:
             self.spool.note_lost("pending_full", lost)
         if bad:
             self.spool.note_lost("unserialisable", bad)
-        if sync:
-            self.spool.sync()
 
     async def _write_once(self, loop: asyncio.AbstractEventLoop, sync: bool) -> None:
         assert self._io is not None
@@ -458,7 +510,7 @@ class Exporter:
             try:
                 await self._write_once(loop, sync)
             except Exception:
-                log.exception("exporter: writing to the spool failed; retrying")
+                log.exception("exporter: writing to the spool failed; events counted as lost")
                 await asyncio.sleep(self.batch_interval)
                 continue
             if sync:

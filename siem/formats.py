@@ -37,6 +37,7 @@ DEFAULT_APP_NAME = "egressgw"
 DEFAULT_FACILITY = 16  # local0
 MAX_ID_BYTES = 512  # Elasticsearch rejects longer _id values
 LEEF_DELIMITER = "\t"
+NON_STR_KEYS = orjson.OPT_NON_STR_KEYS
 
 Event = Mapping[str, Any]
 BodyFormat = Literal["json", "cef", "leef"]
@@ -226,8 +227,12 @@ def to_rfc5424(
     facility: int = DEFAULT_FACILITY,
     procid: str | None = None,
     sd_id: str = DEFAULT_SD_ID,
+    json_body: bytes | None = None,
 ) -> bytes:
-    """One RFC 5424 message (no framing) with structured data and a JSON, CEF or LEEF body."""
+    """One RFC 5424 message (no framing) with structured data and a JSON, CEF or LEEF body.
+
+    json_body: the event already serialised (the spool payload), reused for fmt="json".
+    """
     pri = facility * 8 + _syslog_severity(event)
     host = (
         hostname
@@ -247,7 +252,7 @@ def to_rfc5424(
         )
     )
     if fmt == "json":
-        body = orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS)
+        body = json_body if json_body is not None else orjson.dumps(event, option=NON_STR_KEYS)
     elif fmt == "cef":
         body = to_cef(event).encode()
     elif fmt == "leef":

@@ -182,10 +182,6 @@ def _scan(path: Path, first_seq: int) -> tuple[int, int, bool]:
     return expected - 1, offset, False
 
 
-class SpoolFullError(Exception):
-    """Raised internally when refuse_new rejects a record."""
-
-
 class Spool:
     """The durable spool (see the module docstring for the rules)."""
 
@@ -221,6 +217,7 @@ class Spool:
         self.torn_bytes = 0
         self._total = 0
         self._buf: list[bytes] = []  # encoded records not yet handed to the file object
+        self._synced_size = 0  # size of the active segment at its last fsync
 
     # -- opening and recovery -------------------------------------------------------------
 
@@ -239,15 +236,22 @@ class Spool:
         for path in paths:
             first = int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
             self._segments.append(Segment(path, first, first - 1, path.stat().st_size))
-        for seg in self._segments[:-1]:
-            # Sealed segments were fsynced before the next one was created: trust their size,
-            # but find their last seq by scanning (only headers matter; reads hit the page cache).
+        damaged: list[tuple[int, int]] = []
+        for seg, nxt in zip(self._segments, self._segments[1:], strict=False):
+            # Sealed segments were fsynced before the next one was created, so damage here is
+            # the disk's doing, not a torn write: report the records after the bad one as
+            # lost and cut them (so they are reported once; readers move to the next file).
             seg.last_seq, end, torn = _scan(seg.path, seg.first_seq)
             if torn:
-                log.warning("spool segment %s is damaged after offset %d", seg.path, end)
+                log.error("spool segment %s is damaged after offset %d", seg.path, end)
+                if seg.last_seq < nxt.first_seq - 1:
+                    damaged.append((seg.last_seq + 1, nxt.first_seq - 1))
+                self._recover_tail(seg)
         if self._segments:
             self._recover_tail(self._segments[-1])
         self._total = sum(seg.size for seg in self._segments)
+        for first, last in damaged:
+            self._drop("corrupt", last - first + 1, first, last)
         last = self._segments[-1].last_seq if self._segments else 0
         self.next_seq = max(ledger_next, last + 1, 1)
         self.durable_seq = self.next_seq - 1
@@ -265,6 +269,7 @@ class Spool:
             self._new_segment()
         else:
             self._active = self._segments[-1].path.open("ab")
+            self._synced_size = self._segments[-1].size
         self.collect()
         self.sync()
         return self
@@ -301,8 +306,11 @@ class Spool:
     # -- writing ----------------------------------------------------------------------------
 
     def _flush_buf(self) -> None:
-        if self._buf and self._active is not None:
-            self._active.write(b"".join(self._buf))
+        if not self._buf:
+            return
+        if self._active is None:
+            raise OSError("spool: no segment open for writing (after a write error)")
+        self._active.write(b"".join(self._buf))
         self._buf = []
 
     def _new_segment(self) -> None:
@@ -311,10 +319,13 @@ class Spool:
             self._active.flush()
             os.fsync(self._active.fileno())
             self._active.close()
+            self._active = None
             if self._dir_dirty:
                 _fsync_dir(self.dir)
                 self._dir_dirty = False
             self.durable_seq = self.next_seq - 1
+            # If creating the next file fails, recover_write_error keeps this sealed one whole.
+            self._synced_size = self._segments[-1].size
         path = self.dir / segment_name(self.next_seq)
         fh = path.open("wb")
         fh.write(MAGIC)
@@ -323,6 +334,7 @@ class Spool:
             self._segments.append(seg)
         self._total += seg.size
         self._active = fh
+        self._synced_size = seg.size
         self._dir_dirty = True
 
     @property
@@ -373,10 +385,10 @@ class Spool:
             return False
         assert self._active is not None
         seq = self.next_seq
-        self._active.write(
+        self._buf.append(
             HEADER.pack(len(payload), zlib.crc32(payload, zlib.crc32(SEQ.pack(seq))), seq)
         )
-        self._active.write(payload)
+        self._buf.append(payload)
         seg = self._segments[-1]
         seg.last_seq = seq
         seg.size += size
@@ -399,14 +411,30 @@ class Spool:
         if self._gap:
             self._write_gaps()
         accepted = 0
+        # The hot loop of the spool: the common case (room left, no roll) stays inline.
+        pack, crc32, seq_bytes = HEADER.pack, zlib.crc32, SEQ.pack
+        header_size, max_record = HEADER.size, self.max_record_bytes
+        limit, roll_at = self.max_bytes, self.segment_bytes
         for payload in payloads:
-            if len(payload) > self.max_record_bytes:
+            n = len(payload)
+            size = header_size + n
+            seg = self._segments[-1]
+            if n > max_record:
                 self._drop("oversize", 1, self.next_seq, self.next_seq)
                 continue
-            if self._write(payload):
-                accepted += 1
-            else:
-                self._drop("spool_full_refuse_new", 1, self.next_seq, self.next_seq)
+            if self._total + size > limit or seg.size + size >= roll_at:
+                if self._write(payload):
+                    accepted += 1
+                else:
+                    self._drop("spool_full_refuse_new", 1, self.next_seq, self.next_seq)
+                continue
+            seq = self.next_seq
+            self._buf += (pack(n, crc32(payload, crc32(seq_bytes(seq))), seq), payload)
+            seg.last_seq = seq
+            seg.size += size
+            self._total += size
+            self.next_seq = seq + 1
+            accepted += 1
         if accepted < len(payloads):
             log.warning("spool: refused %d events", len(payloads) - accepted)
         return accepted
@@ -427,6 +455,31 @@ class Spool:
             _fsync_dir(self.dir)
             self._dir_dirty = False
         self.durable_seq = self.next_seq - 1
+        self._synced_size = self._segments[-1].size
+
+    def recover_write_error(self) -> int:
+        """After a failed write or fsync (disk full, I/O error): discard what is not durable,
+        cut the active segment back to its last synced size, count the discarded records as
+        lost (reason ``write_error``, gap marker follows) and return how many they were."""
+        lost = self.next_seq - 1 - self.durable_seq
+        self._buf = []
+        if self._active is not None:
+            with contextlib.suppress(OSError):
+                self._active.close()
+            self._active = None
+        seg = self._segments[-1]
+        with seg.path.open("r+b") as fh:
+            fh.truncate(self._synced_size)
+            os.fsync(fh.fileno())
+        self._total -= seg.size - self._synced_size
+        seg.size = self._synced_size
+        seg.last_seq = self.durable_seq
+        self.next_seq = self.durable_seq + 1
+        self._active = seg.path.open("ab")
+        if lost > 0:
+            self._drop("write_error", lost, self.durable_seq + 1, self.durable_seq + lost)
+            log.error("spool: write failed, %d events not made durable were discarded", lost)
+        return lost
 
     # -- acknowledgements and the ledger ------------------------------------------------------
 
@@ -471,12 +524,13 @@ class Spool:
         return deleted
 
     def close(self) -> None:
-        """Make everything durable, save the ledger, release the lock."""
+        """Make everything durable, save the ledger, delete acknowledged segments, unlock."""
         if self._active is not None:
             self.sync()
             self._active.close()
             self._active = None
         self.save_ledger(force=True)
+        self.collect()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -540,6 +594,7 @@ class SpoolReader:
         """Up to max_records durable records after the last one returned."""
         out: list[Record] = []
         limit = self.spool.durable_seq
+        eof = False
         while len(out) < max_records and self.last_seq < limit:
             if self._exhausted() and not self._open_next():
                 break
@@ -553,11 +608,18 @@ class SpoolReader:
             if parsed is None:
                 more = self._fh.read(self.chunk)
                 if not more:
-                    if self._exhausted():
+                    if self._seg is self.spool.segments()[-1]:
+                        break  # the active segment: nothing more is durable yet
+                    if self._seg is not None and self.last_seq < self._seg.last_seq and not eof:
+                        # Sealed while we read: its last bytes were flushed before the next
+                        # segment appeared, so one more read sees them.
+                        eof = True
                         continue
-                    break
+                    self._skip_segment()  # a sealed file ended (or was cut): go on
+                    continue
                 self._buf = self._buf[self._pos :] + more
                 self._pos = 0
+                eof = False
                 continue
             record, self._pos = parsed
             if record.seq > limit:
@@ -587,13 +649,3 @@ def records_after(spool: Spool, after_seq: int) -> list[Record]:
         out.extend(batch)
     reader.close()
     return out
-
-
-@contextlib.contextmanager
-def opened(directory: Path | str, sinks: Iterable[str], **kwargs: Any) -> Any:
-    """Open a spool for the duration of a with-block."""
-    spool = Spool(directory, sinks, **kwargs).open()
-    try:
-        yield spool
-    finally:
-        spool.close()

@@ -6,6 +6,8 @@
   with 409 for an existing ``_id``: a retried batch never duplicates; 409 counts as delivered.
 * Per item: 2xx and 409 delivered; 429 and 5xx retried (only those items, with backoff);
   other statuses (400 mapping errors, ...) go to the dead-letter file with the reason.
+* A request answered 413 (too large) is split in halves until it fits; a single document
+  that is still too large is dead-lettered.
 * A whole request failing (connection refused, 503, 429, timeout) raises: the exporter
   retries the batch with backoff. The client's own retries are off so that the exporter's
   backoff is the only one.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
-from elasticsearch import AsyncElasticsearch
+from elasticsearch import ApiError, AsyncElasticsearch
 
 from siem.config import ElasticsearchSinkSpec
 from siem.formats import to_bulk_actions
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_ASSET = "es-index-template.json"
 TEMPLATE_PRIORITY = 200
+TOO_LARGE = 413
 
 
 def index_template(data_stream: str) -> dict[str, Any]:
@@ -111,11 +114,27 @@ class ElasticsearchSink:
         """Bulk-create the batch; see the module docstring for how results are handled."""
         assert self.client is not None
         if not self._template_ready:
-            await self.ensure_template()
+            try:
+                await self.ensure_template()
+            except ApiError as exc:
+                if exc.meta.status not in (401, 403):
+                    raise
+                # A writer-only API key may not manage templates: ES's built-in logs-*-*
+                # template still makes a data stream, so write without ours.
+                log.warning(
+                    "elasticsearch %s: cannot install index template (%s); writing without it",
+                    self.name,
+                    exc.meta.status,
+                )
             self._template_ready = True
         events = [orjson.loads(r.payload) for r in batch]
         lines = to_bulk_actions(events, self.spec.data_stream, [r.payload for r in batch])
-        resp = await self.client.bulk(operations=cast(Sequence[Any], lines))
+        try:
+            resp = await self.client.bulk(operations=cast(Sequence[Any], lines))
+        except ApiError as exc:
+            if exc.meta.status != TOO_LARGE:
+                raise
+            return await self._too_large(batch, events)
         items: list[dict[str, Any]] = resp.body.get("items", [])
         if len(items) != len(batch):
             raise RuntimeError(f"_bulk answered {len(items)} items for {len(batch)} operations")
@@ -139,6 +158,18 @@ class ElasticsearchSink:
             )
             await asyncio.to_thread(self._write_dead, dead)
         return SendResult(retry=retry, failed=len(dead))
+
+    async def _too_large(self, batch: Sequence[Record], events: list[dict[str, Any]]) -> SendResult:
+        # 413: the request is larger than http.max_content_length. Halve it until it fits; a
+        # single document that is still too large can never be stored: dead-letter it.
+        if len(batch) == 1:
+            line = self._dead_line(events[0], TOO_LARGE, "request entity too large")
+            await asyncio.to_thread(self._write_dead, [line])
+            return SendResult(failed=1)
+        half = len(batch) // 2
+        first = await self.send(batch[:half])
+        second = await self.send(batch[half:])
+        return SendResult(retry=[*first.retry, *second.retry], failed=first.failed + second.failed)
 
     def _dead_line(self, event: dict[str, Any], status: int, reason: str) -> bytes:
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

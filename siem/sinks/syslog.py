@@ -73,6 +73,7 @@ class SyslogSink:
             hostname=spec.hostname,
             facility=spec.facility_code,
             sd_id=spec.sd_id,
+            json_body=record.payload,
         )
 
     async def _connect(self) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from feeds.guard import classify_body, classify_result, looks_like_html
-from feeds.indicator import Indicator, IndicatorType
+from feeds.indicator import Indicator, IndicatorSet, IndicatorType
 from feeds.result import ParseResult
 
 
 def _result(
     n: int, *, records: int | None = None, rejected: int = 0, expected: int | None = None
 ) -> ParseResult:
-    inds = tuple(Indicator(IndicatorType.IP, f"1.2.{i // 256}.{i % 256}") for i in range(n))
+    inds = IndicatorSet(Indicator(IndicatorType.IP, f"1.2.{i // 256}.{i % 256}") for i in range(n))
     return ParseResult(
         inds, records=records if records is not None else n, rejected=rejected, expected=expected
     )

@@ -139,7 +139,7 @@ def test_match_dispatches_on_kind() -> None:
 _nets = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), min_size=1, max_size=30)
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(_nets, st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=30))
 def test_ip_matching_equals_brute_force(nets: list[tuple[int, int]], probes: list[int]) -> None:
     """match_ip agrees with plain containment over every listed network."""
@@ -155,7 +155,7 @@ def test_ip_matching_equals_brute_force(nets: list[tuple[int, int]], probes: lis
 _label = st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.lists(_label, min_size=1, max_size=3), min_size=1, max_size=10),
     st.lists(_label, min_size=0, max_size=3),
@@ -168,3 +168,34 @@ def test_domain_suffix_rule_equals_brute_force(listed: list[list[str]], prefix: 
         query = ".".join([*prefix, base])
         expected = {n for n in names if query == n or query.endswith("." + n)}
         assert {x.indicator for x in m.match_domain(query)} == expected
+
+
+def test_large_index_uses_miss_filter_without_losing_hits() -> None:
+    """Past the filter threshold, misses are filtered and every covered address still hits."""
+    hosts = [_ind(f"20.{i // 256}.{i % 256}.7") for i in range(5000)]
+    m = _matcher((FeedRules("bad"), [*hosts, _ind("30.1.0.0/16"), _ind("40.2.16.0/20")]))
+    assert m._v4_filter is not None
+    assert m.match_ip("20.3.5.7") and not m.match_ip("20.3.5.8")
+    assert m.match_ip("30.1.255.254")[0].indicator == "30.1.0.0/16"
+    assert m.match_ip("40.2.31.1") and not m.match_ip("40.2.32.1")
+    assert not m.match_ip("30.2.0.0") and not m.match_ip("8.8.8.8")
+
+
+_MIXED = _matcher(
+    (FeedRules("bad"), [_ind("evil.example"), _ind("http://evil.example/"), _ind("1.2.3.4")]),
+    (FeedRules("ok", allowlist=True), [_ind("ok.example", feed="ok"), _ind("5.5.5.5", feed="ok")]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet=st.sampled_from([*"0123456789abcdef.:/#?@[]%-_ xp", "ü", "\x00"]), max_size=40)
+)
+def test_lookups_never_raise(text: str) -> None:
+    """Every lookup accepts any text and answers a tuple (garbage, NULs, half URLs)."""
+    for value in (text, "http://" + text):
+        assert isinstance(_MIXED.match(value), tuple)
+        assert isinstance(_MIXED.match_ip(value), tuple)
+        assert isinstance(_MIXED.match_domain(value), tuple)
+        assert isinstance(_MIXED.match_url(value), tuple)
+        assert _MIXED.url_allowlisted(value) in (True, False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feeds.normalise import (
@@ -62,6 +62,7 @@ def test_normalise_domain_rejects_with_reason(raw: str, reason: str) -> None:
 _label = st.from_regex(r"[a-z0-9_][a-z0-9_-]{0,20}", fullmatch=True)
 
 
+@settings(deadline=None)
 @given(st.lists(_label, min_size=1, max_size=4), st.sampled_from(["com", "net", "de", "co.uk"]))
 def test_normalise_domain_idempotent_and_case_insensitive(labels: list[str], tld: str) -> None:
     """Normalising twice changes nothing, and case or a trailing dot never matters."""
@@ -71,6 +72,7 @@ def test_normalise_domain_idempotent_and_case_insensitive(labels: list[str], tld
     assert normalise_domain(name.upper() + ".") == once
 
 
+@settings(deadline=None)
 @given(st.text(min_size=1, max_size=80))
 def test_normalise_domain_contract(text: str) -> None:
     """Any text either normalises to an ASCII lowercase name or raises ValueError."""
@@ -105,6 +107,7 @@ def test_normalise_ip_rejects_ambiguous_forms(raw: str) -> None:
         normalise_ip(raw)
 
 
+@settings(deadline=None)
 @given(st.ip_addresses())
 def test_normalise_ip_round_trips(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     """Every address normalises to a form that parses back to the same (or mapped) address."""

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feeds.indicator import IndicatorType, Provenance
 from feeds.options import ParseOptions
@@ -335,3 +337,43 @@ def test_unknown_format_and_stix_without_now() -> None:
         parse("yaml", b"")
     with pytest.raises(ValueError, match="now"):
         parse("stix", b"{}")
+
+
+_fuzz_text = st.text(
+    alphabet=st.sampled_from([*"0123456789abcdefx.:/#;, \t\n\r\"'[]{}*%@-_", "ü", "é"]),
+    max_size=300,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["lines", "hosts", "csv", "json", "spamhaus", "stix"]), _fuzz_text)
+def test_parser_contract_on_fuzzed_text(fmt: str, text: str) -> None:
+    """Any body either parses to a consistent result or raises ValueError, nothing else."""
+    try:
+        result = parse(fmt, text.encode(), now=NOW)
+    except ValueError:
+        return
+    assert result.rejected <= max(result.records, result.rejected)
+    assert len(result.samples) <= result.rejected
+    assert len({i.value for i in result.indicators}) == len(result.indicators)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_contract_on_random_bytes(body: bytes) -> None:
+    """Random bytes never crash a parser: a result or ValueError."""
+    for fmt in ("lines", "hosts", "csv", "json", "spamhaus", "stix"):
+        try:
+            result = parse(fmt, body, now=NOW)
+        except ValueError:
+            continue
+        assert isinstance(result, ParseResult)
+
+
+def test_row_tags_follow_feed_labels() -> None:
+    """A row's own tags are added after the feed's labels, not instead of them."""
+    body = b'ip,tags\n1.2.3.4,"a,b"\n5.6.7.8,None\n'
+    base = Provenance("f", tags=("label",))
+    result = parse_csv(body, options=ParseOptions(column="ip", tags_field="tags"), provenance=base)
+    assert result.indicators[0].provenance.tags == ("label", "a", "b")
+    assert result.indicators[1].provenance is base

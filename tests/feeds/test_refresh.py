@@ -6,6 +6,7 @@ import asyncio
 import random
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from feeds.refresh import FeedManager, UpdateReport
@@ -181,3 +182,38 @@ async def test_unknown_names_rejected(tmp_path: Path) -> None:
         assert "nope" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+async def test_unexpected_error_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash inside an update becomes a failed report; the last good data stays."""
+    (tmp_path / "a.txt").write_text("1.1.1.1\n")
+    manager = _manager([_spec("a", "a.txt")], tmp_path)
+    await manager.update_now()
+
+    def boom(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("feeds.refresh.parse", boom)
+    (tmp_path / "a.txt").write_text("1.1.1.1\n2.2.2.2\n")
+    report = (await manager.update_now())[0]
+    assert report.status == "failed" and "RuntimeError('bug')" in (report.reason or "")
+    assert manager.matcher.match_ip("1.1.1.1")
+
+
+async def test_fresh_stored_data_is_not_refetched_at_start(
+    feed_server: FeedServer, tmp_path: Path
+) -> None:
+    """A restart with data younger than the period serves it and waits for the period."""
+    feed_server.serve("/ips", IPS)
+    specs = [_spec("f", feed_server.url("/ips"), period="1h")]
+    await _manager(specs, tmp_path).update_now()
+    restarted = _manager(specs, tmp_path)
+    await restarted.start()
+    try:
+        assert restarted.ready and restarted.matcher.match_ip("5.6.3.1")
+        await asyncio.sleep(0.3)
+    finally:
+        await restarted.stop()
+    assert feed_server.hits["/ips"] == 1

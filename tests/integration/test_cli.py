@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 CLI_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 5.0
+WATCH_TIMEOUT = 10.0
 POLL_INTERVAL = 0.1
 
 BROKEN_POLICY = """\
@@ -123,7 +125,10 @@ def test_sighup_reloads_policy_and_keeps_the_last_good_one(
     policy = config.parent / "policy.yaml"
     with Gateway(config) as gw:
         assert status_until(gw, url, 200) == 200
-        policy.write_text(policy.read_text().replace("ports: [8443, 8080]", "ports: [8443]"))
+        before = policy.stat()
+        policy.write_text(policy.read_text().replace("ports: [8443, 8080]", "ports: [8443, 8081]"))
+        # Same size, old mtime: the file watcher sees no change, so only SIGHUP can apply it.
+        os.utime(policy, ns=(before.st_atime_ns, before.st_mtime_ns))
         gw.signal(signal.SIGHUP)
         assert status_until(gw, url, 403) == 403
         policy.write_text(BROKEN_POLICY)
@@ -141,3 +146,15 @@ def test_sighup_reloads_policy_and_keeps_the_last_good_one(
             cacert=pki.ca_cert,
         )
         assert tunnel.status == 200, (tunnel.reason, tunnel.error)
+
+
+def test_policy_file_change_is_applied_without_a_signal(
+    config: Path, upstream: Upstream, curl_installed: None
+) -> None:
+    """Editing the policy file is noticed and applied by the gateway on its own."""
+    url = f"http://allowed.test:{HTTP_PORT}/"
+    policy = config.parent / "policy.yaml"
+    with Gateway(config) as gw:
+        assert status_until(gw, url, 200) == 200
+        policy.write_text(policy.read_text().replace("ports: [8443, 8080]", "ports: [8443]"))
+        assert status_until(gw, url, 403, timeout=WATCH_TIMEOUT) == 403

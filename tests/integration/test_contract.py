@@ -54,6 +54,8 @@ SHUTDOWN_TIMEOUT = 8.0
 DRAIN_TIMEOUT = "2s"
 CONNECT_TIMEOUT = "1s"
 CONCURRENT_CLIENTS = 16
+EXPECT_WAIT = 5.0
+EVENT_FLUSH_LIMIT = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def gateway(
     upstream: Upstream,
     curl_installed: None,
 ) -> Iterator[Gateway]:
-    """The gateway on the contract configuration (test ports, test DNS, a file sink)."""
+    """The gateway on the contract config (test ports and DNS, a file sink, 1 s connect timeout)."""
     path = write_config(
         tmp_path_factory.mktemp("gw-contract"),
         CONTRACT_DIR,
@@ -147,19 +149,30 @@ def test_payments_https_through_connect_allowed(
     assert field(decision, "event.action") == "connection_allowed"
     assert field(decision, "network.protocol") == "tls"
     assert field(decision, "destination.domain") == "www.allowed.test"
+    assert field(decision, "tls.client.server_name") == "www.allowed.test"
     assert (field(decision, "rule.ruleset"), field(decision, "rule.name")) == (
         "platform",
         "payments-to-psp",
     )
 
 
-def test_payments_other_port_denied_by_default(gateway: Gateway) -> None:
+@pytest.mark.parametrize("tunnel", [False, True], ids=["http", "connect"])
+def test_payments_other_port_denied_by_default(gateway: Gateway, tunnel: bool) -> None:
     """payments -> allowed.test:9999 matches no rule and is denied by the default."""
-    result = via(gateway, PAYMENTS, "http://allowed.test:9999/")
+    result = via(gateway, PAYMENTS, "http://allowed.test:9999/", tunnel=tunnel)
     assert_denied(result, "default")
     decision = decision_of(flow(gateway, result))
     assert field(decision, "event.action") == "connection_denied"
     assert field(decision, "event.outcome") == "failure"
+
+
+def test_decision_event_reaches_the_file_within_a_second(gateway: Gateway) -> None:
+    """The decision event of a flow is in the events file well within a second of the answer."""
+    result = via(gateway, PAYMENTS, "http://allowed.test:9998/")
+    answered = time.monotonic()
+    assert result.status == 403
+    gateway.flow_events(PAYMENTS, result.local_port, timeout=EVENT_FLUSH_LIMIT)
+    assert time.monotonic() - answered < EVENT_FLUSH_LIMIT
 
 
 def test_unknown_source_denied_by_default(gateway: Gateway, upstream: Upstream) -> None:
@@ -180,6 +193,7 @@ def test_batch_partner_allowed_with_audit_would_deny(gateway: Gateway, pki: TlsF
     assert result.json()["server_host"] == PARTNER_IP
     decision = decision_of(flow(gateway, result))
     assert field(decision, "event.action") == "would_deny"
+    assert field(decision, "event.outcome") == "success"
     assert "security/batch-audit-partner" in str(field(decision, "event.reason"))
     assert "partner-for-all" in f"{field(decision, 'rule.name')} {field(decision, 'event.reason')}"
 
@@ -218,6 +232,8 @@ def test_feed_domain_denied(gateway: Gateway, upstream: Upstream, name: str, tun
         "security",
         "block-threat-feeds",
     )
+    # A threat-feed deny is an ECS alert (a detection fired), not a plain event.
+    assert field(decision, "event.kind") == "alert"
     assert isinstance(field(decision, "threat"), dict) and field(decision, "threat")
     assert "local-domains" in str(field(decision, "threat"))
 
@@ -275,8 +291,9 @@ def test_chunked_request_body_forwarded(gateway: Gateway) -> None:
 
 
 def test_expect_100_continue_forwarded(gateway: Gateway) -> None:
-    """A POST with Expect: 100-continue gets its body to the upstream."""
+    """Expect: 100-continue gets its 100 at once (curl would wait 5 s) and the body arrives."""
     body = b"y" * 200_000
+    started = time.monotonic()
     result = via(
         gateway,
         PAYMENTS,
@@ -284,9 +301,27 @@ def test_expect_100_continue_forwarded(gateway: Gateway) -> None:
         method="POST",
         headers={"Expect": "100-continue"},
         data=body,
+        extra=["--expect100-timeout", str(EXPECT_WAIT)],
     )
     assert result.status == 200
     assert result.json()["body_length"] == len(body)
+    assert time.monotonic() - started < EXPECT_WAIT / 2
+
+
+def test_expect_100_continue_to_a_denied_host_gets_403_at_once(gateway: Gateway) -> None:
+    """A denied POST with Expect: 100-continue is answered 403 without waiting for the body."""
+    started = time.monotonic()
+    result = via(
+        gateway,
+        PAYMENTS,
+        f"http://evil.test:{HTTP_PORT}/expect",
+        method="POST",
+        headers={"Expect": "100-continue"},
+        data=b"z" * 200_000,
+        extra=["--expect100-timeout", str(EXPECT_WAIT)],
+    )
+    assert_denied(result, "local-domains")
+    assert time.monotonic() - started < EXPECT_WAIT / 2
 
 
 def test_keep_alive_serves_two_requests(gateway: Gateway) -> None:
@@ -353,6 +388,34 @@ def test_events_have_unique_ids_and_ecs_basics(gateway: Gateway) -> None:
     for event in events:
         assert field(event, "@timestamp") and field(event, "ecs.version")
         assert field(event, "observer") and field(event, "network.transport") == "tcp"
+
+
+def test_pipelined_requests_answered_in_order(gateway: Gateway) -> None:
+    """Two requests sent back to back before any answer get their responses in order."""
+    target = f"http://allowed.test:{HTTP_PORT}"
+    with RawConnection(gateway.proxy_host, gateway.proxy_port, source=PAYMENTS) as conn:
+        conn.send(
+            f"GET {target}/one HTTP/1.1\r\nHost: a\r\n\r\n"
+            f"GET {target}/two HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        )
+        first, second = conn.read_response(), conn.read_response()
+    assert (first.status, second.status) == (200, 200)
+    assert b'"/one"' in first.body and b'"/two"' in second.body
+
+
+@pytest.mark.parametrize("method_or_status", ["HEAD", "204", "304", "500"])
+def test_bodyless_and_error_responses_keep_the_connection_usable(
+    gateway: Gateway, method_or_status: str
+) -> None:
+    """After a HEAD, 204, 304 or 500 the next request on the same connection is served."""
+    target = f"http://allowed.test:{HTTP_PORT}"
+    head = method_or_status == "HEAD"
+    first_line = f"HEAD {target}/h" if head else f"GET {target}/s?status={method_or_status}"
+    with RawConnection(gateway.proxy_host, gateway.proxy_port, source=PAYMENTS) as conn:
+        first = conn.request(f"{first_line} HTTP/1.1\r\nHost: a\r\n\r\n".encode(), head_only=head)
+        second = conn.request(f"GET {target}/next HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    assert first.status == (200 if head else int(method_or_status))
+    assert second.status == 200 and b'"/next"' in second.body
 
 
 def test_upstream_unreachable_is_502(gateway: Gateway) -> None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
+import dns.message
+import dns.rcode
 import pytest
 
 from tests.support import (
     Dnsmasq,
+    Gateway,
+    GatewayError,
     RawConnection,
     TlsFiles,
     Upstream,
@@ -20,13 +26,16 @@ from tests.support import (
     free_port,
     header_names,
     header_value,
+    machine_lock,
     parse_response,
     wait_for_port,
+    wait_http_ok,
     write_config,
 )
 from tests.support.clients import parse_header_blocks
 from tests.support.dnsmasq import local_zones
 from tests.support.gateway import load_yaml
+from tests.support.scripted_dns import answer_query
 
 from .testbed import ALLOWED_IP, CONTRACT_DIR, EVIL_IP, HTTP_PORT, HTTPS_PORT
 
@@ -148,14 +157,16 @@ def test_dnsmasq_answers_records_and_cnames(dns: Dnsmasq) -> None:
 
 @pytest.mark.integration
 def test_dnsmasq_stops_by_pid() -> None:
-    """Leaving the context stops dnsmasq: its port no longer answers."""
+    """Leaving the context stops dnsmasq: its process is gone."""
     if shutil.which("dnsmasq") is None:
         pytest.skip("dnsmasq is not installed (Debian package dnsmasq)")
     with Dnsmasq({"x.test": "127.0.0.40"}) as server:
-        port = server.port
-        wait_for_port("127.0.0.1", port, 1)
-    with pytest.raises(TimeoutError):
-        wait_for_port("127.0.0.1", port, 0.3)
+        pid = server.pid
+        assert pid is not None
+        wait_for_port("127.0.0.1", server.port, 1)
+    assert server.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 @pytest.mark.integration
@@ -212,3 +223,62 @@ def test_free_port_is_bindable() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
     assert port > 0
+
+
+def test_machine_lock_waits_for_the_holder() -> None:
+    """A second holder of the same machine lock times out while the first holds it."""
+    with (
+        machine_lock("self-test"),
+        pytest.raises(TimeoutError, match="held by another test run"),
+        machine_lock("self-test", timeout=0.2),
+    ):
+        pass
+    with machine_lock("self-test", timeout=0.2):
+        pass
+
+
+@pytest.mark.integration
+def test_gateway_that_cannot_start_fails_with_its_stderr(tmp_path: Path, dns: Dnsmasq) -> None:
+    """A config the gateway refuses makes Gateway.start raise GatewayError quoting its stderr."""
+    path = write_config(
+        tmp_path, CONTRACT_DIR, nameserver=dns.nameserver, overrides={"no_such_key": 1}
+    )
+    with pytest.raises(GatewayError, match="no_such_key"):
+        Gateway(path, ready_timeout=10).start()
+
+
+def test_scripted_dns_answers_in_script_order() -> None:
+    """The n-th A query gets the n-th scripted answer (the last repeats); others get no data."""
+    query = dns.message.make_query("rebind.test", "A")
+    answers = {"rebind.test": ["127.0.0.30", "127.0.0.99"]}
+    for seen, expected in [(0, "127.0.0.30"), (1, "127.0.0.99"), (5, "127.0.0.99")]:
+        wire, name, rtype = answer_query(query.to_wire(), answers, seen, {"rebind.test": 7})
+        reply = dns.message.from_wire(wire)
+        assert (name, rtype) == ("rebind.test", "A")
+        assert [(rr.to_text(), reply.answer[0].ttl) for rr in reply.answer[0]] == [(expected, 7)]
+    aaaa, _, _ = answer_query(
+        dns.message.make_query("rebind.test", "AAAA").to_wire(), answers, 0, {}
+    )
+    assert dns.message.from_wire(aaaa).answer == []
+    missing, _, _ = answer_query(dns.message.make_query("x.test", "A").to_wire(), answers, 0, {})
+    assert dns.message.from_wire(missing).rcode() == dns.rcode.NXDOMAIN
+
+
+@pytest.mark.integration
+def test_upstream_delay_and_status_parameters(upstream: Upstream) -> None:
+    """?delay=S answers after S seconds and ?status=N with status N."""
+    started = time.monotonic()
+    with RawConnection(ALLOWED_IP, HTTP_PORT) as conn:
+        reply = conn.request(b"GET /d?delay=0.3&status=503 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert reply.status == 503
+    assert time.monotonic() - started >= 0.3
+
+
+@pytest.mark.integration
+def test_wait_http_ok_passes_on_200_and_times_out_otherwise(upstream: Upstream) -> None:
+    """wait_http_ok returns once the URL answers 200 and raises TimeoutError naming the status."""
+    wait_http_ok(f"http://{ALLOWED_IP}:{HTTP_PORT}/ready", timeout=2)
+    with pytest.raises(TimeoutError, match="last: 503"):
+        wait_http_ok(f"http://{ALLOWED_IP}:{HTTP_PORT}/?status=503", timeout=0.3)
+    with pytest.raises(TimeoutError, match="last: 0"):
+        wait_http_ok(f"http://127.0.0.1:{free_port()}/", timeout=0.3)

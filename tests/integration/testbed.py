@@ -40,6 +40,8 @@ DNS_RECORDS = {
     "badip.allowed.test": FEED_IP,
     "internal.allowed.test": GUARDED_IP,
     "xn--bcher-kva.test": EVIL_IP,
+    "v6.allowed.test": "::1",
+    "dual.allowed.test": f"{ALLOWED_IP},::1",
 }
 DNS_CNAMES = {"cname.allowed.test": "evil.test"}
 

@@ -32,6 +32,7 @@ async def main(spool_dir: str, url: str, start: int, count: int) -> None:
     )
     exp = Exporter.from_config(spool, [sink], spool_dir, registry=CollectorRegistry())
     await exp.start()
+    print("started", flush=True)
     if count == 0:
         ok = await exp.wait_delivered(within=30)
         await exp.aclose()

@@ -41,6 +41,8 @@ class EsStandin:
         self.fail_requests: list[int] = []
         self.item_fault: ItemFault | None = None
         self.product_header = True
+        self.max_bulk_bytes = 0  # like http.max_content_length; 0: unlimited
+        self.deny_templates = False  # answer 403 to template requests (a writer-only key)
         self.bulk_requests = 0
         self.item_statuses: dict[int, int] = {}
         self.template_puts = 0
@@ -76,6 +78,8 @@ class EsStandin:
 
     async def template(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if self.deny_templates:
+            return self._response({"error": {"type": "security_exception"}, "status": 403}, 403)
         if request.method == "PUT":
             self.templates[name] = await request.json(loads=orjson.loads)
             self.template_puts += 1
@@ -138,6 +142,8 @@ class EsStandin:
                 },
                 status,
             )
+        if self.max_bulk_bytes and (request.content_length or 0) > self.max_bulk_bytes:
+            return self._response({"error": "Request Entity Too Large", "status": 413}, 413)
         if not request.content_type.endswith("x-ndjson"):
             return self._response({"error": "bulk body must be NDJSON", "status": 400}, 400)
         lines = [ln for ln in (await request.read()).split(b"\n") if ln.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 from importlib import resources
@@ -84,3 +85,16 @@ def test_docs_mapping_tables_match_the_code() -> None:
     for key, path in (*CEF_FIELDS, *LEEF_FIELDS, *SD_FIELDS):
         cells = " or ".join(f"`{p}`" for p in path.split("|"))
         assert f"| `{key}` | {cells} |" in text, key
+
+
+@pytest.mark.parametrize("module", ["siem/formats.py", "siem/firewall.py", "siem/config.py"])
+def test_pure_cores_import_no_io(module: str) -> None:
+    """The format, firewall and config modules never import sockets, asyncio or ssl."""
+    tree = ast.parse((DOCS.parents[1] / module).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported.isdisjoint({"asyncio", "socket", "ssl", "aiohttp", "elasticsearch", "os"})

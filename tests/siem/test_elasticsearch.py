@@ -173,6 +173,24 @@ async def test_outage_loses_and_duplicates_nothing(es: EsStandin, tmp_path: Path
     assert max(ids.values()) == 1
 
 
+async def test_too_large_requests_are_split(es: EsStandin, tmp_path: Path) -> None:
+    """A 413 answer halves the batch until it fits; a document too large alone is dead."""
+    es.max_bulk_bytes = 2000
+    huge = event(999, message="x" * 5000)
+    exp = es_exporter(tmp_path, es.url)
+    await run(exp, [*(event(i) for i in range(60)), huge])
+    assert sorted(es.docs[DS]) == sorted(f"e-{i}" for i in range(60))
+    dead = [orjson.loads(line) for line in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert [(d["status"], d["event"]["event"]["id"]) for d in dead] == [(413, "e-999")]
+
+
+async def test_template_permission_denied_still_writes(es: EsStandin, tmp_path: Path) -> None:
+    """A key that may not manage templates (403) still writes events."""
+    es.deny_templates = True
+    await run(es_exporter(tmp_path, es.url), [event(1), event(2)])
+    assert sorted(es.docs[DS]) == ["e-1", "e-2"] and es.templates == {}
+
+
 def test_classify_item() -> None:
     """2xx and 409 are delivered, 429 and 5xx retried, other statuses dead."""
     assert classify_item({"create": {"status": 201}}) == "ok"

@@ -110,7 +110,7 @@ async def test_dead_sink_blocks_neither_submit_nor_other_sinks(tmp_path: Path) -
     for i in range(500):
         exp.submit(event(i))
     await exp.flush()
-    for _ in range(200):
+    for _ in range(1000):
         if len(ok.received) == 500:
             break
         await asyncio.sleep(0.01)
@@ -250,3 +250,79 @@ def test_duplicate_sink_names_are_refused() -> None:
     """Two sinks with one name would share a cursor, so the exporter refuses them."""
     with pytest.raises(ValueError, match="unique"):
         Exporter([RecordingSink("x"), RecordingSink("x")], None, registry=CollectorRegistry())
+
+
+async def test_aclose_drains_memory_queues() -> None:
+    """Without a spool, aclose lets a live sink deliver what is still queued."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], None)
+    await exp.start()
+    for i in range(300):
+        exp.submit(event(i))
+    await exp.aclose()
+    assert sink.received == [f"e-{i}" for i in range(300)]
+
+
+async def test_aclose_does_not_wait_for_a_dead_sink(tmp_path: Path) -> None:
+    """A sink that makes no progress delays aclose only by close_stall, not close_timeout."""
+    dead = RecordingSink("dead", fail_batches=10**9)
+    exp = exporter([dead], spool_spec(tmp_path), close_timeout=30, close_stall=0.2)
+    await exp.start()
+    for i in range(10):
+        exp.submit(event(i))
+    await exp.flush()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await exp.aclose()
+    assert loop.time() - started < 5
+
+
+async def test_readers_follow_many_segment_rolls(tmp_path: Path) -> None:
+    """With tiny segments rolled while sinks read, every sink still gets everything in order."""
+    sinks = [RecordingSink(f"s{i}") for i in range(3)]
+    spec = SpoolSpec(
+        dir=tmp_path / "spool", segment_bytes="4KiB", batch_events=50, batch_interval=0.001
+    )
+    exp = exporter(sinks, spec)  # type: ignore[arg-type]
+    await exp.start()
+    for i in range(10_000):
+        exp.submit(event(i))
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    await exp.flush()
+    assert await exp.wait_delivered(within=30)
+    await exp.aclose()
+    want = [f"e-{i}" for i in range(10_000)]
+    for sink in sinks:
+        assert sink.received == want
+    assert len(list((tmp_path / "spool").glob("segment-*"))) <= 2  # acknowledged ones deleted
+
+
+async def test_disk_write_error_is_counted_not_silent(tmp_path: Path) -> None:
+    """A failing disk write loses that batch visibly (counter, gap marker); later ones flow."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], spool_spec(tmp_path))
+    await exp.start()
+    assert exp.spool is not None
+    real_sync = exp.spool.sync
+    calls = {"n": 0}
+
+    def failing_sync() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        real_sync()
+
+    exp.spool.sync = failing_sync  # type: ignore[method-assign]
+    for i in range(20):
+        exp.submit(event(i))
+    await exp.flush()
+    for i in range(20, 30):
+        exp.submit(event(i))
+    await exp.flush()
+    assert await exp.wait_delivered(within=10)
+    await exp.aclose()
+    assert sink.received[-10:] == [f"e-{i}" for i in range(20, 30)]
+    assert not any(r in sink.received for r in ("e-0", "e-19"))
+    assert len(sink.received) == 11  # the gap marker and the ten later events
+    assert metric(exp, "siem_dropped_events_total", sink="*", reason="write_error") == 20

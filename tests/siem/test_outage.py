@@ -53,7 +53,7 @@ async def test_each_receiver_down_in_turn(tmp_path: Path) -> None:
         await es.stop()
         await produce(exp, 200, 200)
         await exp.flush()
-        for _ in range(200):  # syslog catches up while Elasticsearch is down
+        for _ in range(1000):  # syslog catches up while Elasticsearch is down
             if exp.lag()["syslog"] == 0:
                 break
             await asyncio.sleep(0.02)
@@ -62,7 +62,7 @@ async def test_each_receiver_down_in_turn(tmp_path: Path) -> None:
         await asyncio.to_thread(rsyslogd.stop)
         await produce(exp, 400, 200)
         await exp.flush()
-        for _ in range(300):
+        for _ in range(1000):
             if exp.lag()["elasticsearch"] == 0:
                 break
             await asyncio.sleep(0.02)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from siem.spool import (
     HEADER,
@@ -260,4 +263,113 @@ def test_unsynced_tail_lost_on_crash_is_never_reused_after_ack(tmp_path: Path) -
     os.close(spool._lock_fd)  # simulate a crash: no close(), no final ledger
     spool = open_spool(tmp_path)
     assert spool.next_seq == 4
+    spool.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    synced=st.integers(min_value=0, max_value=20),
+    unsynced=st.integers(min_value=0, max_value=20),
+    cut=st.floats(min_value=0, max_value=1),
+    garbage=st.binary(max_size=40),
+)
+def test_any_torn_tail_keeps_every_synced_record(
+    tmp_path_factory: pytest.TempPathFactory, synced: int, unsynced: int, cut: float, garbage: bytes
+) -> None:
+    """Whatever a crash leaves after the last fsync, reopening keeps every synced record,
+    then a clean prefix of the rest, with consecutive seqs, and appends continue after it."""
+    path = tmp_path_factory.mktemp("spool")
+    spool = open_spool(path, segment_bytes=1 << 20)
+    spool.append([payload(i) for i in range(synced)])
+    spool.sync()
+    seg = path / segment_name(1)
+    durable_size = seg.stat().st_size
+    spool.append([payload(synced + i) for i in range(unsynced)])
+    spool._flush_buf()
+    assert spool._active is not None and spool._lock_fd is not None
+    spool._active.flush()
+    full = seg.read_bytes()
+    spool._active.close()
+    os.close(spool._lock_fd)  # crash: no close(), no ledger
+    keep = durable_size + int((len(full) - durable_size) * cut)
+    seg.write_bytes(full[:keep] + garbage)
+    spool = open_spool(path, segment_bytes=1 << 20)
+    got = records_after(spool, 0)
+    assert [r.seq for r in got] == list(range(1, len(got) + 1))
+    assert synced <= len(got) <= synced + unsynced
+    assert ids(got) == [f"e-{i}" for i in range(len(got))]
+    spool.append([payload(1000)])
+    spool.sync()
+    assert records_after(spool, len(got))[0].seq == len(got) + 1
+    spool.close()
+
+
+def test_damaged_sealed_segment_is_reported_and_skipped(tmp_path: Path) -> None:
+    """A bad record inside an older segment loses only the rest of that segment, reported."""
+    spool = open_spool(tmp_path)
+    spool.append([payload(i, 100) for i in range(100)])
+    spool.sync()
+    spool.close()
+    first = sorted(tmp_path.glob("segment-*"))[0]
+    data = bytearray(first.read_bytes())
+    record = len(to_record(1, payload(0, 100)))
+    data[len(MAGIC) + 5 * record + HEADER.size + 3] ^= 0xFF  # the 6th record's payload
+    first.write_bytes(bytes(data))
+    spool = open_spool(tmp_path)
+    lost = spool.dropped["corrupt"]
+    assert lost > 0
+    records = records_after(spool, 0)
+    got = ids(records)
+    assert got[:5] == [f"e-{i}" for i in range(5)]
+    assert got[5 : 100 - lost] == [f"e-{i}" for i in range(5 + lost, 100)]
+    gap = orjson.loads(records[-1].payload)
+    assert gap["egressgw"]["gap"] == {
+        "dropped": lost,
+        "dropped_total": lost,
+        "reason": "corrupt",
+        "first_seq": 6,
+        "last_seq": 5 + lost,
+    }
+    spool.close()
+
+
+class FailingFile:
+    """Wraps a segment file: the next write fails like a full disk."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def write(self, data: bytes) -> int:
+        self.inner.write(data[: len(data) // 2])  # a partial write reaches the file
+        self.inner.flush()
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_write_error_discards_only_what_was_not_durable(tmp_path: Path) -> None:
+    """A failed write cuts the segment back to its last fsync, counts the loss, and the spool
+    keeps working: later records are readable now and after reopening."""
+    spool = open_spool(tmp_path, segment_bytes=1 << 20)
+    spool.append([payload(i) for i in range(5)])
+    spool.sync()
+    spool._active = FailingFile(spool._active)  # type: ignore[assignment]
+    spool.append([payload(i) for i in range(5, 8)])
+    with pytest.raises(OSError, match="No space"):
+        spool.sync()
+    spool._active.inner.close()  # type: ignore[union-attr]
+    assert spool.recover_write_error() == 3
+    spool.append([payload(100)])
+    spool.sync()
+    got = [orjson.loads(r.payload) for r in records_after(spool, 0)]
+    assert [g["event"]["id"] for g in got[:5]] == [f"e-{i}" for i in range(5)]
+    assert got[5]["egressgw"]["gap"]["reason"] == "write_error"
+    assert got[5]["egressgw"]["gap"]["dropped"] == 3
+    assert got[6]["event"]["id"] == "e-100"
+    spool.close()
+    spool = open_spool(tmp_path, segment_bytes=1 << 20)
+    assert [r.seq for r in records_after(spool, 0)] == [1, 2, 3, 4, 5, 6, 7]
     spool.close()

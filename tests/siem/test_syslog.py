@@ -79,7 +79,7 @@ async def test_udp_sends_one_datagram_per_event() -> None:
     await sink.start()
     big = event(2, reason="x" * 10_000)
     await sink.send([Record(1, orjson.dumps(event(1))), Record(2, orjson.dumps(big))])
-    for _ in range(100):
+    for _ in range(500):
         if len(got) == 2:
             break
         await asyncio.sleep(0.01)
@@ -109,12 +109,19 @@ async def produce(exp: Exporter, start: int, count: int, pause: float) -> None:
 
 @pytest.mark.integration
 @needs_rsyslogd
-async def test_tcp_into_rsyslogd_across_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_into_rsyslogd_across_restart(tmp_path: Path, transport: str) -> None:
     """Every event reaches rsyslogd exactly once, framed by octet counting, across a restart."""
     port = free_port()
-    rsyslogd = Rsyslogd(tmp_path / "rsyslog", port)
+    tls = make_tls_files(tmp_path) if transport == "tls" else None
+    rsyslogd = Rsyslogd(tmp_path / "rsyslog", port, tls=tls)
     await asyncio.to_thread(rsyslogd.start)
-    spec = SyslogSinkSpec(type="syslog", address=f"127.0.0.1:{port}", transport="tcp")
+    spec = SyslogSinkSpec(
+        type="syslog",
+        address=f"127.0.0.1:{port}",
+        transport=transport,  # type: ignore[arg-type]
+        ca=tls.ca if tls else None,
+    )
     exp = syslog_exporter(tmp_path, spec)
     await exp.start()
     try:

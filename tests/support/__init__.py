@@ -7,6 +7,7 @@ from .gateway import Gateway, GatewayError, decision_of, end_of, field, write_co
 from .lock import machine_lock
 from .net import free_port, wait_for_port, wait_http_ok
 from .pki import TlsFiles, make_test_pki
+from .scripted_dns import ScriptedDns
 from .upstream import Listener, Upstream, header_names, header_value
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Listener",
     "RawConnection",
     "RawResponse",
+    "ScriptedDns",
     "TlsFiles",
     "Upstream",
     "curl",

@@ -25,6 +25,7 @@ CURL_TIMEOUT = 10.0
 RAW_TIMEOUT = 5.0
 RECV_SIZE = 65536
 REASON_HEADER = "x-egressgw-reason"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def curl_path() -> str | None:
@@ -126,8 +127,9 @@ def curl(
         body = body_file.read_bytes() if body_file.exists() else b""
     code = int(info.get("http_code") or 0)
     connect = int(info.get("http_connect") or 0)
+    # A refused CONNECT is the final answer; after an accepted one only the inner response counts.
     return CurlResult(
-        status=code or connect,
+        status=code or (connect if connect != 200 else 0),
         connect_status=connect,
         heads=heads,
         body=body,
@@ -226,9 +228,20 @@ class RawConnection:
         self, host: str, port: int, *, source: str | None = None, timeout: float = RAW_TIMEOUT
     ) -> None:
         self.timeout = timeout
-        self.sock = socket.create_connection(
-            (host, port), timeout=timeout, source_address=(source, 0) if source else None
-        )
+        if source is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                # Like curl --interface: the port is picked at connect, sequentially per
+                # destination, so source ports of one test run do not repeat by chance.
+                self.sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                self.sock.settimeout(timeout)
+                self.sock.bind((source, 0))
+                self.sock.connect((host, port))
+            except OSError:
+                self.sock.close()
+                raise
         self._buf = b""
         self.closed_by_peer = False
 

@@ -165,6 +165,15 @@ class Gateway:
         """Return the gateway's PID while it runs."""
         return self._proc.pid if self._proc is not None else None
 
+    def rss_bytes(self) -> int:
+        """Return the gateway's resident memory (VmRSS), for backpressure checks."""
+        if self._proc is None:
+            raise GatewayError("the gateway is not running")
+        for line in Path(f"/proc/{self._proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise GatewayError("no VmRSS in /proc status")
+
     def stderr(self) -> str:
         """Return everything the gateway wrote to stderr so far."""
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
@@ -181,10 +190,13 @@ class Gateway:
         exe = egressgw_executable()
         if not exe.exists():
             raise GatewayError(f"{exe} not found: install the project (pip install -e .)")
+        # Another working directory: relative paths must resolve against the config file.
+        workdir = self.directory / "cwd"
+        workdir.mkdir(exist_ok=True)
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(
                 [str(exe), "run", "--config", str(self.config)],
-                cwd=self.directory,
+                cwd=workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -285,7 +297,7 @@ class Gateway:
         decision = self.wait_events(
             lambda e: from_source(e) and field(e, "event.action") != "connection_ended",
             timeout=timeout,
-        )[0]
+        )[-1]
         flow_id = field(decision, "flow.id")
         if ended:
             self.wait_events(

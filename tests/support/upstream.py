@@ -34,6 +34,7 @@ SHUTDOWN_GRACE = 1.0
 MAX_DELAY = 30.0
 MAX_PADDING = 64 * 1024 * 1024
 CHUNK_SIZE = 16 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Sent with ?hop=1: a proxy must drop them (and the header Connection names) before the client.
 HOP_BY_HOP_RESPONSE_HEADERS = {
     "Connection": "keep-alive, X-Upstream-Hop",
@@ -116,6 +117,9 @@ class Upstream:
         return ctx
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # The low-level server has no expect handler of its own: answer 100 before the body.
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(CONTINUE)
         body = await request.read()
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         host, port = (sockname[0], sockname[1]) if sockname else ("", 0)
