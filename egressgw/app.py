@@ -41,6 +41,7 @@ from egressgw.threats import MatcherThreats
 from egressgw.yamlsource import ConfigError
 from feeds.refresh import FeedManager, UpdateReport
 from siem.exporter import Exporter
+from siem.firewall import to_edl
 
 log = structlog.get_logger("egressgw")
 
@@ -278,6 +279,7 @@ class Gateway:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/edl/{kind}", self._edl)
         self.admin = web.AppRunner(app, access_log=None)
         await self.admin.setup()
         host, port = _split(self.config.admin.listen)
@@ -301,6 +303,19 @@ class Gateway:
         # The feeds library logs each update itself; the gateway counts the refused ones.
         if not report.ok:
             self.metrics.count_error("feed_update")
+
+    async def _edl(self, request: web.Request) -> web.Response:
+        """The blocklists as plain-text external dynamic lists for firewalls to poll."""
+        kind = {"ips": "ip", "domains": "domain", "urls": "url"}.get(request.match_info["kind"])
+        if kind is None:
+            raise web.HTTPNotFound(text="use /edl/ips, /edl/domains or /edl/urls\n")
+        feed = request.query.get("feed")
+        names = [n for n in feed.split(",") if n] if feed else None
+        try:
+            values = await asyncio.to_thread(self.feeds.blocklist_values, kind, names)
+        except ValueError as e:
+            raise web.HTTPBadRequest(text=f"{e}\n") from e
+        return web.Response(body=to_edl(values), content_type="text/plain", charset="utf-8")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

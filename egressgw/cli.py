@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import uvloop
+from prometheus_client import CollectorRegistry
 
 from egressgw import __version__
 from egressgw import config as cfgmod
@@ -27,6 +30,8 @@ from egressgw.threats import MatcherThreats
 from egressgw.yamlsource import ConfigError
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
+from feeds.refresh import FeedManager
+from siem.firewall import to_nft_set
 
 
 def _load(path: Path | None) -> cfgmod.Config:
@@ -184,6 +189,34 @@ def cmd_feeds_lookup(args: argparse.Namespace) -> int:
     return feeds_cli.lookup(args.value, matcher, sys.stdout)
 
 
+def cmd_firewall_nft(args: argparse.Namespace) -> int:
+    """Render (or load) an nftables set of the IPs and CIDRs the blocklists serve."""
+    cfg, base = _feeds_context(args)
+    manager = FeedManager(
+        list(cfg.feeds), base, cfg.state_dir / "feeds", registry=CollectorRegistry()
+    )
+    manager.load_state()
+    try:
+        values = manager.blocklist_values("ip", args.feed or None)
+        script = to_nft_set(args.table, args.set, values)
+    except ValueError as e:
+        print(f"egressgw: {e}", file=sys.stderr)
+        return 2
+    if not args.apply:
+        sys.stdout.write(script)
+        return 0
+    nft = shutil.which("nft")
+    if nft is None:
+        print("egressgw: nft not found (install nftables)", file=sys.stderr)
+        return 1
+    done = subprocess.run([nft, "-f", "-"], input=script, text=True, capture_output=True)
+    if done.returncode != 0:
+        print(f"egressgw: nft refused the set: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(f"loaded {len(values)} addresses and networks into {args.table} {args.set}_v4/_v6")
+    return 0
+
+
 def _option(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -225,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("value")
     lookup.add_argument("--config", type=Path, help="configuration file")
     lookup.set_defaults(func=cmd_feeds_lookup)
+    firewall = sub.add_parser("firewall", help="blocklists for firewalls")
+    fw_sub = firewall.add_subparsers(dest="firewall_command", required=True)
+    nft = fw_sub.add_parser("nft", help="nftables sets of blocked IPs and CIDRs")
+    nft.add_argument("--config", type=Path, help="configuration file")
+    nft.add_argument("--table", default="egressgw", help="inet table (default egressgw)")
+    nft.add_argument("--set", default="blocked", help="set name prefix (default blocked)")
+    nft.add_argument("--feed", action="append", help="only this feed (repeatable)")
+    nft.add_argument("--apply", action="store_true", help="load the sets with nft -f")
+    nft.set_defaults(func=cmd_firewall_nft)
     return parser
 
 

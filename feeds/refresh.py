@@ -36,7 +36,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from feeds import fetch as fetching
 from feeds.guard import classify_body, classify_result
-from feeds.indicator import EMPTY_SET, IndicatorSet, Provenance
+from feeds.indicator import EMPTY_SET, IndicatorSet, IndicatorType, Provenance
 from feeds.matcher import FeedRules, Matcher
 from feeds.parsers import parse
 from feeds.result import ParseResult
@@ -46,6 +46,11 @@ from feeds.taxii import merge_bundle, poll_collection
 
 log = logging.getLogger("feeds.refresh")
 
+_EXPORT_TYPES = {
+    "ip": frozenset({IndicatorType.IP, IndicatorType.CIDR}),
+    "domain": frozenset({IndicatorType.DOMAIN}),
+    "url": frozenset({IndicatorType.URL}),
+}
 DEFAULT_JITTER = 0.1
 FAILURE_RETRY = 30.0
 STARTUP_SPREAD = 5.0
@@ -482,6 +487,24 @@ class FeedManager:
             )
             self._default_provenance[spec.name] = prov
         return prov
+
+    def blocklist_values(self, kind: str, feeds: Iterable[str] | None = None) -> list[str]:
+        """Every value the blocklists serve of a kind (``ip``: addresses and networks,
+        ``domain``, ``url``), sorted, from the named feeds or all; for firewall exports.
+        """
+        types = _EXPORT_TYPES.get(kind)
+        if types is None:
+            raise ValueError(f"unknown kind {kind!r}: use ip, domain or url")
+        wanted = None if feeds is None else set(feeds)
+        if wanted is not None and (unknown := wanted - set(self._feeds)):
+            raise ValueError(f"unknown feed(s): {', '.join(sorted(unknown))}")
+        values: set[str] = set()
+        for name, f in self._feeds.items():
+            if f.spec.kind != "blocklist" or not f.has_data or not f.spec.enabled:
+                continue
+            if wanted is None or name in wanted:
+                values.update(v for t, v, _ in f.indicators.triples() if t in types)
+        return sorted(values)
 
     def _publish(self, f: _FeedState) -> None:
         name = f.spec.name
