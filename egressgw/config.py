@@ -362,7 +362,20 @@ def load_config(path: Path) -> Config:
         feeds_spec.check_unique_names(cfg.feeds)
     except ValueError as e:
         raise ConfigError([f"{path}:{doc.line_of(['feeds'])}: feeds: {e}"]) from e
-    return _resolve_relative(cfg, path.parent)
+    cfg = _resolve_relative(cfg, path.parent)
+    missing = [
+        f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: file not found: {value}"
+        for i, sink in enumerate(cfg.sinks)
+        for key in _SINK_FILES
+        if isinstance(value := getattr(sink, key, None), Path) and not value.is_file()
+    ]
+    if missing:
+        raise ConfigError(missing)
+    return cfg
+
+
+# Files a sink reads at start (TLS material): a missing one is a configuration error.
+_SINK_FILES = ("ca", "cert", "key")
 
 
 def default_config() -> Config:

@@ -111,3 +111,23 @@ def test_check_command(contract_dir: Path, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "policy.yaml:4: tiers[0].rules[0].name: Field required" in out
     assert out.rstrip().endswith("1 error")
+
+
+def test_siem_contract_needs_its_ca_file(contract_dir: Path) -> None:
+    """The contract with every sink is accepted once ca.pem exists; before, the error names it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(contract_dir / "egressgw-siem.yaml")
+    [error] = info.value.errors
+    assert error.startswith(
+        f"{contract_dir / 'egressgw-siem.yaml'}:34: sinks[1].ca: file not found"
+    )
+    (contract_dir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_config(contract_dir / "egressgw-siem.yaml")
+    assert [s.type for s in cfg.sinks] == [
+        "file",
+        "syslog",
+        "elasticsearch",
+        "splunk_hec",
+        "webhook",
+    ]
+    assert cfg.spool is not None and cfg.spool.max_bytes == 256 * 1024 * 1024
