@@ -74,6 +74,29 @@ def build_feeds(
     )
 
 
+LISTEN_BACKLOG = 4096
+
+
+def listen_socket(listen: str) -> socket.socket:
+    """A listening TCP socket; with TCP_DEFER_ACCEPT a client is accepted once it has sent its
+    request line, which saves a loop round trip per connection.
+    """
+    host, port = _split(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _split(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
@@ -167,9 +190,8 @@ class Gateway:
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
         await self._start_admin()
-        host, port = _split(self.config.proxy.listen)
         self.server = await loop.create_server(
-            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=4096
+            lambda: ClientConnection(self), sock=listen_socket(self.config.proxy.listen)
         )
         sock = self.server.sockets[0]
         self.proxy_address = sock.getsockname()[:2]

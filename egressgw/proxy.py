@@ -349,6 +349,13 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is Mode.TUNNEL:
             self._tunnel_from_client(data)
             return
+        if self.mode is Mode.CHECKING:
+            # A tunnel's first bytes may come before the decision: keep them for the peek
+            # (pausing the socket instead would cost two epoll changes on every tunnel).
+            self.peek_buffer += data
+            if len(self.peek_buffer) > MAX_PENDING_BODY:
+                self.pause_client_reading()
+            return
         if self.mode is Mode.CLOSED:
             return
         if self.awaiting_head:
@@ -552,7 +559,6 @@ class ClientConnection(asyncio.Protocol):
         req = self.request
         assert req is not None and self.transport is not None
         self.mode = Mode.CHECKING
-        self.transport.pause_reading()
         self.peek_buffer = rest
         flow = self._new_flow()
         flow.protocol = "tls"  # assumed until the first bytes say otherwise
@@ -593,8 +599,7 @@ class ClientConnection(asyncio.Protocol):
         self.hub.tunnel_opened()
         self.write(CONNECT_ESTABLISHED)
         self.peeking = True
-        assert self.transport is not None
-        self.transport.resume_reading()
+        self.resume_client_reading()
         if self.peek_buffer:
             data, self.peek_buffer = self.peek_buffer, b""
             self._tunnel_from_client(data)
