@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import shutil
 import signal
@@ -41,6 +42,9 @@ def _load(path: Path | None) -> cfgmod.Config:
 async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
     gateway = Gateway(cfg, path)
     await gateway.start()
+    # Everything loaded so far (config, policy, feeds) lives as long as the process: keep it out
+    # of the cyclic collector's sweeps, which otherwise rescan it on every full collection.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
