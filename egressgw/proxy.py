@@ -387,13 +387,16 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is Mode.TUNNEL:
             self.client_eof = True
             pipe_transport = self.pipe.transport if self.pipe is not None else None
-            if pipe_transport is not None:
-                if self.peeking:
-                    self._decide_peeked(protocol="tcp", sni=None)
-                if pipe_transport.can_write_eof() and not pipe_transport.is_closing():
-                    pipe_transport.write_eof()
-            if self.upstream_eof_seen:
+            if pipe_transport is not None and self.peeking:
+                self._decide_peeked(protocol="tcp", sni=None)
+            if self.upstream_eof_seen or self.transport is None or self.transport.is_closing():
                 self.close()
+            elif (
+                pipe_transport is not None
+                and pipe_transport.can_write_eof()
+                and not pipe_transport.is_closing()
+            ):
+                pipe_transport.write_eof()
             return True
         return False
 
@@ -690,10 +693,10 @@ class ClientConnection(asyncio.Protocol):
     def upstream_eof(self) -> None:
         """The destination finished sending."""
         self.upstream_eof_seen = True
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
         if self.client_eof:
-            self.close()
+            self.close()  # both sides done: close sends the FIN, a shutdown first would be wasted
+        elif self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         """The destination's connection closed."""
