@@ -26,6 +26,7 @@ import enum
 import ipaddress
 import time
 from collections import deque
+from http import HTTPStatus
 from typing import Any, Protocol, cast
 
 import httptools
@@ -287,13 +288,11 @@ class _HttpUpstream(asyncio.Protocol):
             self.done.set_result(self.parser.should_keep_alive() and not self.close_delimited)
 
 
-def _phrase(status: int) -> bytes:
-    from http import HTTPStatus
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+
+def _phrase(status: int) -> bytes:
+    return _PHRASES.get(status, b"Unknown")
 
 
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
