@@ -127,6 +127,7 @@ class Gateway:
             "hostname": socket.gethostname(),
         }
         self.clock = time.monotonic()
+        self.loop: asyncio.AbstractEventLoop  # set by start(), before any connection
         self.ready = False
         self.server: asyncio.Server | None = None
         self.admin: web.AppRunner | None = None
@@ -181,7 +182,7 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start exporter, admin server and proxy listener."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         await self.exporter.start()
         await self.feeds.start()
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]

@@ -25,7 +25,7 @@ from egressgw.guard import Guard, effective_ip
 from egressgw.identity import Inventory, Workload
 from egressgw.policy import Decision, Destination, Policy
 from egressgw.policy import Protocol as FlowProtocol
-from egressgw.resolver import ResolveError, Resolver
+from egressgw.resolver import Resolution, ResolveError, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_DECISION_CACHE = 100_000
@@ -156,23 +156,53 @@ def decide_addresses(
     return _deny(flow, first, _policy_reason(first, flow))
 
 
+def check_flow_now(rt: Runtime, flow: Flow, now: float) -> Verdict | None:
+    """The decision path without waiting: None when the name must be resolved first.
+
+    Most flows go to addresses or to names whose answer is cached; they are decided here,
+    synchronously, with no task. ``now`` is the event loop's clock (for the resolver cache).
+    """
+    host = flow.host
+    assert host is not None
+    if host.name is None:
+        return _decide_resolved(rt, flow, None)
+    cached = rt.resolver.cached(host.name, now)
+    if cached is None:
+        return None
+    return _decide_resolved(rt, flow, cached)
+
+
 async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
     """Run the whole decision path for a new flow (``flow.host``, port and protocol set)."""
+    host = flow.host
+    assert host is not None
+    if host.name is None:
+        return _decide_resolved(rt, flow, None)
+    try:
+        resolution: Resolution | ResolveError = await rt.resolver.resolve(host.name)
+    except ResolveError as e:
+        resolution = e
+    return _decide_resolved(rt, flow, resolution)
+
+
+def _decide_resolved(
+    rt: Runtime, flow: Flow, resolution: Resolution | ResolveError | None
+) -> Verdict:
+    """Decide once the name's answer is known (None for an address literal)."""
     flow.workload = rt.inventory.lookup(flow.source_ip)
     host = flow.host
     assert host is not None
     threats: list[dict[str, Any]] = []
     if host.name is not None:
         threats.extend(rt.threats.match_name(host.name))
-        if flow.url is not None:
-            threats.extend(rt.threats.match_url(flow.url))
-        try:
-            resolution = await rt.resolver.resolve(host.name)
-        except ResolveError as e:
-            flow.threats = flow.name_threats = tuple(threats)
-            if threats:
-                return decide_without_address(rt, flow, e.reason)
-            return _deny(flow, None, str(e), status=502)
+    if flow.url is not None:
+        threats.extend(rt.threats.match_url(flow.url))
+    if isinstance(resolution, ResolveError):
+        flow.threats = flow.name_threats = tuple(threats)
+        if threats:
+            return decide_without_address(rt, flow, resolution.reason)
+        return _deny(flow, None, str(resolution), status=502)
+    if resolution is not None:
         flow.resolved = resolution.ips
         flow.cnames = resolution.chain
         for cname in resolution.chain:
@@ -180,8 +210,6 @@ async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
         ips: Sequence[IPAddress] = resolution.ips
     else:
         assert host.ip is not None
-        if flow.url is not None:
-            threats.extend(rt.threats.match_url(flow.url))
         ips = (host.ip,)
     flow.name_threats = tuple(threats)
     return decide_addresses(rt, flow, ips)

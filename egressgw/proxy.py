@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import ipaddress
+import os
+import socket
 import time
 from collections import deque
 from http import HTTPStatus
@@ -32,7 +35,7 @@ from typing import Any, Protocol, cast
 import httptools
 import structlog
 
-from egressgw.checks import Runtime, Verdict, check_flow, recheck_tunnel
+from egressgw.checks import Runtime, Verdict, check_flow, check_flow_now, recheck_tunnel
 from egressgw.config import ProxyConfig
 from egressgw.flow import Flow, ip_text
 from egressgw.names import Host, parse_authority, parse_host
@@ -64,6 +67,10 @@ HOP_BY_HOP = frozenset(
 )
 # Bytes of request body buffered while the flow is decided or the upstream is slow.
 MAX_PENDING_BODY = 256 * 1024
+# A tunnel's reads from its destination, and how much it buffers toward it before pausing
+# the client.
+PIPE_RECV_SIZE = 256 * 1024
+PIPE_HIGH_WATER = 256 * 1024
 
 
 class Hub(Protocol):
@@ -71,6 +78,7 @@ class Hub(Protocol):
 
     runtime: Runtime
     limits: ProxyConfig
+    loop: asyncio.AbstractEventLoop
     clock: float  # a coarse monotonic clock, updated by the idle sweeper
 
     def flow_decided(self, flow: Flow) -> None:
@@ -136,31 +144,145 @@ class Request:
         self.body_done = False
 
 
-class _Pipe(asyncio.Protocol):
-    """The upstream side of a tunnel: bytes from the destination go to the client."""
+class _RawPipe:
+    """The upstream side of a tunnel: a non-blocking socket driven by loop readers/writers.
 
-    def __init__(self, client: ClientConnection) -> None:
+    No Transport, Protocol or Task per tunnel: bytes from the destination go straight to the
+    client's transport, bytes for the destination are sent at once and only what the socket
+    does not take is buffered (the client is paused above ``PIPE_HIGH_WATER``). It offers the
+    few transport methods the client connection uses.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, client: ClientConnection
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
         self.client = client
-        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.reading = False
+        self.writing = False
+        self.closing = False
+        self.eof_pending = False
+        self.client_paused = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+    def start(self) -> None:
+        """Start relaying from the destination to the client."""
+        self.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        self.client.from_upstream(data)
-
-    def eof_received(self) -> bool:
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(PIPE_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        if data:
+            self.client.from_upstream(data)
+            return
+        self.pause_reading()
         self.client.upstream_eof()
+
+    def write(self, data: bytes) -> None:
+        """Send to the destination, buffering what the socket does not take now."""
+        if self.closing:
+            return
+        if not self.buffer:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._lost(e)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.buffer += data
+        if not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        if len(self.buffer) > PIPE_HIGH_WATER and not self.client_paused:
+            self.client_paused = True
+            self.client.pause_client_reading()
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        del self.buffer[:sent]
+        if self.client_paused and len(self.buffer) <= PIPE_HIGH_WATER // 4:
+            self.client_paused = False
+            self.client.resume_client_reading()
+        if self.buffer:
+            return
+        self.loop.remove_writer(self.fd)
+        self.writing = False
+        if self.closing:
+            self._release()
+        elif self.eof_pending:
+            self.write_eof()
+
+    def write_eof(self) -> None:
+        """Half-close toward the destination once the buffer is sent."""
+        if self.buffer:
+            self.eof_pending = True
+            return
+        self.eof_pending = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._lost(e)
+
+    def can_write_eof(self) -> bool:
+        """Half-close is supported."""
         return True
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def is_closing(self) -> bool:
+        """True once close() was called."""
+        return self.closing
+
+    def pause_reading(self) -> None:
+        """Stop reading the destination (the client's buffer is full, or EOF)."""
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        """Read the destination again."""
+        if not self.reading and not self.closing:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def close(self) -> None:
+        """Close after sending what is buffered (like Transport.close)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.pause_reading()
+        if not self.buffer:
+            self._release()
+
+    def _lost(self, exc: OSError) -> None:
+        self.buffer.clear()
+        self.closing = True
+        self._release()
         self.client.upstream_lost(exc)
 
-    def pause_writing(self) -> None:
-        self.client.pause_client_reading()
-
-    def resume_writing(self) -> None:
-        self.client.resume_client_reading()
+    def _release(self) -> None:
+        self.pause_reading()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        if self.fd >= 0:
+            self.fd = -1
+            self.sock.close()
 
 
 class _HttpUpstream(asyncio.Protocol):
@@ -326,7 +448,9 @@ class ClientConnection(asyncio.Protocol):
         self.http_task: asyncio.Task[Any] | None = None
         self.upstream: _HttpUpstream | None = None
         self.upstream_key: tuple[IPAddress, int] | None = None
-        self.pipe: _Pipe | None = None
+        self.pipe: _RawPipe | None = None
+        self.connecting: socket.socket | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
         self.peeking = False
         self.peek_buffer = b""
         self.client_eof = False
@@ -385,7 +509,7 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.mode is Mode.TUNNEL:
             self.client_eof = True
-            pipe_transport = self.pipe.transport if self.pipe is not None else None
+            pipe_transport = self.pipe
             if pipe_transport is not None and self.peeking:
                 self._decide_peeked(protocol="tcp", sni=None)
             if self.upstream_eof_seen or self.transport is None or self.transport.is_closing():
@@ -407,14 +531,14 @@ class ClientConnection(asyncio.Protocol):
         self.hub.connection_closed(self)
 
     def pause_writing(self) -> None:
-        if self.pipe is not None and self.pipe.transport is not None:
-            self.pipe.transport.pause_reading()
+        if self.pipe is not None:
+            self.pipe.pause_reading()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.pipe is not None and self.pipe.transport is not None:
-            self.pipe.transport.resume_reading()
+        if self.pipe is not None:
+            self.pipe.resume_reading()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 
@@ -527,8 +651,9 @@ class ClientConnection(asyncio.Protocol):
             self.items_waiter.set_result(None)
         if self.http_task is not None and not self.http_task.done():
             self.http_task.cancel()
-        if self.pipe is not None and self.pipe.transport is not None:
-            self.pipe.transport.close()
+        if self.pipe is not None:
+            self.pipe.close()
+        self._abandon_connect()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         if self.transport is not None:
@@ -569,37 +694,84 @@ class ClientConnection(asyncio.Protocol):
         except (ValueError, UnicodeDecodeError) as e:
             self._refuse(400, f"bad CONNECT target: {e}")
             return
-        self.http_task = spawn(self._connect(flow), name=f"connect-{flow.id}")
+        verdict = check_flow_now(self.hub.runtime, flow, self.hub.loop.time())
+        if verdict is None:  # the name must be resolved first
+            self.http_task = spawn(self._resolve_then_connect(flow), name=f"connect-{flow.id}")
+        else:
+            self._connect(flow, verdict)
 
-    async def _connect(self, flow: Flow) -> None:
+    async def _resolve_then_connect(self, flow: Flow) -> None:
         verdict = await check_flow(self.hub.runtime, flow)
+        if self.mode is not Mode.CLOSED:
+            self._connect(flow, verdict)
+
+    def _connect(self, flow: Flow, verdict: Verdict) -> None:
+        """Refuse, or start a non-blocking connect to the checked address."""
         if not verdict.allowed:
             self.hub.flow_decided(flow)
             self._refuse(verdict.status, verdict.reason)
             return
-        assert verdict.ip is not None
-        loop = asyncio.get_running_loop()
+        ip = verdict.ip
+        assert ip is not None
+        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
         try:
-            async with asyncio.timeout(self.limits.connect_timeout):
-                _, pipe = await loop.create_connection(
-                    lambda: _Pipe(self), host=ip_text(verdict.ip), port=flow.port
-                )
-        except TimeoutError:
-            self._upstream_failed(flow, 504, f"connect to {verdict.ip}:{flow.port} timed out")
-            return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((ip_text(ip), flow.port))
         except OSError as e:
+            sock.close()
+            self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {e.strerror or e}")
+            return
+        if err == 0:  # loopback and local peers often connect at once: no loop round trip
+            self._connected(flow, sock)
+        elif err == errno.EINPROGRESS:
+            self.connecting = sock
+            self.hub.loop.add_writer(sock.fileno(), self._connect_ready, flow, sock)
+            self.connect_timer = self.hub.loop.call_later(
+                self.limits.connect_timeout, self._connect_timed_out, flow, sock
+            )
+        else:
+            sock.close()
+            self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {os.strerror(err)}")
+
+    def _abandon_connect(self) -> None:
+        sock, self.connecting = self.connecting, None
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        if sock is not None:
+            self.hub.loop.remove_writer(sock.fileno())
+            sock.close()
+
+    def _connect_ready(self, flow: Flow, sock: socket.socket) -> None:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.hub.loop.remove_writer(sock.fileno())
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        self.connecting = None
+        if err:
+            sock.close()
             self._upstream_failed(
-                flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
+                flow, 502, f"connect to {flow.ip}:{flow.port}: {os.strerror(err)}"
             )
             return
+        self._connected(flow, sock)
+
+    def _connect_timed_out(self, flow: Flow, sock: socket.socket) -> None:
+        self.connect_timer = None
+        self._abandon_connect()
+        self._upstream_failed(flow, 504, f"connect to {flow.ip}:{flow.port} timed out")
+
+    def _connected(self, flow: Flow, sock: socket.socket) -> None:
         if self.mode is Mode.CLOSED:
-            if pipe.transport is not None:
-                pipe.transport.close()
+            sock.close()
             return
-        self.pipe = pipe
+        self.pipe = _RawPipe(self.hub.loop, sock, self)
         self.mode = Mode.TUNNEL
         self.hub.tunnel_opened()
         self.write(CONNECT_ESTABLISHED)
+        self.pipe.start()
         self.peeking = True
         self.resume_client_reading()
         if self.peek_buffer:
@@ -640,9 +812,8 @@ class ClientConnection(asyncio.Protocol):
             self._decide_peeked(protocol="tls", sni=sni)
             return
         flow.bytes_out += len(data)
-        pipe = self.pipe
-        if pipe is not None and pipe.transport is not None:
-            pipe.transport.write(data)
+        if self.pipe is not None:
+            self.pipe.write(data)
 
     def _decide_peeked(self, protocol: Any, sni: str | None, closing: bool = False) -> None:
         """The first client bytes arrived: confirm or refuse the tunnel, then let them through."""
@@ -669,8 +840,8 @@ class ClientConnection(asyncio.Protocol):
         data, self.peek_buffer = self.peek_buffer, b""
         if data and self.flow is not None:
             self.flow.bytes_out += len(data)
-            if self.pipe is not None and self.pipe.transport is not None:
-                self.pipe.transport.write(data)
+            if self.pipe is not None:
+                self.pipe.write(data)
 
     def _deny_tunnel(self, reason: str, decided: bool = False) -> None:
         flow = self.flow

@@ -85,18 +85,25 @@ class Resolver:
         self._max_ttl = max_ttl
         self._ipv6 = ipv6
 
+    def cached(self, name: str, now: float) -> Resolution | ResolveError | None:
+        """The cached answer for a name (or its cached failure), None when it must be asked."""
+        cached = self._cache.get(name)
+        if cached is None:
+            return None
+        expiry, value = cached
+        if expiry > now:
+            return value
+        del self._cache[name]
+        return None
+
     async def resolve(self, name: str) -> Resolution:
         """Resolve a canonical name, from the cache when its TTL allows."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        cached = self._cache.get(name)
-        if cached is not None:
-            expiry, value = cached
-            if expiry > now:
-                if isinstance(value, ResolveError):
-                    raise value
-                return value
-            del self._cache[name]
+        value = self.cached(name, loop.time())
+        if isinstance(value, ResolveError):
+            raise value
+        if value is not None:
+            return value
         pending = self._inflight.get(name)
         if pending is not None:
             return await asyncio.shield(pending)
