@@ -722,7 +722,9 @@ class ClientConnection(asyncio.Protocol):
             sock.close()
             self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {e.strerror or e}")
             return
-        if err == 0:  # loopback and local peers often connect at once: no loop round trip
+        if err == errno.EINPROGRESS and _already_connected(sock):
+            err = 0  # loopback and local peers finish inside connect(): no loop round trip
+        if err == 0:
             self._connected(flow, sock)
         elif err == errno.EINPROGRESS:
             self.connecting = sock
@@ -1004,6 +1006,14 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = upstream
         self.upstream_key = key
         return upstream
+
+
+def _already_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 _SOURCE_IPS: dict[str, IPAddress] = {}
