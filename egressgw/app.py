@@ -45,8 +45,8 @@ from siem.firewall import to_edl
 
 log = structlog.get_logger("egressgw")
 
+# How often idle and head timeouts are checked (their resolution).
 SWEEP_INTERVAL = 1.0
-WATCH_INTERVAL = 2.0
 
 
 def build_runtime(cfg: Config, threats: ThreatSource | None = None) -> Runtime:
@@ -197,7 +197,7 @@ class Gateway:
         sock = self.server.sockets[0]
         self.proxy_address = sock.getsockname()[:2]
         self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
-        if self.config_path is not None:
+        if self.config_path is not None and self.config.reload.watch:
             self._tasks.append(spawn(self._watch(), name="config-watcher"))
         self.ready = True
         log.info(
@@ -281,7 +281,7 @@ class Gateway:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
+            await asyncio.sleep(self.config.reload.interval)
             current = await asyncio.to_thread(self._mtimes)
             if current != self._watched:
                 self._watched = current

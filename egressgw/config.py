@@ -40,6 +40,7 @@ DEFAULT_RESOLVER_CACHE = 10_000
 DEFAULT_MIN_TTL = 0.0
 DEFAULT_MAX_TTL = 3600.0
 DEFAULT_DECISION_CACHE = 100_000
+DEFAULT_WATCH_INTERVAL = 2.0
 
 Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
 
@@ -142,6 +143,13 @@ class PolicyConfig(_Model):
     files: tuple[Path, ...] = ()
 
 
+class ReloadConfig(_Model):
+    """Reloading configuration and policy when their files change."""
+
+    watch: bool = True
+    interval: Duration = DEFAULT_WATCH_INTERVAL
+
+
 class LogConfig(_Model):
     """The gateway's own log."""
 
@@ -162,6 +170,7 @@ class Config(_Model):
     spool: SpoolSpec | None = None
     sinks: tuple[SinkSpec, ...] = (StdoutSinkSpec(type="stdout"),)
     log: LogConfig = LogConfig()
+    reload: ReloadConfig = ReloadConfig()
     state_dir: Path = Path("state")
 
 

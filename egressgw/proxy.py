@@ -47,10 +47,9 @@ log = structlog.get_logger("egressgw.proxy")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Request methods forwarded in absolute form; anything else is answered 405.
-FORWARDED_METHODS = frozenset(
-    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE"}
-)
+# Request methods forwarded in absolute form; anything else is answered 405 (TRACE too: it
+# echoes request headers back, cookies and credentials included).
+FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 HOP_BY_HOP = frozenset(
     {
         b"connection",

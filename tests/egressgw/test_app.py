@@ -131,12 +131,12 @@ async def test_stop_drains_open_tunnel(tmp_path: Path, gateway: Gateway) -> None
     assert any('"connection_ended"' in line for line in lines)
 
 
-async def test_policy_file_change_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_policy_file_change_reloads(tmp_path: Path) -> None:
     """Editing the policy file is noticed by the watcher and swaps the policy in."""
-    monkeypatch.setattr("egressgw.app.WATCH_INTERVAL", 0.05)
     (tmp_path / "policy.yaml").write_text(ALLOW_ECHO)
     (tmp_path / "gw.yaml").write_text(
         "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "reload: {interval: 50ms}\n"
         "guard: {allow: ['127.0.0.1/32']}\npolicy: {files: [policy.yaml]}\n"
         "sinks: [{type: file, path: events.jsonl}]\n"
     )

@@ -76,6 +76,7 @@ MAX_CONNECTIONS = 3
 SHORT_TIMEOUT = "1s"
 LIMIT_WAIT = 5.0
 CLOSE_SETTLE = 0.3
+PARTIAL_REQUEST = b"GET http://allowed"
 CACHED_TTL = 30
 MANY_HEADERS = 200
 
@@ -165,6 +166,20 @@ def test_case_and_trailing_dot_do_not_hide_a_feed_name(
         gateway, f"CONNECT {name}:{HTTPS_PORT} HTTP/1.1\nHost: {name}:{HTTPS_PORT}", head_only=True
     )
     assert_feed_denied(connect.status, connect.reason, "local-domains")
+    assert len(upstream.requests_to(EVIL_IP)) == before
+
+
+def test_bytes_sent_with_a_refused_connect_go_nowhere(gateway: Gateway, upstream: Upstream) -> None:
+    """A refused CONNECT answers 403 and drops the tunnel bytes sent along with it."""
+    before = len(upstream.requests_to(EVIL_IP))
+    authority = f"evil.test:{HTTP_PORT}"
+    with RawConnection(gateway.proxy_host, gateway.proxy_port, source=PAYMENTS) as conn:
+        conn.send(
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+            "GET /early HTTP/1.1\r\nHost: early\r\n\r\n".encode()
+        )
+        refused = conn.read_response(head_only=True)
+    assert_feed_denied(refused.status, refused.reason, "local-domains")
     assert len(upstream.requests_to(EVIL_IP)) == before
 
 
@@ -475,18 +490,21 @@ def test_connection_limit_is_503(limited: Gateway) -> None:
     """Past proxy.max_connections a new client gets 503 at once."""
     with contextlib.ExitStack() as stack:
         for _ in range(MAX_CONNECTIONS):
-            stack.enter_context(RawConnection(limited.proxy_host, limited.proxy_port))
+            # A first byte, so a listener with TCP_DEFER_ACCEPT hands the client over at once.
+            conn = stack.enter_context(RawConnection(limited.proxy_host, limited.proxy_port))
+            conn.send(PARTIAL_REQUEST)
         time.sleep(0.2)
-        over, _ = raw_request(limited.proxy_host, limited.proxy_port, b"")
+        over, _ = raw_request(limited.proxy_host, limited.proxy_port, PARTIAL_REQUEST)
     # The gateway may accept a new client before it has read the EOFs of these: give it a moment.
     time.sleep(CLOSE_SETTLE)
     assert over.status == 503, over
 
 
 def test_head_timeout_is_408(limited: Gateway) -> None:
-    """A client that sends no request head within proxy.head_timeout gets 408 and is closed."""
+    """A client that sends no whole request head within proxy.head_timeout gets 408, closed."""
     started = time.monotonic()
     with RawConnection(limited.proxy_host, limited.proxy_port, timeout=LIMIT_WAIT) as idle:
+        idle.send(PARTIAL_REQUEST)
         reply = idle.read_response()
         rest = idle.read_until_closed()
     assert reply.status == 408, reply

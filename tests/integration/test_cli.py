@@ -14,7 +14,7 @@ import pytest
 from tests.support import Dnsmasq, Gateway, TlsFiles, Upstream, curl, write_config
 from tests.support.gateway import egressgw_executable
 
-from .testbed import CONTRACT_DIR, HTTP_PORT, HTTPS_PORT, PAYMENTS
+from .testbed import BATCH, CONTRACT_DIR, HTTP_PORT, HTTPS_PORT, PAYMENTS
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +105,24 @@ def test_explain_shows_a_feed_deny(config: Path) -> None:
     assert done.returncode != 0, done.stdout
     assert "security/block-threat-feeds" in done.stdout
     assert "DENY" in done.stdout
+
+
+def test_explain_shows_the_audit_and_the_pass(config: Path) -> None:
+    """`explain` for batch -> api.partner.test lists the audit's would-deny, then the allow."""
+    done = egressgw(
+        "explain",
+        "--config",
+        str(config),
+        "--from",
+        BATCH,
+        "--to",
+        f"api.partner.test:{HTTPS_PORT}",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = done.stdout
+    assert "security/batch-audit-partner" in steps and "would deny" in steps
+    assert steps.index("batch-audit-partner") < steps.index("platform/partner-for-all")
+    assert "ALLOW (platform/partner-for-all)" in steps
 
 
 def status_until(gw: Gateway, url: str, wanted: int, timeout: float = RELOAD_TIMEOUT) -> int:

@@ -8,6 +8,7 @@ events of each flow. One gateway serves the whole module.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ pytestmark = pytest.mark.integration
 
 SHUTDOWN_TIMEOUT = 8.0
 DRAIN_TIMEOUT = "2s"
+STOP_ACCEPTING_WITHIN = 0.5
 CONNECT_TIMEOUT = "1s"
 CONCURRENT_CLIENTS = 16
 EXPECT_WAIT = 5.0
@@ -154,6 +156,30 @@ def test_payments_https_through_connect_allowed(
         "platform",
         "payments-to-psp",
     )
+
+
+def test_plain_http_inside_a_tunnel_is_a_tcp_flow(gateway: Gateway) -> None:
+    """CONNECT then plain HTTP (no ClientHello) is relayed and logged as network.protocol tcp."""
+    result = via(gateway, PAYMENTS, f"http://allowed.test:{HTTP_PORT}/inside", tunnel=True)
+    assert (result.connect_status, result.status) == (200, 200), result
+    assert result.json()["path"] == "/inside"
+    decision = decision_of(flow(gateway, result))
+    assert field(decision, "network.protocol") == "tcp"
+    assert field(decision, "event.action") == "connection_allowed"
+
+
+def test_bytes_sent_with_the_connect_reach_the_destination(gateway: Gateway) -> None:
+    """Tunnel bytes sent together with CONNECT (before its 200) are relayed, not lost."""
+    authority = f"allowed.test:{HTTP_PORT}"
+    with RawConnection(gateway.proxy_host, gateway.proxy_port, source=PAYMENTS) as conn:
+        conn.send(
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+            "GET /early HTTP/1.1\r\nHost: early\r\n\r\n".encode()
+        )
+        established = conn.read_response(head_only=True)
+        inner = conn.read_response()
+    assert (established.status, inner.status) == (200, 200)
+    assert b'"/early"' in inner.body
 
 
 @pytest.mark.parametrize("tunnel", [False, True], ids=["http", "connect"])
@@ -325,14 +351,21 @@ def test_expect_100_continue_to_a_denied_host_gets_403_at_once(gateway: Gateway)
 
 
 def test_keep_alive_serves_two_requests(gateway: Gateway) -> None:
-    """Two absolute-form requests on one client connection are both answered."""
+    """Two requests on one client connection are both answered, each logged as its own flow."""
     with RawConnection(gateway.proxy_host, gateway.proxy_port, source=PAYMENTS) as conn:
         target = f"http://allowed.test:{HTTP_PORT}"
         host = f"allowed.test:{HTTP_PORT}"
         first = conn.request(f"GET {target}/one HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         second = conn.request(f"GET {target}/two HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        port = conn.local_port
     assert (first.status, second.status) == (200, 200)
     assert b'"/one"' in first.body and b'"/two"' in second.body
+    # Each request is a flow of its own: two decisions, two ends, two flow ids.
+    events = gateway.wait_events(lambda e: field(e, "source.port") == port, count=4)
+    flows: dict[str, list[str]] = {field(e, "flow.id"): [] for e in events}
+    for e in events:
+        flows[field(e, "flow.id")].append(field(e, "event.action"))
+    assert sorted(flows.values()) == [["connection_allowed", "connection_ended"]] * 2
 
 
 def test_response_hop_by_hop_headers_removed(gateway: Gateway) -> None:
@@ -442,7 +475,7 @@ def test_admin_health_endpoints(gateway: Gateway) -> None:
 def test_sigterm_exits_zero_and_flushes_every_event(
     tmp_path: Path, dns: Dnsmasq, upstream: Upstream, pki: TlsFiles, curl_installed: None
 ) -> None:
-    """SIGTERM with an open tunnel: exit 0 within seconds, every flow's events are in the file."""
+    """SIGTERM: stop accepting, drain the open tunnel, exit 0; every flow's events are written."""
     path = write_config(
         tmp_path,
         CONTRACT_DIR,
@@ -462,10 +495,14 @@ def test_sigterm_exits_zero_and_flushes_every_event(
             tunnel_port = tunnel.local_port
             started = time.monotonic()
             gw.signal(signal.SIGTERM)
+            time.sleep(STOP_ACCEPTING_WITHIN)
+            # Draining: the open tunnel keeps the process alive, but new clients are refused.
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((gw.proxy_host, gw.proxy_port), timeout=1).close()
             code = gw.wait(SHUTDOWN_TIMEOUT)
             elapsed = time.monotonic() - started
         assert code == 0, gw.logs()
-        assert elapsed < SHUTDOWN_TIMEOUT
+        assert STOP_ACCEPTING_WITHIN < elapsed < SHUTDOWN_TIMEOUT
         by_port = {
             port: [e for e in gw.events() if field(e, "source.port") == port]
             for port in (allowed.local_port, denied.local_port, tunnel_port)
