@@ -285,6 +285,27 @@ def compile_rule(spec: RuleSpec) -> policy.Rule:
     )
 
 
+def _no_feed(name: str) -> str:
+    return f"no feed named {name!r} is configured"
+
+
+def _unknown_feeds(doc: YamlDocument, feed_names: set[str]) -> list[str]:
+    """Feed names no configured feed has, read from the raw file (used when the schema fails)."""
+    out = []
+    tiers = doc.data.get("tiers") if isinstance(doc.data, dict) else None
+    for ti, tier in enumerate(tiers if isinstance(tiers, list) else []):
+        rules = tier.get("rules") if isinstance(tier, dict) else None
+        for ri, rule in enumerate(rules if isinstance(rules, list) else []):
+            to = rule.get("to") if isinstance(rule, dict) else None
+            feeds = to.get("feeds") if isinstance(to, dict) else None
+            for fi, feed in enumerate(feeds if isinstance(feeds, list) else []):
+                if isinstance(feed, str) and feed != "*" and feed not in feed_names:
+                    loc: list[str | int] = ["tiers", ti, "rules", ri, "to", "feeds", fi]
+                    key = f"tiers[{ti}].rules[{ri}].to.feeds[{fi}]"
+                    out.append(f"{doc.path}:{doc.line_of(loc)}: {key}: {_no_feed(feed)}")
+    return out
+
+
 def _check_expressions(spec: RuleSpec) -> list[tuple[list[str | int], str]]:
     problems: list[tuple[list[str | int], str]] = []
     for i, e in enumerate(spec.from_.matchExpressions):
@@ -315,6 +336,8 @@ def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
             spec = PolicyFile.model_validate(doc.data)
         except ValidationError as e:
             errors.extend(doc.errors_from(e))
+            # Schema errors stop the compile, not the other checks: report those too.
+            errors.extend(_unknown_feeds(doc, feed_names))
             continue
         if spec.default is not None:
             if default is not None:
@@ -337,7 +360,7 @@ def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
                 names.add(rule.name)
                 for fi, feed in enumerate(rule.to.feeds):
                     if feed != "*" and feed not in feed_names:
-                        err([*key, "to", "feeds", fi], f"no feed named {feed!r} is configured")
+                        err([*key, "to", "feeds", fi], _no_feed(feed))
                 for sub, msg in _check_expressions(rule):
                     err([*key, *sub], msg)
             tiers.append(

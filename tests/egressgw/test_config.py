@@ -131,3 +131,18 @@ def test_siem_contract_needs_its_ca_file(contract_dir: Path) -> None:
         "webhook",
     ]
     assert cfg.spool is not None and cfg.spool.max_bytes == 256 * 1024 * 1024
+
+
+def test_schema_errors_do_not_hide_unknown_feeds(tmp_path: Path) -> None:
+    """A policy with a bad action and an unknown feed reports both."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "tiers:\n  - name: a\n    rules:\n"
+        "      - name: r\n        action: permit\n        to: {feeds: [nosuch]}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_policy((path,), set())
+    assert info.value.errors == [
+        f"{path}:5: tiers[0].rules[0].action: Input should be 'allow', 'deny' or 'pass'",
+        f"{path}:6: tiers[0].rules[0].to.feeds[0]: no feed named 'nosuch' is configured",
+    ]
