@@ -236,6 +236,8 @@ def recheck_tunnel(rt: Runtime, flow: Flow, protocol: FlowProtocol, sni: str | N
     assert flow.ip is not None
     flow.protocol = protocol
     other_sni = sni is not None and (flow.host is None or sni != flow.host.name)
+    if not other_sni and not rt.policy.protocol_sensitive:
+        return Verdict(True, 200, flow.reason, flow.ip)  # nothing the peek showed can matter
     if sni is not None:
         flow.sni = sni
         if other_sni:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import idna
 
@@ -81,6 +82,11 @@ def normalise_name(name: str) -> str:
     return candidate
 
 
+# Targets repeat: parse each spelling once (the parse is pure, so the cache is exact).
+PARSE_CACHE_SIZE = 65536
+
+
+@lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_host(text: str) -> Host:
     """Parse the host part of an authority into a canonical Host, or raise ValueError."""
     ip = parse_ip_literal(text)
@@ -89,6 +95,7 @@ def parse_host(text: str) -> Host:
     return Host(normalise_name(text), None)
 
 
+@lru_cache(maxsize=PARSE_CACHE_SIZE)
 def parse_authority(authority: str, default_port: int | None = None) -> tuple[Host, int]:
     """Parse ``host:port`` (the CONNECT target or a URL authority without userinfo)."""
     if "@" in authority:

@@ -202,6 +202,13 @@ class Policy:
 
     tiers: tuple[Tier, ...]
     default: Literal["allow", "deny"] = "deny"
+    # True when some rule selects by protocol: only then can a tunnel's protocol change its
+    # decision (the proxy skips deciding again after the peek otherwise).
+    protocol_sensitive: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        sensitive = any(r.destination.protocols is not None for t in self.tiers for r in t.rules)
+        object.__setattr__(self, "protocol_sensitive", sensitive)
 
     def decide(self, w: Workload, d: Destination, trace: bool = False) -> Decision:
         """Decide a flow; with ``trace`` the decision lists every step that led to it."""
