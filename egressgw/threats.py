@@ -15,8 +15,6 @@ from feeds.matcher import Match, Matcher
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_FIELD = {"domain-name": "destination.domain", "url": "url.full"}
-
 
 def to_threat_match(m: Match, field: str) -> dict[str, Any]:
     """One match as an ECS threat enrichment (with the feed name beside it)."""
