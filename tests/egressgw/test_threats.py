@@ -1,9 +1,8 @@
 """Tests of feed matches turned into ECS threat enrichments."""
 
+from egressgw.threats import to_threat_match
 from feeds.indicator import IndicatorType
 from feeds.matcher import Match
-
-from egressgw.threats import to_threat_match
 
 
 def test_network_match() -> None:
