@@ -300,7 +300,10 @@ class Matcher:
 
     def match_domain(self, name: str) -> tuple[Match, ...]:
         """Every blocklist entry for this name or (suffix rule) a parent domain."""
-        key = name.lower().rstrip(".") if name.isascii() else _domain_key(name) or ""
+        if name.islower() and name.isascii() and name[-1:] != ".":
+            key = name  # already canonical (what the gateway passes): no copies
+        else:
+            key = name.lower().rstrip(".") if name.isascii() else _domain_key(name) or ""
         # Any listed name covering this one ends with the same last two labels: one set probe
         # settles almost every miss (inlined, no helper call: this is the hot path).
         if key[key.rfind(".", 0, key.rfind(".")) + 1 :] not in self._tails:
