@@ -70,6 +70,8 @@ MAX_PENDING_BODY = 256 * 1024
 # the client.
 PIPE_RECV_SIZE = 256 * 1024
 PIPE_HIGH_WATER = 256 * 1024
+# Seconds a closed tunnel may take to hand its last buffered bytes to the destination.
+PIPE_LINGER = 10.0
 
 
 class Hub(Protocol):
@@ -260,13 +262,16 @@ class _RawPipe:
             self.loop.add_reader(self.fd, self._on_readable)
 
     def close(self) -> None:
-        """Close after sending what is buffered (like Transport.close)."""
+        """Close after sending what is buffered (like Transport.close), within PIPE_LINGER."""
         if self.closing:
             return
         self.closing = True
         self.pause_reading()
         if not self.buffer:
             self._release()
+        else:
+            # A destination that stopped reading must not hold the socket forever.
+            self.loop.call_later(PIPE_LINGER, self._release)
 
     def _lost(self, exc: OSError) -> None:
         self.buffer.clear()
