@@ -111,7 +111,12 @@ async def produce(exp: Exporter, start: int, count: int, pause: float) -> None:
 @needs_rsyslogd
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 async def test_into_rsyslogd_across_restart(tmp_path: Path, transport: str) -> None:
-    """Every event reaches rsyslogd exactly once, framed by octet counting, across a restart."""
+    """Every event reaches rsyslogd exactly once, framed by octet counting, across a restart.
+
+    rsyslogd is stopped between batches (nothing in flight). Stopping it while a batch sits
+    acknowledged by its kernel but unread by rsyslogd loses that batch: plain syslog over TCP
+    cannot tell, only RELP can (a known gap, see docs/siem.md).
+    """
     port = free_port()
     tls = make_tls_files(tmp_path) if transport == "tls" else None
     rsyslogd = Rsyslogd(tmp_path / "rsyslog", port, tls=tls)
@@ -128,9 +133,8 @@ async def test_into_rsyslogd_across_restart(tmp_path: Path, transport: str) -> N
         await produce(exp, 0, 300, 0.005)
         await exp.flush()
         assert await exp.wait_delivered(within=10)
-        producer = asyncio.get_running_loop().create_task(produce(exp, 300, 600, 0.005))
-        await asyncio.sleep(0.2)  # mid-stream
         await asyncio.to_thread(rsyslogd.stop)
+        producer = asyncio.get_running_loop().create_task(produce(exp, 300, 600, 0.005))
         await asyncio.sleep(0.3)  # events pile up in the spool while the receiver is down
         await asyncio.to_thread(rsyslogd.start)
         await producer
