@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from tests.siem.certs import TlsFiles
+from tests.support.pki import TlsFiles, make_test_pki
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 START_TIMEOUT = 10.0
@@ -40,9 +40,9 @@ class Rsyslogd:
         ]
         if self.tls is not None:
             lines[0] += (
-                f' defaultNetstreamDriver="gtls" defaultNetstreamDriverCAFile="{self.tls.ca}"'
-                f' defaultNetstreamDriverCertFile="{self.tls.cert}"'
-                f' defaultNetstreamDriverKeyFile="{self.tls.key}"'
+                f' defaultNetstreamDriver="gtls" defaultNetstreamDriverCAFile="{self.tls.ca_cert}"'
+                f' defaultNetstreamDriverCertFile="{self.tls.server_cert}"'
+                f' defaultNetstreamDriverKeyFile="{self.tls.server_key}"'
             )
         lines[0] += ")"
         if self.tls is not None:
@@ -99,3 +99,8 @@ class Rsyslogd:
     def lines(self) -> list[bytes]:
         """Messages written so far, one per line."""
         return self.out.read_bytes().splitlines() if self.out.exists() else []
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """A test CA and a server certificate for the receiver on 127.0.0.1."""
+    return make_test_pki(directory, ("localhost", "127.0.0.1"))

@@ -21,7 +21,7 @@ from siem.config import (
     WebhookSinkSpec,
 )
 from siem.formats import CEF_FIELDS, LEEF_FIELDS, SD_FIELDS
-from tests.siem.certs import make_tls_files
+from tests.siem.rsyslog_server import make_tls_files
 
 
 def asset(name: str) -> str:
@@ -48,7 +48,7 @@ def test_rsyslog_example_is_valid_config(tmp_path: Path) -> None:
     text = text.replace("/var/log/egressgw", str(tmp_path))
     conf = tmp_path / "rsyslog.conf"
     conf.write_text(text)
-    assert tls.ca.exists()
+    assert tls.ca_cert.exists()
     proc = subprocess.run(
         ["rsyslogd", "-N1", "-f", str(conf)], capture_output=True, text=True, timeout=30
     )

@@ -16,8 +16,7 @@ from siem.config import SpoolSpec, SyslogSinkSpec
 from siem.exporter import DeliveryOptions, Exporter
 from siem.sinks.syslog import SyslogSink, split_address
 from siem.spool import Record
-from tests.siem.certs import make_tls_files
-from tests.siem.rsyslog_server import RSYSLOGD, Rsyslogd, free_port
+from tests.siem.rsyslog_server import RSYSLOGD, Rsyslogd, free_port, make_tls_files
 from tests.siem.test_formats import RFC5424, parse_cef, parse_sd
 
 needs_rsyslogd = pytest.mark.skipif(
@@ -125,7 +124,7 @@ async def test_into_rsyslogd_across_restart(tmp_path: Path, transport: str) -> N
         type="syslog",
         address=f"127.0.0.1:{port}",
         transport=transport,  # type: ignore[arg-type]
-        ca=tls.ca if tls else None,
+        ca=tls.ca_cert if tls else None,
     )
     exp = syslog_exporter(tmp_path, spec)
     await exp.start()
@@ -160,7 +159,7 @@ async def test_tls_cef_into_rsyslogd(tmp_path: Path) -> None:
     rsyslogd = Rsyslogd(tmp_path / "rsyslog", port, tls=tls)
     await asyncio.to_thread(rsyslogd.start)
     spec = SyslogSinkSpec(
-        type="syslog", address=f"127.0.0.1:{port}", transport="tls", format="cef", ca=tls.ca
+        type="syslog", address=f"127.0.0.1:{port}", transport="tls", format="cef", ca=tls.ca_cert
     )
     exp = syslog_exporter(tmp_path, spec)
     await exp.start()
@@ -195,7 +194,7 @@ async def test_tls_refuses_unknown_ca(tmp_path: Path) -> None:
     rsyslogd = Rsyslogd(tmp_path / "rsyslog", port, tls=tls)
     await asyncio.to_thread(rsyslogd.start)
     spec = SyslogSinkSpec(
-        type="syslog", address=f"127.0.0.1:{port}", transport="tls", ca=other.ca, timeout=5
+        type="syslog", address=f"127.0.0.1:{port}", transport="tls", ca=other.ca_cert, timeout=5
     )
     sink = SyslogSink(spec, "tls")
     await sink.start()
