@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from types import TracebackType
+from typing import Self
+
+from tests.support.service import Service
 
 # Linux admits backlog + 1 connections to the accept queue; a few more make sure it is full.
 FILLER_CONNECTIONS = 3
 SETTLE_TIME = 0.1
 
 
-class BlackHole:
+class BlackHole(Service):
     """Context manager: host:port listens with a full accept queue; SYNs to it are dropped."""
 
     def __init__(self, host: str, port: int) -> None:
@@ -20,7 +22,7 @@ class BlackHole:
         self.port = port
         self._sockets: list[socket.socket] = []
 
-    def start(self) -> BlackHole:
+    def start(self) -> Self:
         """Listen with backlog 0 and fill the queue with connections nobody accepts."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sockets.append(listener)
@@ -41,14 +43,3 @@ class BlackHole:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
-
-    def __enter__(self) -> BlackHole:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -11,7 +11,9 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
+from typing import Self
+
+from tests.support.service import Service
 
 from .net import free_port, wait_for_port
 
@@ -61,7 +63,7 @@ def dnsmasq_args(
     return args
 
 
-class Dnsmasq:
+class Dnsmasq(Service):
     """Context manager running dnsmasq on 127.0.0.1:`port` (a free one unless given)."""
 
     def __init__(
@@ -91,7 +93,7 @@ class Dnsmasq:
         """Return the PID of the running dnsmasq, or None when stopped."""
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> Dnsmasq:
+    def start(self) -> Self:
         """Start dnsmasq and wait until its TCP port answers."""
         self._proc = subprocess.Popen(
             self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -115,14 +117,3 @@ class Dnsmasq:
             proc.kill()
             out, _ = proc.communicate()
         return out.decode(errors="replace")
-
-    def __enter__(self) -> Dnsmasq:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

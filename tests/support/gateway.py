@@ -17,10 +17,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from ruamel.yaml import YAML
+
+from tests.support.service import Service
 
 from .net import free_port, http_status
 
@@ -124,7 +125,7 @@ class GatewayError(RuntimeError):
     """The gateway did not become ready or did not stop; the message carries its stderr."""
 
 
-class Gateway:
+class Gateway(Service):
     """Context manager running `egressgw run --config <config>` until it exits."""
 
     def __init__(self, config: Path, *, ready_timeout: float = READY_TIMEOUT) -> None:
@@ -185,7 +186,7 @@ class Gateway:
             f"--- stdout ---\n{out[-STDERR_TAIL:]}\n--- stderr ---\n{self.stderr()[-STDERR_TAIL:]}"
         )
 
-    def start(self) -> Gateway:
+    def start(self) -> Self:
         """Start the gateway and wait until GET /readyz answers 200."""
         exe = egressgw_executable()
         if not exe.exists():
@@ -308,17 +309,6 @@ class Gateway:
                 timeout=timeout,
             )
         return [e for e in self.events() if flow_id is not None and field(e, "flow.id") == flow_id]
-
-    def __enter__(self) -> Gateway:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def decision_of(events: Iterable[Event]) -> Event:

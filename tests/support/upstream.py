@@ -21,10 +21,11 @@ import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
+
+from tests.support.service import Service
 
 from .pki import TlsFiles
 
@@ -79,7 +80,7 @@ def header_names(echo: Echo) -> set[str]:
     return {key.lower() for key, _ in echo["headers"]}
 
 
-class Upstream:
+class Upstream(Service):
     """Context manager running echo servers on `listeners` until it exits."""
 
     def __init__(self, listeners: Sequence[Listener], tls: TlsFiles | None = None) -> None:
@@ -190,7 +191,7 @@ class Upstream:
             self._ready.set()
             loop.close()
 
-    def start(self) -> Upstream:
+    def start(self) -> Self:
         """Start the servers; raise if any listener cannot bind."""
         self._thread = threading.Thread(target=self._run, name="upstream", daemon=True)
         self._thread.start()
@@ -210,14 +211,3 @@ class Upstream:
             loop.call_soon_threadsafe(stop.set)
         thread.join(UPSTREAM_STOP_TIMEOUT)
         self._thread = None
-
-    def __enter__(self) -> Upstream:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
