@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,7 +39,6 @@ DEFAULT_RESOLVER_TIMEOUT = 5.0
 DEFAULT_RESOLVER_CACHE = 10_000
 DEFAULT_MIN_TTL = 0.0
 DEFAULT_MAX_TTL = 3600.0
-DEFAULT_DECISION_CACHE = 100_000
 DEFAULT_WATCH_INTERVAL = 2.0
 
 Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
@@ -424,8 +423,3 @@ def build_inventory(cfg: Config) -> StaticInventory:
         )
         for e in cfg.identity.static
     )
-
-
-def as_plain(cfg: Config) -> dict[str, Any]:
-    """The configuration as plain data (for `egressgw check --print`)."""
-    return cfg.model_dump(mode="json", by_alias=True)

@@ -39,6 +39,11 @@ class Host:
     def __str__(self) -> str:
         return self.name if self.name is not None else str(self.ip)
 
+    def authority(self, port: int, default_port: int) -> str:
+        """``host[:port]`` as a URL or Host header writes it (IPv6 in brackets)."""
+        host = f"[{self.ip}]" if self.ip is not None and self.ip.version == 6 else str(self)
+        return host if port == default_port else f"{host}:{port}"
+
 
 def parse_ip_literal(text: str) -> IPAddress | None:
     """Return the address a host spells as an IP literal (``[v6]`` or dotted quad), else None."""

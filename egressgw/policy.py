@@ -187,15 +187,6 @@ class Tier:
     default: Action = "pass"
 
 
-def describe(d: Destination) -> str:
-    """A short human description of a destination for reasons and explain output."""
-    where = d.name or str(d.ip)
-    if d.name and d.ip is not None:
-        where = f"{d.name} ({d.ip})"
-    feeds = f" listed by {','.join(sorted(d.feeds))}" if d.feeds else ""
-    return f"{d.protocol} {where}:{d.port}{feeds}"
-
-
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The compiled policy: tiers in order and the final default."""

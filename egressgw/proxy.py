@@ -133,13 +133,12 @@ class _Refuse(Exception):
 class Request:
     """One parsed request head waiting to be relayed."""
 
-    __slots__ = ("body_done", "chunked", "headers", "keep_alive", "method", "url", "version")
+    __slots__ = ("body_done", "chunked", "headers", "keep_alive", "method", "url")
 
     def __init__(self) -> None:
         self.method = b""
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.version = "1.1"
         self.keep_alive = True
         self.chunked = False
         self.body_done = False
@@ -574,7 +573,6 @@ class ClientConnection(asyncio.Protocol):
         if size > self.limits.max_header_bytes:
             raise _Refuse(431, f"request head larger than {self.limits.max_header_bytes} bytes")
         req.method = self.parser.get_method()
-        req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
         if req.method == b"CONNECT":
             return  # the parser raises HttpParserUpgrade next
@@ -1054,11 +1052,7 @@ def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
     path = parsed.path or b"/"
     if parsed.query:
         path += b"?" + parsed.query
-    authority = (
-        str(host) if host.name is not None or (host.ip and host.ip.version == 4) else f"[{host.ip}]"
-    )
-    shown_port = "" if port == 80 else f":{port}"
-    canonical = f"http://{authority}{shown_port}{path.decode('latin-1')}"
+    canonical = f"http://{host.authority(port, 80)}{path.decode('latin-1')}"
     return host, port, path, canonical
 
 
@@ -1066,13 +1060,7 @@ def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
     tokens = _connection_tokens(req.headers)
     host = flow.host
     assert host is not None
-    authority = (
-        host.name
-        if host.name is not None
-        else (str(host.ip) if host.ip and host.ip.version == 4 else f"[{host.ip}]")
-    )
-    if flow.port != 80:
-        authority = f"{authority}:{flow.port}"
+    authority = host.authority(flow.port, 80)
     out = [req.method + b" " + path + b" HTTP/1.1\r\nHost: " + authority.encode() + b"\r\n"]
     for name, value in req.headers:
         lower = name.lower()
