@@ -9,8 +9,14 @@ Order (every step can refuse; the first refusal is the reason):
 5. Policy decides for each address in turn, knowing which feeds matched; the flow goes to the first
    address policy allows, so no address policy refused is ever connected to.
 
-Decisions are cached per (workload, destination): the policy is pure, so the cache is exact and is
-dropped whenever the policy, the feeds or the identity source change (a new Runtime).
+Two caches, both exact because every step is a pure function of its inputs, and both dropped
+whenever the policy, the feeds or the identity source change (a new Runtime):
+
+- policy decisions per (workload, destination);
+- whole outcomes of tunnels per (source address, requested host, port, protocol, DNS answer
+  object): a client opening the same tunnel again replays the outcome instead of running
+  identity, feeds, guard and policy again. The resolver hands out one answer object per TTL, so
+  a changed answer is a new key.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from egressgw.resolver import Resolution, ResolveError, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_DECISION_CACHE = 100_000
+DEFAULT_OUTCOME_CACHE = 65_536
 
 
 class ThreatSource(Protocol):
@@ -83,7 +90,9 @@ class Runtime:
     resolver: Resolver
     threats: ThreatSource = field(default_factory=NoThreats)
     cache_size: int = DEFAULT_DECISION_CACHE
+    outcome_cache_size: int = DEFAULT_OUTCOME_CACHE
     _cache: dict[tuple[Any, ...], Decision] = field(default_factory=dict)
+    _outcomes: dict[tuple[Any, ...], Outcome] = field(default_factory=dict)
 
     def decide(self, w: Workload, d: Destination) -> Decision:
         """Policy's decision, from the cache when this workload met this destination before."""
@@ -95,6 +104,53 @@ class Runtime:
                 self._cache.clear()
             self._cache[key] = found
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the decision path wrote into a flow, kept to be replayed onto an identical flow."""
+
+    resolution: Resolution | ResolveError | None  # held so its id() in the key stays unique
+    verdict: Verdict
+    workload: Workload
+    resolved: tuple[IPAddress, ...]
+    cnames: tuple[str, ...]
+    name_threats: tuple[Any, ...]
+    threats: tuple[Any, ...]
+    decision: Decision | None
+    action: str
+    reason: str
+    ip: IPAddress | None
+
+    @classmethod
+    def of(cls, flow: Flow, resolution: Resolution | ResolveError | None, v: Verdict) -> Outcome:
+        """Snapshot a freshly decided flow."""
+        return cls(
+            resolution,
+            v,
+            flow.workload,
+            flow.resolved,
+            flow.cnames,
+            flow.name_threats,
+            flow.threats,
+            flow.decision,
+            flow.action,
+            flow.reason,
+            flow.ip,
+        )
+
+    def replay(self, flow: Flow) -> Verdict:
+        """Write the outcome into a new flow with the same inputs."""
+        flow.workload = self.workload
+        flow.resolved = self.resolved
+        flow.cnames = self.cnames
+        flow.name_threats = self.name_threats
+        flow.threats = self.threats
+        flow.decision = self.decision
+        flow.action = self.action
+        flow.reason = self.reason
+        flow.ip = self.ip
+        return self.verdict
 
 
 def _feed_names(threats: Sequence[dict[str, Any]]) -> frozenset[str]:
@@ -165,11 +221,11 @@ def check_flow_now(rt: Runtime, flow: Flow, now: float) -> Verdict | None:
     host = flow.host
     assert host is not None
     if host.name is None:
-        return _decide_resolved(rt, flow, None)
+        return _decide_replayed(rt, flow, None)
     cached = rt.resolver.cached(host.name, now)
     if cached is None:
         return None
-    return _decide_resolved(rt, flow, cached)
+    return _decide_replayed(rt, flow, cached)
 
 
 async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
@@ -177,12 +233,29 @@ async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
     host = flow.host
     assert host is not None
     if host.name is None:
-        return _decide_resolved(rt, flow, None)
+        return _decide_replayed(rt, flow, None)
     try:
         resolution: Resolution | ResolveError = await rt.resolver.resolve(host.name)
     except ResolveError as e:
         resolution = e
-    return _decide_resolved(rt, flow, resolution)
+    return _decide_replayed(rt, flow, resolution)
+
+
+def _decide_replayed(
+    rt: Runtime, flow: Flow, resolution: Resolution | ResolveError | None
+) -> Verdict:
+    """``_decide_resolved`` through the outcome cache (tunnels only: a URL makes every key new)."""
+    if flow.url is not None or not flow.source_text:
+        return _decide_resolved(rt, flow, resolution)
+    key = (flow.source_text, flow.host, flow.port, flow.protocol, id(resolution))
+    found = rt._outcomes.get(key)
+    if found is not None and found.resolution is resolution:
+        return found.replay(flow)
+    verdict = _decide_resolved(rt, flow, resolution)
+    if len(rt._outcomes) >= rt.outcome_cache_size:
+        rt._outcomes.clear()
+    rt._outcomes[key] = Outcome.of(flow, resolution, verdict)
+    return verdict
 
 
 def _decide_resolved(

@@ -44,7 +44,7 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "ecs": {"version": ECS_VERSION},
         "flow": {"id": flow.id},
-        "source": {"ip": ip_text(flow.source_ip), "port": flow.source_port},
+        "source": {"ip": flow.source_text or ip_text(flow.source_ip), "port": flow.source_port},
         "network": {"transport": "tcp", "protocol": flow.protocol, "direction": "egress"},
         "observer": observer,
     }

@@ -47,6 +47,7 @@ class Flow:
     started: float  # wall clock, seconds since the epoch
     started_mono: float
     started_text: str = ""  # ``started`` in ISO 8601, formatted once for both events
+    source_text: str = ""  # ``source_ip`` as the socket reported it (cache key, event field)
     id: str = field(default_factory=new_flow_id)
     workload: Workload = UNKNOWN
     host: Host | None = None

@@ -438,6 +438,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
+        self.peer_text = ""
         self.last_active = hub.clock
         self.head_deadline = hub.clock + self.limits.head_timeout
         self.flow: Flow | None = None
@@ -467,6 +468,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (_source_ip(peer[0]), int(peer[1]))
+            self.peer_text = ip_text(self.peer[0])
         if not self.hub.connection_opened(self):
             self._refuse(503, f"more than {self.limits.max_connections} client connections")
 
@@ -631,6 +633,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _new_flow(self) -> Flow:
         flow = Flow(self.peer[0], self.peer[1], time.time(), time.monotonic())
+        flow.source_text = self.peer_text
         self.flow = flow
         return flow
 

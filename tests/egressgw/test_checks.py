@@ -58,13 +58,16 @@ NAMES = {
 
 
 class StandInResolver:
-    """Answers from NAMES; anything else does not exist."""
+    """Answers from NAMES; anything else does not exist (one error object per name, as cached)."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, ResolveError] = {}
 
     async def resolve(self, name: str) -> Resolution:
         """The stored answer, or 'no such name'."""
         if name in NAMES:
             return NAMES[name]
-        raise ResolveError(name, "no such name")
+        raise self.errors.setdefault(name, ResolveError(name, "no such name"))
 
 
 class StandInThreats:
@@ -173,3 +176,51 @@ async def test_plain_tcp_tunnel_is_decided_again(rt: Runtime) -> None:
     assert (await check_flow(rt, f)).allowed
     v = recheck_tunnel(rt, f, "tcp", None)
     assert not v.allowed and v.reason == "policy security/no-raw-tcp-to-web"
+
+
+def _outcome(f: Flow) -> tuple[object, ...]:
+    return (f.workload, f.decision, f.action, f.reason, f.ip, f.threats, f.resolved, f.cnames)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "protocol"),
+    [
+        ("web.test", 443, "tls"),
+        ("web.test", 443, "tcp"),
+        ("multi.test", 443, "tls"),
+        ("alias.test", 443, "tls"),
+        ("rebind.test", 443, "tls"),
+        ("missing.test", 443, "tls"),
+        ("203.0.113.9", 8443, "tls"),
+    ],
+)
+async def test_a_replayed_outcome_equals_a_fresh_decision(
+    rt: Runtime, tmp_path: Path, host: str, port: int, protocol: Any
+) -> None:
+    """The second identical tunnel is replayed from the cache and ends exactly as the first."""
+    first, again = flow_to(host, port, protocol), flow_to(host, port, protocol)
+    first.source_text = again.source_text = "10.0.0.5"
+    v1 = await check_flow(rt, first)
+    v2 = await check_flow(rt, again)
+    assert len(rt._outcomes) == 1  # one decision, one replay
+    assert v2 == v1 and _outcome(again) == _outcome(first)
+    fresh = flow_to(host, port, protocol)
+    assert await check_flow(rt_like(rt), fresh) == v1 and _outcome(fresh) == _outcome(first)
+
+
+def rt_like(rt: Runtime) -> Runtime:
+    """The same inputs, empty caches."""
+    return Runtime(rt.policy, rt.guard, rt.inventory, rt.resolver, rt.threats)
+
+
+async def test_outcomes_are_kept_per_source_port_and_protocol(rt: Runtime) -> None:
+    """Another client, port or protocol is decided on its own, never replayed from a neighbour."""
+    flows = [flow_to("web.test"), flow_to("web.test", 8443), flow_to("web.test", 443, "tcp")]
+    stranger = flow_to("web.test")
+    stranger.source_ip = ipaddress.ip_address("10.9.9.9")
+    for f in [*flows, stranger]:
+        f.source_text = str(f.source_ip)
+        await check_flow(rt, f)
+    assert len(rt._outcomes) == 4
+    assert flows[2].action == "connection_denied"  # raw TCP to web.test is refused
+    assert stranger.workload.namespace is None and flows[0].workload.namespace == "ns"
