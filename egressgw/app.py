@@ -35,6 +35,7 @@ from egressgw.flow import Flow
 from egressgw.guard import Guard
 from egressgw.metrics import Metrics
 from egressgw.proxy import ClientConnection
+from egressgw.rawstream import Listener, Reactor
 from egressgw.resolver import Resolver
 from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
@@ -88,6 +89,8 @@ def listen_socket(listen: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        # Accepted sockets inherit it: no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
@@ -129,7 +132,8 @@ class Gateway:
         self.clock = time.monotonic()
         self.loop: asyncio.AbstractEventLoop  # set by start(), before any connection
         self.ready = False
-        self.server: asyncio.Server | None = None
+        self.server: Listener | None = None
+        self.reactor: Reactor  # set by start(), with the loop
         self.admin: web.AppRunner | None = None
         self.proxy_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -191,11 +195,15 @@ class Gateway:
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
         await self._start_admin()
-        self.server = await loop.create_server(
-            lambda: ClientConnection(self), sock=listen_socket(self.config.proxy.listen)
+        self.reactor = Reactor(loop)
+        self.server = Listener(
+            self.reactor,
+            listen_socket(self.config.proxy.listen),
+            lambda: ClientConnection(self),
+            on_error=self.metrics.count_error,
         )
-        sock = self.server.sockets[0]
-        self.proxy_address = sock.getsockname()[:2]
+        self.server.start()
+        self.proxy_address = self.server.address
         self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
         if self.config_path is not None and self.config.reload.watch:
             self._tasks.append(spawn(self._watch(), name="config-watcher"))
@@ -223,6 +231,8 @@ class Gateway:
         for conn in list(self.connections):
             conn.close()
         await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
+        if self.server is not None:
+            self.reactor.close()
         for task in self._tasks:
             task.cancel()
         await self.feeds.stop()

@@ -39,6 +39,7 @@ from egressgw.checks import Runtime, Verdict, check_flow, check_flow_now, rechec
 from egressgw.config import ProxyConfig
 from egressgw.flow import Flow, ip_text
 from egressgw.names import Host, parse_authority, parse_host
+from egressgw.rawstream import RawStream, Reactor
 from egressgw.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
 from egressgw.tasks import spawn
 from egressgw.tlshello import MAX_HELLO_SIZE, parse_client_hello
@@ -66,12 +67,6 @@ HOP_BY_HOP = frozenset(
 )
 # Bytes of request body buffered while the flow is decided or the upstream is slow.
 MAX_PENDING_BODY = 256 * 1024
-# A tunnel's reads from its destination, and how much it buffers toward it before pausing
-# the client.
-PIPE_RECV_SIZE = 256 * 1024
-PIPE_HIGH_WATER = 256 * 1024
-# Seconds a closed tunnel may take to hand its last buffered bytes to the destination.
-PIPE_LINGER = 10.0
 
 
 class Hub(Protocol):
@@ -80,6 +75,7 @@ class Hub(Protocol):
     runtime: Runtime
     limits: ProxyConfig
     loop: asyncio.AbstractEventLoop
+    reactor: Reactor  # the epoll set of the proxy's sockets
     clock: float  # a coarse monotonic clock, updated by the idle sweeper
 
     def flow_decided(self, flow: Flow) -> None:
@@ -144,148 +140,29 @@ class Request:
         self.body_done = False
 
 
-class _RawPipe:
-    """The upstream side of a tunnel: a non-blocking socket driven by loop readers/writers.
+class _TunnelUpstream:
+    """The destination side of a tunnel as its RawStream sees it: everything goes to the client."""
 
-    No Transport, Protocol or Task per tunnel: bytes from the destination go straight to the
-    client's transport, bytes for the destination are sent at once and only what the socket
-    does not take is buffered (the client is paused above ``PIPE_HIGH_WATER``). It offers the
-    few transport methods the client connection uses.
-    """
+    __slots__ = ("client",)
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, client: ClientConnection
-    ) -> None:
-        self.loop = loop
-        self.sock = sock
-        self.fd = sock.fileno()
+    def __init__(self, client: ClientConnection) -> None:
         self.client = client
-        self.buffer = bytearray()
-        self.reading = False
-        self.writing = False
-        self.closing = False
-        self.eof_pending = False
-        self.client_paused = False
 
-    def start(self) -> None:
-        """Start relaying from the destination to the client."""
-        self.resume_reading()
+    def data_received(self, data: bytes) -> None:
+        self.client.from_upstream(data)
 
-    def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(PIPE_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._lost(e)
-            return
-        if data:
-            self.client.from_upstream(data)
-            return
-        self.pause_reading()
+    def eof_received(self) -> bool:
         self.client.upstream_eof()
+        return True  # the client may still send: keep the half-closed stream
 
-    def write(self, data: bytes) -> None:
-        """Send to the destination, buffering what the socket does not take now."""
-        if self.closing:
-            return
-        if not self.buffer:
-            try:
-                sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as e:
-                self._lost(e)
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self.buffer += data
-        if not self.writing:
-            self.writing = True
-            self.loop.add_writer(self.fd, self._on_writable)
-        if len(self.buffer) > PIPE_HIGH_WATER and not self.client_paused:
-            self.client_paused = True
-            self.client.pause_client_reading()
-
-    def _on_writable(self) -> None:
-        try:
-            sent = self.sock.send(self.buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._lost(e)
-            return
-        del self.buffer[:sent]
-        if self.client_paused and len(self.buffer) <= PIPE_HIGH_WATER // 4:
-            self.client_paused = False
-            self.client.resume_client_reading()
-        if self.buffer:
-            return
-        self.loop.remove_writer(self.fd)
-        self.writing = False
-        if self.closing:
-            self._release()
-        elif self.eof_pending:
-            self.write_eof()
-
-    def write_eof(self) -> None:
-        """Half-close toward the destination once the buffer is sent."""
-        if self.buffer:
-            self.eof_pending = True
-            return
-        self.eof_pending = False
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            self._lost(e)
-
-    def can_write_eof(self) -> bool:
-        """Half-close is supported."""
-        return True
-
-    def is_closing(self) -> bool:
-        """True once close() was called."""
-        return self.closing
-
-    def pause_reading(self) -> None:
-        """Stop reading the destination (the client's buffer is full, or EOF)."""
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.fd)
-
-    def resume_reading(self) -> None:
-        """Read the destination again."""
-        if not self.reading and not self.closing:
-            self.reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
-
-    def close(self) -> None:
-        """Close after sending what is buffered (like Transport.close), within PIPE_LINGER."""
-        if self.closing:
-            return
-        self.closing = True
-        self.pause_reading()
-        if not self.buffer:
-            self._release()
-        else:
-            # A destination that stopped reading must not hold the socket forever.
-            self.loop.call_later(PIPE_LINGER, self._release)
-
-    def _lost(self, exc: OSError) -> None:
-        self.buffer.clear()
-        self.closing = True
-        self._release()
+    def connection_lost(self, exc: Exception | None) -> None:
         self.client.upstream_lost(exc)
 
-    def _release(self) -> None:
-        self.pause_reading()
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.fd)
-        if self.fd >= 0:
-            self.fd = -1
-            self.sock.close()
+    def pause_writing(self) -> None:
+        self.client.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_client_reading()
 
 
 class _HttpUpstream(asyncio.Protocol):
@@ -428,14 +305,14 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client of the explicit proxy."""
+class ClientConnection:
+    """One client of the explicit proxy (the protocol of a RawStream)."""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.limits = hub.limits
         self.mode = Mode.HEAD
-        self.transport: asyncio.Transport | None = None
+        self.transport: RawStream | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
         self.peer_text = ""
@@ -452,7 +329,7 @@ class ClientConnection(asyncio.Protocol):
         self.http_task: asyncio.Task[Any] | None = None
         self.upstream: _HttpUpstream | None = None
         self.upstream_key: tuple[IPAddress, int] | None = None
-        self.pipe: _RawPipe | None = None
+        self.pipe: RawStream | None = None
         self.connecting: socket.socket | None = None
         self.connect_timer: asyncio.TimerHandle | None = None
         self.peeking = False
@@ -462,9 +339,9 @@ class ClientConnection(asyncio.Protocol):
         self.via_header = f"Via: 1.1 {self.limits.via}\r\n".encode()
         self.close_after_write = False
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+    # -- stream callbacks ----------------------------------------------------------------------
+    def connection_made(self, transport: RawStream) -> None:
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (_source_ip(peer[0]), int(peer[1]))
@@ -718,9 +595,9 @@ class ClientConnection(asyncio.Protocol):
             return
         ip = verdict.ip
         assert ip is not None
-        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((ip_text(ip), flow.port))
         except OSError as e:
@@ -733,7 +610,7 @@ class ClientConnection(asyncio.Protocol):
             self._connected(flow, sock)
         elif err == errno.EINPROGRESS:
             self.connecting = sock
-            self.hub.loop.add_writer(sock.fileno(), self._connect_ready, flow, sock)
+            self.hub.reactor.add_writer(sock.fileno(), self._connect_ready)
             self.connect_timer = self.hub.loop.call_later(
                 self.limits.connect_timeout, self._connect_timed_out, flow, sock
             )
@@ -747,12 +624,17 @@ class ClientConnection(asyncio.Protocol):
             self.connect_timer.cancel()
             self.connect_timer = None
         if sock is not None:
-            self.hub.loop.remove_writer(sock.fileno())
+            self.hub.reactor.forget(sock.fileno())
             sock.close()
 
-    def _connect_ready(self, flow: Flow, sock: socket.socket) -> None:
+    def _connect_ready(self) -> None:
+        sock, flow = self.connecting, self.flow
+        if sock is None or flow is None:
+            return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.hub.loop.remove_writer(sock.fileno())
+        if not err and not _already_connected(sock):
+            return  # a wake-up meant for an earlier socket with this descriptor number
+        self.hub.reactor.remove_writer(sock.fileno())
         if self.connect_timer is not None:
             self.connect_timer.cancel()
             self.connect_timer = None
@@ -774,11 +656,11 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is Mode.CLOSED:
             sock.close()
             return
-        self.pipe = _RawPipe(self.hub.loop, sock, self)
+        self.pipe = RawStream(self.hub.reactor, sock, _TunnelUpstream(self))
         self.mode = Mode.TUNNEL
         self.hub.tunnel_opened()
         self.write(CONNECT_ESTABLISHED)
-        self.pipe.start()
+        self.pipe.resume_reading()
         self.peeking = True
         self.resume_client_reading()
         if self.peek_buffer:

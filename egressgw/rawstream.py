@@ -1,0 +1,419 @@
+"""Non-blocking sockets on one epoll set of their own: the proxy's transports.
+
+Why not the event loop's Transports or readers: a short tunnel is mostly system calls, and the
+loop adds its own per connection. uvloop's Transport brings an object, call_soon'd callbacks
+and getpeername/getsockname calls; its ``add_reader`` on a new descriptor costs an epoll
+ADD, DEL, a FIONBIO ioctl and a failing DEL before the real ADD (strace of libuv's poll
+handles), twice per tunnel. Here every proxy socket sits in one ``Reactor`` (an epoll set the
+loop watches as a single reader): registering a socket is one epoll_ctl, closing it none (the
+kernel drops a closed descriptor from the set).
+
+``RawStream`` offers the Transport methods the proxy uses on a plain socket; ``Listener``
+accepts connections in batches and gives each a ``RawStream`` and a new protocol. Semantics
+follow asyncio's Transport: ``eof_received`` returning true keeps a half-closed stream open,
+``close`` sends what is buffered first, ``connection_lost`` comes once, from the loop, after
+the socket is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import select
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger("egressgw.rawstream")
+
+# One read takes up to this much; the pause threshold for what a stream buffers toward a peer.
+RECV_SIZE = 256 * 1024
+HIGH_WATER = 256 * 1024
+LOW_WATER = HIGH_WATER // 4
+# Seconds a closed stream may take to hand its last buffered bytes to a peer that stopped reading.
+LINGER = 10.0
+# Connections accepted per wake-up of the listening socket (more waits for the next round, so
+# a burst of new clients cannot starve established ones).
+ACCEPT_BATCH = 64
+# After running out of file descriptors, accepting pauses this long instead of spinning.
+ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Events taken from the epoll set per wake-up (the rest stay ready for the next one).
+MAX_EVENTS = 512
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class Reactor:
+    """An epoll set for the proxy's sockets, watched by the event loop as one reader.
+
+    Level-triggered, like the loop's own readers. A descriptor with no interest left is removed
+    from the set (an empty mask would still report hang-ups, over and over).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.masks: dict[int, int] = {}
+        self.readers: dict[int, Callable[[], None]] = {}
+        self.writers: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self.epoll.fileno(), self._dispatch)
+
+    def _want(self, fd: int, mask: int) -> None:
+        old = self.masks.get(fd, 0)
+        if mask == old:
+            return
+        if not old:
+            self.epoll.register(fd, mask)
+        elif not mask:
+            self.epoll.unregister(fd)
+        else:
+            self.epoll.modify(fd, mask)
+        if mask:
+            self.masks[fd] = mask
+        else:
+            del self.masks[fd]
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call back whenever fd is readable (or hung up)."""
+        self.readers[fd] = callback
+        self._want(fd, self.masks.get(fd, 0) | _IN)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop calling back for reads."""
+        if self.readers.pop(fd, None) is not None:
+            self._want(fd, self.masks.get(fd, 0) & ~_IN)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call back whenever fd is writable (or failed)."""
+        self.writers[fd] = callback
+        self._want(fd, self.masks.get(fd, 0) | _OUT)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop calling back for writes."""
+        if self.writers.pop(fd, None) is not None:
+            self._want(fd, self.masks.get(fd, 0) & ~_OUT)
+
+    def forget(self, fd: int) -> None:
+        """fd is about to be closed: drop its callbacks (closing removes it from the set)."""
+        if self.masks.pop(fd, None) is not None:
+            self.readers.pop(fd, None)
+            self.writers.pop(fd, None)
+
+    def close(self) -> None:
+        """Stop watching (again is a no-op); the sockets stay open."""
+        if not self.epoll.closed:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
+
+    def _dispatch(self) -> None:
+        readers, writers = self.readers, self.writers
+        for fd, events in self.epoll.poll(0, MAX_EVENTS):
+            # A descriptor closed and reused within this batch may see an event meant for its
+            # previous owner: every callback treats a spurious wake-up as "nothing yet".
+            try:
+                if events & _READABLE:
+                    callback = readers.get(fd)
+                    if callback is not None:
+                        callback()
+                if events & _WRITABLE:
+                    callback = writers.get(fd)
+                    if callback is not None:
+                        callback()
+            except Exception as exc:  # one socket's bug must not stop the others' events
+                self.loop.call_exception_handler(
+                    {"message": "proxy socket callback failed", "exception": exc}
+                )
+
+
+class StreamProtocol(Protocol):
+    """What a RawStream calls (the asyncio.Protocol callbacks the proxy implements)."""
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes arrived."""
+        ...
+
+    def eof_received(self) -> bool | None:
+        """The peer finished sending; true keeps the stream open for writing."""
+        ...
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The stream is closed; exc says why when it was not closed on purpose."""
+        ...
+
+    def pause_writing(self) -> None:
+        """The stream buffers more than HIGH_WATER: stop feeding it."""
+        ...
+
+    def resume_writing(self) -> None:
+        """The buffer drained below LOW_WATER."""
+        ...
+
+
+class ServerProtocol(StreamProtocol, Protocol):
+    """A protocol a Listener creates: told about its stream first."""
+
+    def connection_made(self, transport: Any) -> None:
+        """The stream is ready."""
+        ...
+
+
+class RawStream:
+    """A connected non-blocking socket with the Transport methods the proxy uses."""
+
+    __slots__ = (
+        "buffer",
+        "closing",
+        "eof_pending",
+        "fd",
+        "loop",
+        "peer",
+        "protocol",
+        "reactor",
+        "reading",
+        "released",
+        "sock",
+        "write_paused",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        protocol: StreamProtocol,
+        peer: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.loop = reactor.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = protocol
+        self.peer = peer
+        self.buffer = bytearray()
+        self.reading = False
+        self.writing = False
+        self.closing = False
+        self.eof_pending = False
+        self.write_paused = False
+        self.released = False
+
+    # -- reading --------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        if data:
+            self.protocol.data_received(data)
+            return
+        keep_open = self.protocol.eof_received()
+        if self.closing:
+            return  # the protocol closed both sides: the socket is gone, nothing to unwatch
+        if keep_open:
+            self.pause_reading()  # EOF stays readable: stop hearing about it
+        else:
+            self.close()
+
+    def pause_reading(self) -> None:
+        """Stop reading (a peer's buffer is full, or the stream reached EOF)."""
+        if self.reading:
+            self.reading = False
+            self.reactor.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        """Read again."""
+        if not self.reading and not self.closing:
+            self.reading = True
+            self.reactor.add_reader(self.fd, self._on_readable)
+
+    def is_reading(self) -> bool:
+        """True while the stream is read."""
+        return self.reading
+
+    # -- writing --------------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send now, buffering only what the socket does not take."""
+        if self.closing:
+            return
+        if not self.buffer:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._lost(e)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.buffer += data
+        if not self.writing:
+            self.writing = True
+            self.reactor.add_writer(self.fd, self._on_writable)
+        if len(self.buffer) > HIGH_WATER and not self.write_paused:
+            self.write_paused = True
+            self.protocol.pause_writing()
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        del self.buffer[:sent]
+        if self.write_paused and len(self.buffer) <= LOW_WATER:
+            self.write_paused = False
+            self.protocol.resume_writing()
+        if self.buffer:
+            return
+        self.reactor.remove_writer(self.fd)
+        self.writing = False
+        if self.closing:
+            self._release(None)
+        elif self.eof_pending:
+            self.write_eof()
+
+    def write_eof(self) -> None:
+        """Half-close once the buffer is sent."""
+        if self.buffer:
+            self.eof_pending = True
+            return
+        self.eof_pending = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._lost(e)
+
+    def can_write_eof(self) -> bool:
+        """Half-close is supported."""
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes waiting to be sent."""
+        return len(self.buffer)
+
+    # -- closing --------------------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        """True once close() was called or the connection failed."""
+        return self.closing
+
+    def close(self) -> None:
+        """Close after sending what is buffered, within LINGER seconds."""
+        if self.closing:
+            return
+        self.closing = True
+        if not self.buffer:
+            self._release(None)  # closing the socket unwatches it: no pause_reading first
+        else:
+            self.pause_reading()
+            # A peer that stopped reading must not hold the socket forever.
+            self.loop.call_later(LINGER, self._release, None)
+
+    def abort(self) -> None:
+        """Close now, dropping what is buffered."""
+        self.buffer.clear()
+        self.closing = True
+        self._release(None)
+
+    def _lost(self, exc: OSError) -> None:
+        self.buffer.clear()
+        self.closing = True
+        self._release(exc)
+
+    def _release(self, exc: Exception | None) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.reading = self.writing = False
+        self.reactor.forget(self.fd)
+        self.sock.close()
+        self.loop.call_soon(self.protocol.connection_lost, exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``peername``, ``sockname`` or ``socket``, like a Transport's."""
+        if name == "peername":
+            return self.peer if self.peer is not None else default
+        if name == "socket":
+            return self.sock
+        if name == "sockname" and not self.released:
+            return self.sock.getsockname()
+        return default
+
+
+class Listener:
+    """Accepts connections and gives each a RawStream and a protocol from ``factory``."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        factory: Callable[[], ServerProtocol],
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.loop = reactor.loop
+        self.sock = sock
+        self.factory = factory
+        self.on_error = on_error
+        self.address: tuple[str, int] = sock.getsockname()[:2]
+        self.accepting = False
+        self.closed = False
+
+    def start(self) -> None:
+        """Start accepting."""
+        if not self.accepting and not self.closed:
+            self.accepting = True
+            self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (open connections stay)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.accepting:
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _on_acceptable(self) -> None:
+        reactor, factory = self.reactor, self.factory
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                self._accept_failed(e)
+                return
+            # TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones).
+            conn.setblocking(False)
+            protocol = factory()
+            stream = RawStream(reactor, conn, protocol, peer)
+            protocol.connection_made(stream)
+            stream.resume_reading()
+            # With TCP_DEFER_ACCEPT the request is usually here already: read it now rather
+            # than after another trip through the loop.
+            if stream.reading:
+                stream._on_readable()
+
+    def _accept_failed(self, e: OSError) -> None:
+        if self.on_error is not None:
+            self.on_error("accept")
+        if e.errno in _OUT_OF_RESOURCES and self.accepting:
+            # Nothing to accept with until descriptors are freed: wait instead of spinning.
+            log.error("accept failed; pausing", error=e.strerror, retry_in=ACCEPT_RETRY_DELAY)
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.call_later(ACCEPT_RETRY_DELAY, self.start)
+        else:
+            log.warning("accept failed", error=e.strerror or str(e))

@@ -1,0 +1,192 @@
+"""RawStream, Reactor and Listener on real loopback sockets: the proxy's transport semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from egressgw.rawstream import HIGH_WATER, Listener, RawStream, Reactor
+
+
+class Recorder:
+    """A protocol that records every callback; ``on_data`` decides what to do with bytes."""
+
+    def __init__(self, keep_open_on_eof: bool = True) -> None:
+        self.stream: RawStream | None = None
+        self.data = bytearray()
+        self.calls: list[str] = []
+        self.lost: list[Exception | None] = []
+        self.keep_open_on_eof = keep_open_on_eof
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.stream = transport
+        self.calls.append("made")
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.calls.append("eof")
+        return self.keep_open_on_eof
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.calls.append("lost")
+        self.lost.append(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.calls.append("pause")
+
+    def resume_writing(self) -> None:
+        self.calls.append("resume")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Reactor, Listener, list[Recorder]]]:
+    """A Listener on a free loopback port; every accepted connection's Recorder is listed."""
+    loop = asyncio.get_running_loop()
+    reactor = Reactor(loop)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    protocols: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocols.append(Recorder())
+        return protocols[-1]
+
+    listener = Listener(reactor, sock, factory)
+    listener.start()
+    try:
+        yield reactor, listener, protocols
+    finally:
+        for proto in protocols:
+            if proto.stream is not None:
+                proto.stream.abort()
+        await asyncio.sleep(0)
+        listener.close()
+        reactor.close()
+
+
+async def _accepted(protocols: list[Recorder], n: int = 1, data: bytes = b"") -> Recorder:
+    """The n-th accepted connection's protocol, once it has received ``data``."""
+    for _ in range(400):
+        if len(protocols) >= n and bytes(protocols[n - 1].data) == data:
+            return protocols[n - 1]
+        await asyncio.sleep(0.005)
+    raise AssertionError("nothing accepted")
+
+
+async def test_bytes_both_ways_half_close_and_one_connection_lost(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """Data arrives, EOF keeps the stream writable, close is reported once with no error."""
+    reactor, listener, protocols = served
+    reader, writer = await asyncio.open_connection(*listener.address)
+    writer.write(b"hello")
+    writer.write_eof()
+    proto = await _accepted(protocols, data=b"hello")
+    for _ in range(200):
+        if "eof" in proto.calls:
+            break
+        await asyncio.sleep(0.005)
+    assert bytes(proto.data) == b"hello" and proto.calls[:2] == ["made", "eof"]
+    assert proto.stream is not None and proto.stream.get_extra_info("peername")[0] == "127.0.0.1"
+    proto.stream.write(b"bye")  # half-closed by the client, still writable by us
+    proto.stream.close()
+    assert await reader.read() == b"bye"
+    await proto.closed
+    assert proto.calls.count("lost") == 1 and proto.lost == [None]
+    assert reactor.masks == {} and reactor.readers == {} and reactor.writers == {}
+    writer.close()
+
+
+async def test_backpressure_pauses_and_resumes_and_keeps_order(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """A peer that does not read makes the stream pause its writer; reading resumes it."""
+    _, listener, protocols = served
+    reader, writer = await asyncio.open_connection(*listener.address)
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    writer.write(b"x")
+    proto = await _accepted(protocols, data=b"x")
+    stream = proto.stream
+    assert stream is not None
+    payload = bytes(range(256)) * (16 * HIGH_WATER // 256)
+    chunk = 64 * 1024
+    for i in range(0, len(payload), chunk):
+        stream.write(payload[i : i + chunk])
+    assert "pause" in proto.calls and stream.get_write_buffer_size() > HIGH_WATER
+    writer.transport.resume_reading()  # type: ignore[attr-defined]
+    got = await reader.readexactly(len(payload))
+    assert got == payload
+    for _ in range(200):
+        if "resume" in proto.calls:
+            break
+        await asyncio.sleep(0.005)
+    assert proto.calls.index("pause") < proto.calls.index("resume")
+    writer.close()
+
+
+async def test_close_sends_what_is_buffered_first(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """close() with a full buffer still delivers every byte, then the peer sees EOF."""
+    _, listener, protocols = served
+    reader, writer = await asyncio.open_connection(*listener.address)
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    writer.write(b"x")
+    proto = await _accepted(protocols, data=b"x")
+    assert proto.stream is not None
+    payload = b"z" * (4 * HIGH_WATER)
+    proto.stream.write(payload)
+    proto.stream.close()
+    assert proto.stream.is_closing() and "lost" not in proto.calls
+    writer.transport.resume_reading()  # type: ignore[attr-defined]
+    assert await reader.read() == payload
+    await proto.closed
+    assert proto.lost == [None]
+    writer.close()
+
+
+async def test_a_reset_reports_the_error_and_a_spurious_wakeup_is_harmless(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """RST from the peer ends the stream with an OSError; a wake-up with no data does nothing."""
+    _, listener, protocols = served
+    client = socket.create_connection(listener.address)
+    client.sendall(b"x")
+    proto = await _accepted(protocols, data=b"x")
+    stream = proto.stream
+    assert stream is not None
+    stream._on_readable()  # nothing to read: as if the event was meant for a previous socket
+    assert proto.calls == ["made"]
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()  # linger 0: RST
+    await asyncio.wait_for(proto.closed, 2)
+    assert isinstance(proto.lost[0], ConnectionResetError)
+
+
+async def test_many_connections_leave_nothing_registered(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """Each closed stream drops out of the reactor: its tables do not grow with traffic."""
+    reactor, listener, protocols = served
+    for i in range(50):
+        reader, writer = await asyncio.open_connection(*listener.address)
+        writer.write(b"ping")
+        proto = await _accepted(protocols, i + 1, data=b"ping")
+        assert proto.stream is not None
+        proto.stream.write(b"pong")
+        proto.stream.close()
+        assert await reader.read() == b"pong"
+        writer.close()
+    await asyncio.sleep(0.01)
+    assert reactor.masks == {} and reactor.readers == {}
