@@ -80,7 +80,9 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
 
 def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     """The event written when a flow is decided (allowed, denied, or would be denied)."""
-    doc = _common(flow, observer)
+    common = _common(flow, observer)
+    flow.common = common
+    doc = dict(common)
     denied = flow.action == "connection_denied"
     event: dict[str, Any] = {
         "id": f"{flow.id}.1",
@@ -108,7 +110,16 @@ def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
 
 def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str, Any]:
     """The event written when a relayed flow ends: bytes each way and duration."""
-    doc = _common(flow, observer)
+    shared = flow.common
+    if shared is not None and flow.method is None:
+        # A tunnel's fields do not change after its decision: reuse them, copying only the
+        # objects that get bytes (the decision event may not be serialised yet).
+        doc = dict(shared)
+        doc["source"] = dict(shared["source"])
+        doc["destination"] = dict(shared["destination"])
+        doc["network"] = dict(shared["network"])
+    else:
+        doc = _common(flow, observer)
     duration = (flow.ended_mono or flow.started_mono) - flow.started_mono
     doc["@timestamp"] = _timestamp(ended)
     doc["event"] = {

@@ -69,3 +69,4 @@ class Flow:
     bytes_in: int = 0  # destination -> client
     ended_mono: float | None = None
     error: str | None = None
+    common: dict[str, Any] | None = None  # event fields shared by both events (see events.py)

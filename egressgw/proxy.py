@@ -721,9 +721,15 @@ class ClientConnection:
                 if not closing:
                     self._deny_tunnel(verdict.reason, decided=True)
                 return
-        self.hub.flow_decided(flow)
         if not closing:
+            # The client's first bytes go out before the event is built: it is not their
+            # business (a failed send is reported from the loop, after the event).
             self._flush_peek()
+            if self.transport is not None and self.pipe is not None:
+                # Decided for good: bytes now flow socket to socket without the protocol.
+                self.transport.relay(self.pipe, self._count_out)
+                self.pipe.relay(self.transport, self._count_in)
+        self.hub.flow_decided(flow)
 
     def _flush_peek(self) -> None:
         data, self.peek_buffer = self.peek_buffer, b""
@@ -741,6 +747,16 @@ class ClientConnection:
             self.hub.flow_decided(flow)
         self.peek_buffer = b""
         self.close()
+
+    def _count_out(self, n: int) -> None:
+        self.last_active = self.hub.clock
+        if self.flow is not None:
+            self.flow.bytes_out += n
+
+    def _count_in(self, n: int) -> None:
+        self.last_active = self.hub.clock
+        if self.flow is not None:
+            self.flow.bytes_in += n
 
     def from_upstream(self, data: bytes) -> None:
         """Bytes from the tunnel's destination."""

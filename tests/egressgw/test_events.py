@@ -118,3 +118,19 @@ def test_timestamp_matches_datetime(epoch: float) -> None:
     """The cached-prefix timestamp equals datetime's ISO 8601 rendering to the microsecond."""
     expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
     assert _timestamp(epoch) == expected.replace("+00:00", "Z")
+
+
+def test_end_event_after_the_decision_equals_one_built_alone() -> None:
+    """The end event reuses the decision's fields and leaves the decision event untouched."""
+    decided = make_flow(bytes_out=10, bytes_in=20, ended_mono=101.5)
+    decision = to_decision_event(decided, OBSERVER)
+    before = repr(decision)
+    reused = to_end_event(decided, OBSERVER, 1_700_000_001.5)
+    alone = to_end_event(
+        make_flow(bytes_out=10, bytes_in=20, ended_mono=101.5, id=decided.id),
+        OBSERVER,
+        1_700_000_001.5,
+    )
+    assert reused == alone
+    assert reused["source"]["bytes"] == 10 and reused["network"]["bytes"] == 30
+    assert repr(decision) == before and "bytes" not in decision["source"]

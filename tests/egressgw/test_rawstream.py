@@ -190,3 +190,62 @@ async def test_many_connections_leave_nothing_registered(
         writer.close()
     await asyncio.sleep(0.01)
     assert reactor.masks == {} and reactor.readers == {}
+
+
+class Relayed(Recorder):
+    """One side of a relay: pauses and resumes the other side's reading like the proxy does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other: RawStream | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.other is not None:
+            self.other.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.other is not None:
+            self.other.resume_reading()
+
+
+async def test_relay_moves_every_byte_in_order_through_a_slow_reader() -> None:
+    """Two relayed streams pass 12 MiB through the shared buffer intact, pausing on the way."""
+    loop = asyncio.get_running_loop()
+    reactor = Reactor(loop)
+    a_outer, a_inner = socket.socketpair()
+    b_inner, b_outer = socket.socketpair()
+    for s in (a_inner, b_inner, a_outer, b_outer):
+        s.setblocking(False)
+    pa, pb = Relayed(), Relayed()
+    a, b = RawStream(reactor, a_inner, pa), RawStream(reactor, b_inner, pb)
+    pb.other = a  # b's buffer full: stop reading a
+    counted: list[int] = []
+    a.relay(b, counted.append)
+    a.resume_reading()
+    payload = bytes(range(251)) * (12 * 1024 * 1024 // 251)
+    received = bytearray()
+
+    async def produce() -> None:
+        await loop.sock_sendall(a_outer, payload)
+        a_outer.shutdown(socket.SHUT_WR)
+
+    async def consume() -> None:
+        while len(received) < len(payload):
+            await asyncio.sleep(0.001)  # a slow reader: b's buffer fills and pauses a
+            chunk = await loop.sock_recv(b_outer, 64 * 1024)
+            if not chunk:
+                break
+            received.extend(chunk)
+
+    await asyncio.wait_for(asyncio.gather(produce(), consume()), 60)
+    assert bytes(received) == payload
+    assert sum(counted) == len(payload)
+    assert "pause" in pb.calls and "resume" in pb.calls
+    for stream in (a, b):
+        stream.abort()
+    for s in (a_outer, b_outer):
+        s.close()
+    await asyncio.sleep(0)
+    reactor.close()
