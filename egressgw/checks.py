@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from egressgw.flow import Flow
+from egressgw.flow import Flow, ip_text
 from egressgw.guard import Guard, effective_ip
 from egressgw.identity import Inventory, Workload
 from egressgw.policy import Decision, Destination, Policy
@@ -121,6 +121,7 @@ class Outcome:
     action: str
     reason: str
     ip: IPAddress | None
+    ip_str: str
 
     @classmethod
     def of(cls, flow: Flow, resolution: Resolution | ResolveError | None, v: Verdict) -> Outcome:
@@ -137,6 +138,7 @@ class Outcome:
             flow.action,
             flow.reason,
             flow.ip,
+            ip_text(flow.ip) if flow.ip is not None else "",
         )
 
     def replay(self, flow: Flow) -> Verdict:
@@ -150,6 +152,7 @@ class Outcome:
         flow.action = self.action
         flow.reason = self.reason
         flow.ip = self.ip
+        flow.ip_str = self.ip_str
         return self.verdict
 
 

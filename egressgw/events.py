@@ -56,7 +56,9 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     if host is not None and host.name is not None:
         dest["domain"] = host.name
     ip = flow.ip if flow.ip is not None else (host.ip if host is not None else None)
-    if ip is not None:
+    if flow.ip_str and flow.ip is not None:
+        dest["ip"] = flow.ip_str
+    elif ip is not None:
         dest["ip"] = ip_text(ip)
     elif flow.resolved:
         dest["ip"] = ip_text(flow.resolved[0])
@@ -121,7 +123,7 @@ def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str
     else:
         doc = _common(flow, observer)
     duration = (flow.ended_mono or flow.started_mono) - flow.started_mono
-    doc["@timestamp"] = _timestamp(ended)
+    ended_text = doc["@timestamp"] = _timestamp(ended)
     doc["event"] = {
         "id": f"{flow.id}.2",
         "kind": "event",
@@ -131,7 +133,7 @@ def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str
         "outcome": "failure" if flow.error else "success",
         "reason": flow.error or "closed",
         "start": _start(flow),
-        "end": _timestamp(ended),
+        "end": ended_text,
         "duration": int(duration * 1e9),
     }
     doc["source"]["bytes"] = flow.bytes_out

@@ -57,6 +57,7 @@ class Flow:
     url: str | None = None
     sni: str | None = None
     ip: IPAddress | None = None  # the destination address connected to
+    ip_str: str = ""  # ``ip`` as text, once known (the socket and both events need it)
     resolved: tuple[IPAddress, ...] = ()
     cnames: tuple[str, ...] = ()
     decision: Decision | None = None

@@ -599,7 +599,9 @@ class ClientConnection:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((ip_text(ip), flow.port))
+            if not flow.ip_str or flow.ip is not ip:
+                flow.ip_str = ip_text(ip)
+            err = sock.connect_ex((flow.ip_str, flow.port))
         except OSError as e:
             sock.close()
             self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {e.strerror or e}")
