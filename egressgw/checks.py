@@ -13,10 +13,10 @@ Two caches, both exact because every step is a pure function of its inputs, and 
 whenever the policy, the feeds or the identity source change (a new Runtime):
 
 - policy decisions per (workload, destination);
-- whole outcomes of tunnels per (source address, requested host, port, protocol, DNS answer
-  object): a client opening the same tunnel again replays the outcome instead of running
-  identity, feeds, guard and policy again. The resolver hands out one answer object per TTL, so
-  a changed answer is a new key.
+- whole outcomes of flows per (source address, requested host, port, protocol, DNS answer
+  object): a client opening the same tunnel, or asking the same host again, replays the outcome
+  instead of running identity, feeds, guard and policy again. The resolver hands out one answer
+  object per TTL, so a changed answer is a new key; a URL a feed lists is never replayed.
 """
 
 from __future__ import annotations
@@ -247,8 +247,12 @@ async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
 def _decide_replayed(
     rt: Runtime, flow: Flow, resolution: Resolution | ResolveError | None
 ) -> Verdict:
-    """``_decide_resolved`` through the outcome cache (tunnels only: a URL makes every key new)."""
-    if flow.url is not None or not flow.source_text:
+    """``_decide_resolved`` through the outcome cache.
+
+    A URL is not part of the key (nearly every request's is new): a request whose URL no feed
+    lists has the outcome of its host, and one whose URL is listed is decided on its own.
+    """
+    if not flow.source_text or (flow.url is not None and rt.threats.match_url(flow.url)):
         return _decide_resolved(rt, flow, resolution)
     key = (flow.source_text, flow.host, flow.port, flow.protocol, id(resolution))
     found = rt._outcomes.get(key)

@@ -224,3 +224,26 @@ async def test_outcomes_are_kept_per_source_port_and_protocol(rt: Runtime) -> No
     assert len(rt._outcomes) == 4
     assert flows[2].action == "connection_denied"  # raw TCP to web.test is refused
     assert stranger.workload.namespace is None and flows[0].workload.namespace == "ns"
+
+
+class ListsOneUrl(StandInThreats):
+    """Also lists one URL on web.test."""
+
+    def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
+        """http://web.test/bad only."""
+        return self._hit(url) if url == "http://web.test/bad" else ()
+
+
+async def test_requests_share_their_hosts_outcome_unless_the_url_is_listed(rt: Runtime) -> None:
+    """Two clean URLs on one host: one decision; a listed URL on it is refused, never replayed."""
+    rt = Runtime(rt.policy, rt.guard, rt.inventory, rt.resolver, ListsOneUrl())
+    verdicts = []
+    for url in ["http://web.test/a", "http://web.test/b", "http://web.test/bad"]:
+        f = flow_to("web.test", 80, "http")
+        f.source_text, f.url = "10.0.0.5", url
+        verdicts.append((await check_flow(rt, f), f))
+    assert [v.allowed for v, _ in verdicts] == [True, True, False]
+    assert len(rt._outcomes) == 1
+    denied = verdicts[2][1]
+    assert denied.decision is not None and denied.decision.rule_ref == "security/block-feeds"
+    assert denied.threats and denied.threats[0]["matched"]["atomic"] == "http://web.test/bad"
