@@ -35,6 +35,7 @@ RECV_SIZE = 256 * 1024
 # Large reads mean few system calls per gigabyte; reusing one buffer means no allocation and no
 # page faults per read (a fresh 256 KiB bytes object per read cost more than the copy).
 RELAY_BUFFER_SIZE = 4 * 1024 * 1024
+MIN_RELAY_CHUNK = 64 * 1024
 _RELAY_BUFFER = bytearray(RELAY_BUFFER_SIZE)
 _RELAY_VIEW = memoryview(_RELAY_BUFFER)
 HIGH_WATER = 256 * 1024
@@ -186,6 +187,7 @@ class RawStream:
         "protocol",
         "reactor",
         "reading",
+        "relay_chunk",
         "relay_count",
         "relay_to",
         "released",
@@ -216,6 +218,7 @@ class RawStream:
         self.released = False
         self.relay_to: RawStream | None = None
         self.relay_count: Callable[[int], None] = _ignore
+        self.relay_chunk = RECV_SIZE
 
     # -- reading --------------------------------------------------------------------------------
     def relay(self, to: RawStream, count: Callable[[int], None]) -> None:
@@ -231,8 +234,9 @@ class RawStream:
             # Relaying: read into the one preallocated buffer and hand a view of it on.
             # ``to.write`` sends at once and copies only what the socket did not take, so the
             # buffer is free again when it returns; no bytes object is allocated per read.
+            chunk = self.relay_chunk
             try:
-                n = self.sock.recv_into(_RELAY_BUFFER)
+                n = self.sock.recv_into(_RELAY_VIEW[:chunk])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -241,6 +245,14 @@ class RawStream:
             if n:
                 self.relay_count(n)
                 to.write(_RELAY_VIEW[:n])
+                # Read about what the other side takes at once: a read it cannot take whole is
+                # copied aside and pauses this side (system calls, a copy); a read it takes
+                # whole lets the next one be larger.
+                left = len(to.buffer)
+                if left:
+                    self.relay_chunk = max(MIN_RELAY_CHUNK, (n - left) & ~0xFFFF)
+                elif n == chunk and chunk < RELAY_BUFFER_SIZE:
+                    self.relay_chunk = min(RELAY_BUFFER_SIZE, chunk + (chunk >> 1))
                 return
         else:
             try:
