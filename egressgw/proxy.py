@@ -1,4 +1,8 @@
-"""The explicit proxy: CONNECT tunnels and absolute-form HTTP/1.1 forwarding on asyncio Protocols.
+"""The explicit proxy: CONNECT tunnels and absolute-form HTTP/1.1 forwarding.
+
+Client connections and the destination side of tunnels are ``RawStream``s (egressgw.rawstream:
+sockets on the proxy's own epoll set, no Transport or Task per connection); the upstream side of
+absolute-form requests is an asyncio Protocol, one connection kept per client for keep-alive.
 
 Connection states (``Mode``):
 
