@@ -144,6 +144,14 @@ class Request:
         self.body_done = False
 
 
+class _Nobody:
+    """The callbacks of the parser a closed connection keeps (it is never fed)."""
+
+
+_NO_PARSER = httptools.HttpRequestParser(_Nobody())
+_NO_RESPONSE_PARSER = httptools.HttpResponseParser(_Nobody())
+
+
 class _TunnelUpstream:
     """The destination side of a tunnel as its RawStream sees it: everything goes to the client."""
 
@@ -209,6 +217,9 @@ class _HttpUpstream(asyncio.Protocol):
                 self.done.set_exception(
                     ConnectionError("upstream closed before the response ended")
                 )
+        # Unlink the cycles (transport and parser point back here) for reference counting.
+        self.transport = None
+        self.parser = _NO_RESPONSE_PARSER
 
     def pause_writing(self) -> None:
         self.client.pause_client_reading()
@@ -415,6 +426,10 @@ class ClientConnection:
                 self.flow.error = self.flow.error or f"client: {exc}"
             self.close()
         self.hub.connection_closed(self)
+        # The parser holds this connection's callbacks, and the HTTP upstream points back at
+        # it: unlink both so reference counting frees the connection (see RawStream).
+        self.parser = _NO_PARSER
+        self.upstream = None
 
     def pause_writing(self) -> None:
         if self.pipe is not None:

@@ -174,6 +174,28 @@ def _ignore(n: int) -> None:
     pass
 
 
+class _Gone:
+    """The protocol of a stream whose connection_lost has been delivered: hears nothing."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
 class RawStream:
     """A connected non-blocking socket with the Transport methods the proxy uses."""
 
@@ -388,7 +410,16 @@ class RawStream:
         self.reading = self.writing = False
         self.reactor.forget(self.fd)
         self.sock.close()
-        self.loop.call_soon(self.protocol.connection_lost, exc)
+        self.loop.call_soon(self._notify_lost, exc)
+
+    def _notify_lost(self, exc: Exception | None) -> None:
+        protocol, self.protocol = self.protocol, _GONE
+        # The stream and its protocol point at each other (and a relay at its peer): dropping
+        # the links lets reference counting free a finished connection at once, instead of
+        # leaving every connection's objects to the cyclic garbage collector.
+        self.relay_to = None
+        self.relay_count = _ignore
+        protocol.connection_lost(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """``peername``, ``sockname`` or ``socket``, like a Transport's."""

@@ -229,17 +229,6 @@ class _SinkState:
     task: asyncio.Task[None] | None = None
 
 
-def _serialise(events: Sequence[Mapping[str, Any]]) -> tuple[list[bytes], int]:
-    out: list[bytes] = []
-    bad = 0
-    for event in events:
-        try:
-            out.append(orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS))
-        except TypeError:
-            bad += 1
-    return out, bad
-
-
 class Exporter:
     """Spools submitted events and delivers them to every sink at its own pace."""
 
@@ -269,8 +258,9 @@ class Exporter:
         self.batch_interval = spool.batch_interval if spool else DEFAULT_BATCH_INTERVAL
         self.ledger_interval = spool.ledger_interval if spool else DEFAULT_LEDGER_INTERVAL
         self.spool: Spool | None = None
-        self._pending: list[Mapping[str, Any]] = []
+        self._pending: list[bytes] = []
         self._pending_lost = 0
+        self._unserialisable = 0
         self._submitted = 0
         self._durable = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -315,7 +305,13 @@ class Exporter:
         if len(self._pending) >= self.max_pending:
             self._pending_lost += 1
             return
-        self._pending.append(event)
+        # Serialised now (orjson, about a microsecond): the queue then holds bytes, which the
+        # cyclic garbage collector does not track, instead of a batch interval's worth of
+        # nested dicts that every young-generation collection would scan again.
+        try:
+            self._pending.append(orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS))
+        except TypeError:
+            self._unserialisable += 1  # reported with the batch, behind a gap marker
         self._submitted += 1
         if len(self._pending) >= self.batch_events and self._wake is not None:
             self._wake.set()
@@ -430,9 +426,8 @@ class Exporter:
     def _on_spool_drop(self, reason: str, count: int) -> None:
         self.metrics.dropped.labels(ALL_SINKS, reason).inc(count)
 
-    def _spool_write(self, events: list[Mapping[str, Any]], lost: int, sync: bool) -> None:
+    def _spool_write(self, payloads: list[bytes], lost: int, bad: int, sync: bool) -> None:
         assert self.spool is not None
-        payloads, bad = _serialise(events)
         before = self.spool.next_seq
         noted = False
         try:
@@ -466,6 +461,7 @@ class Exporter:
         assert self._io is not None
         batch, self._pending = self._pending, []
         lost, self._pending_lost = self._pending_lost, 0
+        bad, self._unserialisable = self._unserialisable, 0
         target = self._submitted
         if batch:
             self.metrics.submitted.inc(len(batch))
@@ -474,16 +470,13 @@ class Exporter:
             if self.spool is None:
                 self.metrics.dropped.labels(ALL_SINKS, "pending_full").inc(lost)
         if self.spool is not None:
-            if batch or lost or sync:
-                await loop.run_in_executor(self._io, self._spool_write, batch, lost, sync)
-        elif batch or lost:
-            # No disk here: serialise on the loop (orjson, about a microsecond an event) rather
-            # than hand the batch to a thread that would only contend for the GIL.
-            payloads, bad = _serialise(batch)
+            if batch or lost or bad or sync:
+                await loop.run_in_executor(self._io, self._spool_write, batch, lost, bad, sync)
+        elif batch or lost or bad:
             for st in self._sinks:
                 assert isinstance(st.source, _MemorySource)
                 st.source.unreported += lost + bad
-                st.source.push(payloads)
+                st.source.push(batch)
         if sync or self.spool is None:
             self._durable = target
             done = [w for w in self._waiters if w[0] <= target]

@@ -204,6 +204,24 @@ async def test_pending_limit_counts_drops(tmp_path: Path) -> None:
     await exp.aclose()
 
 
+@pytest.mark.parametrize("spooled", [True, False])
+async def test_an_unserialisable_event_is_counted_and_marked(tmp_path: Path, spooled: bool) -> None:
+    """An event orjson cannot write is not delivered; a gap marker says so and the rest flow."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], spool_spec(tmp_path) if spooled else None)
+    await exp.start()
+    exp.submit(event(0))
+    exp.submit({"event": {"id": "bad"}, "oops": object()})
+    exp.submit(event(2))
+    await exp.flush()
+    assert await exp.wait_delivered(within=5)
+    await exp.aclose()
+    assert [r for r in sink.received if r.startswith("e-")] == ["e-0", "e-2"]
+    assert len(sink.received) == 3  # and one gap marker, never the bad event
+    if spooled:
+        assert exp.spool is not None and exp.spool.dropped["unserialisable"] == 1
+
+
 async def test_file_sink_end_to_end_with_rotation(tmp_path: Path) -> None:
     """The file sink writes JSON lines and rotates by size, keeping `keep` old files."""
     spec = FileSinkSpec(
