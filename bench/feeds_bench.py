@@ -5,9 +5,13 @@ Run: ``.venv/bin/python bench/feeds_bench.py [--n 1000000] [--lookups 1000000] [
 Prints, each against its target: matcher load time (held indicators -> matcher, as a
 FeedManager rebuild does), resident memory added by the loaded matcher and by the compact
 per-feed indicator sets a FeedManager keeps (RSS deltas), and lookups per second for IPs and
-domains on miss-heavy traffic (random values) and on hits, on one CPU core (rates per CPU
-second, best of ``--repeat`` runs, so other processes on the machine distort them less;
-wall-clock rates beside).
+domains on miss-heavy traffic and on hits, on one CPU core (rates per CPU second, best of
+``--repeat`` runs, so other processes on the machine distort them less; wall-clock rates
+beside). IP misses are random public addresses. Domain misses are unlisted names in the mix
+MISS_MIX describes (printed with the figures): mostly random names under real TLDs, plus the
+harder near misses real traffic has, under parents the feed lists other names below. Domains
+are looked up through both entry points: ``match_canonical_domain`` (what the gateway calls,
+with names it has normalised) and ``match_domain`` (any spelling, normalised per lookup).
 ``--parse`` also times the ``lines`` parser on a generated body of the same size (not part of
 the load target).
 """
@@ -19,7 +23,7 @@ import gc
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from feeds.indicator import Indicator, IndicatorSet, IndicatorType, Provenance
 from feeds.matcher import FeedRules, Matcher
@@ -32,6 +36,38 @@ TARGET_LOOKUPS_PER_SECOND = 1_000_000.0
 # Realistic mix: mostly single addresses, then /24s, a few wider networks.
 PREFIX_MIX = ((32, 0.80), (24, 0.17), (20, 0.029), (16, 0.001))
 TLDS = ("com", "net", "org", "ru", "info", "xyz", "top", "co.uk", "de", "cn")
+# Shared hosting and cloud parents (public suffixes): feeds list many names below them.
+HOSTING = (
+    "duckdns.org",
+    "blogspot.com",
+    "s3.amazonaws.com",
+    "web.app",
+    "github.io",
+    "azurewebsites.net",
+    "pages.dev",
+    "herokuapp.com",
+    "workers.dev",
+    "netlify.app",
+)
+# Lookup traffic: TLDs weighted roughly by their share of real traffic, sub-domain prefixes.
+QUERY_TLDS = (
+    ("com", 46), ("net", 8), ("org", 7), ("io", 5), ("de", 4), ("ru", 3), ("cn", 3),
+    ("fr", 2), ("nl", 2), ("info", 2), ("xyz", 2), ("top", 2), ("app", 2), ("dev", 2),
+    ("ai", 2), ("eu", 2), ("jp", 1), ("br", 1), ("in", 1), ("us", 1), ("me", 1), ("tv", 1),
+    ("cloud", 1), ("co", 1),
+)  # fmt: skip
+MULTI_LABEL_SUFFIXES = ("co.uk", "com.au", "com.br", "co.jp", "com.tr", "co.in")
+SUB_PREFIXES = (
+    ("", 35), ("www.", 25), ("api.", 8), ("cdn.", 6), ("static.", 5), ("mail.", 5),
+    ("login.", 4), ("auth.eu-west-1.", 4), ("img1.", 4), ("a.b.", 4),
+)  # fmt: skip
+MISS_MIX = (
+    # (share, kind, what): the miss traffic, printed with the figures.
+    (0.70, "random", "random names under real TLDs (com 46 %, net, org, io, ...), 0-2 sub-labels"),
+    (0.10, "multi", "names under multi-label public suffixes (co.uk, com.au, com.br, ...)"),
+    (0.15, "hosting", "other names under shared-hosting parents with listed names (github.io...)"),
+    (0.05, "sibling", "other hosts of listed domains (www.X.com when cdn3.X.com is listed)"),
+)
 
 
 def rss_bytes() -> int:
@@ -66,15 +102,55 @@ def _ip_text(n: int) -> str:
 
 
 def gen_domains(n: int, seed: int = 2) -> list[str]:
-    """Distinct registrable-looking names, some with a sub-domain."""
+    """Distinct registrable-looking names: a quarter with a sub-domain, 5 % on shared hosting."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         label = f"{rng.getrandbits(40):x}{i}"
-        name = f"{label}.{TLDS[i % len(TLDS)]}"
-        if i % 4 == 0:
-            name = f"cdn{i % 7}.{name}"
+        if i % 20 == 1:
+            name = f"{label}.{HOSTING[i // 20 % len(HOSTING)]}"
+        else:
+            name = f"{label}.{TLDS[i % len(TLDS)]}"
+            if i % 4 == 0:
+                name = f"cdn{i % 7}.{name}"
         out.append(name)
+    return out
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_LABEL_CHARS = _LETTERS + "0123456789-"
+
+
+def _word(rng: random.Random) -> str:
+    """A random label of 3-15 characters ending in z: never a listed label (those are hex)."""
+    size = rng.randint(3, 15)
+    return rng.choice(_LETTERS) + "".join(rng.choices(_LABEL_CHARS, k=size - 2)) + "z"
+
+
+def gen_miss_names(n: int, listed: list[str], rng: random.Random) -> list[str]:
+    """Unlisted names in the proportions of MISS_MIX, in random order."""
+    tlds, tld_weights = zip(*QUERY_TLDS, strict=True)
+    subs, sub_weights = zip(*SUB_PREFIXES, strict=True)
+    with_sub = [name for name in listed if name.startswith("cdn")]
+    kinds: list[str] = []
+    for k, (share, kind, _) in enumerate(MISS_MIX):
+        kinds += [kind] * (n - len(kinds) if k == len(MISS_MIX) - 1 else round(n * share))
+    # Shuffle the kinds, then make each name in lookup order: the gateway looks up a name it
+    # has just parsed (in the CPU cache); names shuffled after the fact lie scattered over the
+    # heap and add a cache miss per lookup that the gateway does not pay.
+    rng.shuffle(kinds)
+    out: list[str] = []
+    for kind in kinds:
+        sub = rng.choices(subs, sub_weights)[0]
+        if kind == "random":
+            out.append(f"{sub}{_word(rng)}.{rng.choices(tlds, tld_weights)[0]}")
+        elif kind == "multi":
+            out.append(f"{sub}{_word(rng)}.{rng.choice(MULTI_LABEL_SUFFIXES)}")
+        elif kind == "hosting":
+            out.append(f"{sub}{_word(rng)}.{rng.choice(HOSTING)}")
+        else:
+            host = rng.choice(with_sub)
+            out.append(f"www.{host[host.index('.') + 1 :]}")
     return out
 
 
@@ -93,7 +169,7 @@ def domain_indicators(names: list[str], prov: Provenance) -> Iterator[Indicator]
         yield Indicator(IndicatorType.DOMAIN, name, prov)
 
 
-def _rate(fn: object, queries: list[str], repeat: int) -> tuple[float, float, int]:
+def _rate(fn: Callable[[str], object], queries: list[str], repeat: int) -> tuple[float, float, int]:
     """Best of ``repeat`` runs: (lookups per CPU second, per wall second, hits).
 
     CPU time leaves out the time other processes took the core; the best run (as timeit
@@ -107,7 +183,7 @@ def _rate(fn: object, queries: list[str], repeat: int) -> tuple[float, float, in
         wall = time.perf_counter()
         cpu = time.process_time()
         for q in queries:
-            if match(q):  # type: ignore[operator]
+            if match(q):
                 hits += 1
         best_cpu = min(best_cpu, time.process_time() - cpu)
         best_wall = min(best_wall, time.perf_counter() - wall)
@@ -118,7 +194,18 @@ def _line(label: str, value: float, unit: str, target: float, higher_is_better: 
     ok = value >= target if higher_is_better else value <= target
     cmp = ">=" if higher_is_better else "<="
     verdict = "OK" if ok else "MISS"
-    return f"{label:<34} {value:>14,.1f} {unit:<10} target {cmp} {target:,.0f}  {verdict}"
+    return f"{label:<36} {value:>14,.1f} {unit:<10} target {cmp} {target:,.0f}  {verdict}"
+
+
+def _lookups(repeat: int, *runs: tuple[str, Callable[[str], object], list[str]]) -> None:
+    """Print the rate of each (label, lookup, queries); misses are held to the target."""
+    for label, fn, queries in runs:
+        rate, wall_rate, hits = _rate(fn, queries, repeat)
+        target = TARGET_LOOKUPS_PER_SECOND if "miss" in label else 0.0
+        print(
+            _line(label, rate, "lookups/s", target, True)
+            + f"  ({hits:,} hits; {wall_rate:,.0f}/s wall clock)"
+        )
 
 
 def main() -> None:
@@ -140,9 +227,7 @@ def main() -> None:
     rng = random.Random(3)
     miss_ips = [_ip_text(_public_ipv4(rng)) for _ in range(args.lookups)]
     hit_ips = [_ip_text(a | rng.getrandbits(32 - p)) for a, p in rng.choices(nets, k=args.lookups)]
-    miss_names = [
-        f"www{i % 10}.{rng.getrandbits(48):x}.{TLDS[i % len(TLDS)]}" for i in range(args.lookups)
-    ]
+    miss_names = gen_miss_names(args.lookups, names, rng)
     hit_names = [f"a.{n}" if i % 2 else n for i, n in enumerate(rng.choices(names, k=args.lookups))]
     ip_prov = Provenance("bench-ips", confidence=80)
     dom_prov = Provenance("bench-domains", confidence=80)
@@ -179,19 +264,25 @@ def main() -> None:
     )
 
     unlisted_ips = [q for q in miss_ips if not matcher.match_ip(q)]
-    for label, fn, queries in (
+    print("IP miss traffic: random public addresses (6 % of them in a listed network)")
+    _lookups(
+        args.repeat,
         ("IP lookups, random (miss-heavy)", matcher.match_ip, miss_ips),
         ("IP lookups, unlisted only (miss)", matcher.match_ip, unlisted_ips),
         ("IP lookups, listed (hits)", matcher.match_ip, hit_ips),
-        ("domain lookups, random (miss)", matcher.match_domain, miss_names),
-        ("domain lookups, listed (hits)", matcher.match_domain, hit_names),
-    ):
-        rate, wall_rate, hits = _rate(fn, queries, args.repeat)
-        target = TARGET_LOOKUPS_PER_SECOND if "miss" in label else 0.0
-        print(
-            _line(label, rate, "lookups/s", target, True)
-            + f"  ({hits:,} hits; {wall_rate:,.0f}/s wall clock)"
-        )
+    )
+    print("domain miss traffic (all unlisted, canonical spelling):")
+    for share, _, what in MISS_MIX:
+        print(f"  {share:4.0%} {what}")
+    # Two entry points: match_domain normalises what it is given (any spelling);
+    # match_canonical_domain takes names already canonical, as the gateway passes them.
+    _lookups(
+        args.repeat,
+        ("domain lookups, canonical (miss)", matcher.match_canonical_domain, miss_names),
+        ("domain lookups, any spelling (miss)", matcher.match_domain, miss_names),
+        ("domain lookups, canonical (hits)", matcher.match_canonical_domain, hit_names),
+        ("domain lookups, any spelling (hits)", matcher.match_domain, hit_names),
+    )
 
     if args.parse:
         for label, body, prov in (
@@ -204,7 +295,7 @@ def main() -> None:
             cpu = time.process_time() - cpu
             wall = time.perf_counter() - wall
             print(
-                f"{label:<34} {cpu:>14,.1f} s CPU      ({wall:.1f} s wall; "
+                f"{label:<36} {cpu:>14,.1f} s CPU      ({wall:.1f} s wall; "
                 f"{len(result.indicators):,} indicators; not part of the load target)"
             )
             del result

@@ -15,9 +15,16 @@ Rules:
 
 Why it is fast: a miss is the common case on every proxied connection. IPv4 entries live in one
 dict per prefix length actually present, keyed by the address shifted right, so a lookup is one
-``dict.get`` per length; domains are one dict, walked from the full name up its parents. Values
-are ``Provenance`` objects shared by all entries of a feed without per-row metadata, so a million
-entries cost little more than their keys. Build a new matcher and swap the reference to update.
+``dict.get`` per length. Domains: a set holds every listed name and every parent of one below
+the top-level label (a "stem", e.g. ``github.io`` when ``x.github.io`` is listed); the domain
+dict maps the same names to their provenance (empty for a stem). A lookup asks the set for the
+name's last two labels, which settles most misses in one probe (a set answers "absent" in about
+one cache miss, a dict in several), then walks towards the full name, one set probe per label,
+and stops at the first suffix the set does not hold: a near miss under a busy parent costs two
+or three probes. ``match_canonical_domain`` skips the normalisation for callers whose names are
+canonical already (the gateway's). Values are ``Provenance`` objects shared by all entries of a
+feed without per-row metadata, so a million entries cost little more than their keys. Build a
+new matcher and swap the reference to update.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ from typing import Any, NamedTuple
 from feeds.indicator import Indicator, IndicatorType, Provenance, ecs_indicator_type
 from feeds.normalise import normalise_domain, normalise_url
 
+# What an index key maps to: the provenance of each feed listing it. In the blocklist domain
+# dict, the empty tuple marks a parent of listed names that no feed lists itself (a "stem").
 Entry = Provenance | tuple[Provenance, ...]
+_STEM: Entry = ()
 _FILTER_SHIFT = 8  # the IPv4 miss filter has one byte per /24 (16 MiB)
 V4_FILTER_MIN_ENTRIES = 4096  # below this (and few prefix lengths), no filter
 V4_FILTER_MAX_PROBES = 4
@@ -146,8 +156,10 @@ class Matcher:
         "_allow_v6",
         "_block",
         "_counts",
+        "_domains",
+        "_exact_only",
+        "_known",
         "_rules",
-        "_tails",
         "_v4",
         "_v4_filter",
         "_v6",
@@ -159,13 +171,16 @@ class Matcher:
         self._rules = dict(rules)
         self._v4 = _tables(block.v4, 32)
         self._v4_filter = _v4_filter(block.v4)
-        self._tails = frozenset(_tail(name) for name in block.domains)
+        listed_domains = len(block.domains)
+        self._known = _add_stems(block.domains)
+        self._domains = block.domains
+        self._exact_only = frozenset(n for n, r in self._rules.items() if not r.subdomains)
         self._v6 = _tables(block.v6, 128)
         self._allow_v4 = _tables(allow.v4, 32)
         self._allow_v6 = _tables(allow.v6, 128)
         self._counts = {
             "ip": sum(len(t) for t in block.v4.values()) + sum(len(t) for t in block.v6.values()),
-            "domain": len(block.domains),
+            "domain": listed_domains,
             "url": len(block.urls),
             "allow": sum(len(t) for t in allow.v4.values())
             + sum(len(t) for t in allow.v6.values())
@@ -299,39 +314,69 @@ class Matcher:
     # -- domains -----------------------------------------------------------------------------
 
     def match_domain(self, name: str) -> tuple[Match, ...]:
-        """Every blocklist entry for this name or (suffix rule) a parent domain."""
-        if name.islower() and name.isascii() and name[-1:] != ".":
-            key = name  # already canonical (what the gateway passes): no copies
+        """Every blocklist entry for this name (any spelling) or (suffix rule) a parent domain."""
+        # Normalised first (case, trailing dots, IDNA); a bad name is a miss.
+        if name.isascii():
+            # lower() is cheaper than asking islower() first (which scans by Unicode tables).
+            key = name.lower()
+            if key[-1:] == ".":
+                key = key.rstrip(".")
         else:
-            key = name.lower().rstrip(".") if name.isascii() else _domain_key(name) or ""
-        # Any listed name covering this one ends with the same last two labels: one set probe
-        # settles almost every miss (inlined, no helper call: this is the hot path).
-        if key[key.rfind(".", 0, key.rfind(".")) + 1 :] not in self._tails:
+            key = _domain_key(name) or ""
+        # The rest is match_canonical_domain, inlined: a call costs as much as the probe.
+        start = key.rfind(".", 0, key.rfind(".")) + 1
+        tail = key[start:]
+        if tail not in self._known:
             return ()
-        domains = self._block.domains
-        entry = domains.get(key)
-        found = None if entry is None else [(key, entry)]
-        i = key.find(".")
-        while i >= 0:
-            j = key.find(".", i + 1)
-            if j < 0:
-                break
-            parent = key[i + 1 :]
-            entry = domains.get(parent)
-            if entry is not None:
+        return self._walk_domain(key, start, tail)
+
+    def match_canonical_domain(self, name: str) -> tuple[Match, ...]:
+        """``match_domain`` for a name already canonical: lowercase A-labels, no trailing dot."""
+        # For callers that normalised the name already (the gateway's host names): the same
+        # answer as match_domain for such names, without its per-lookup work. Another spelling
+        # of a listed name may be missed; no input raises.
+        # Any listed name covering this one ends with the same last two labels, which are then
+        # a known name (listed, or a parent of listed names): one set probe settles most misses.
+        start = name.rfind(".", 0, name.rfind(".")) + 1
+        tail = name[start:]
+        if tail not in self._known:
+            return ()
+        return self._walk_domain(name, start, tail)
+
+    def _walk_domain(self, key: str, start: int, tail: str) -> tuple[Match, ...]:
+        """Matches for ``key``, whose last two labels ``tail`` (from ``start``) are known."""
+        # From the last two labels towards the full name: key[start:] for start just after
+        # each dot but the last, then the whole name. A suffix that is not known is neither
+        # listed nor a parent of a listed name, so no longer one can be listed: stop there.
+        # Known suffixes are in the dict (a stem's entry is empty); unknown ones are never
+        # asked of it, as a dict miss costs several cache misses and a set miss about one.
+        domains = self._domains
+        known = self._known
+        found: list[tuple[str, Entry]] | None = None
+        listed = tail
+        while True:
+            entry = domains[listed]
+            if entry:  # not a stem
                 if found is None:
                     found = []
-                found.append((parent, entry))
-            i = j
+                found.append((listed, entry))
+            if not start:
+                break
+            start = key.rfind(".", 0, start - 1) + 1
+            listed = key[start:]
+            if listed not in known:
+                break
         if found is None:
             return ()
         out: list[Match] = []
-        for listed, entry in found:
+        exact_only = self._exact_only
+        for listed, entry in reversed(found):  # the name itself first, then nearest parent
             exact = listed == key
             for prov in _entries(entry):
-                if exact or self._rules[prov.feed].subdomains:
-                    why = "exact" if exact else "parent domain"
-                    out.append(_match(prov, _DOMAIN, listed, key, why))
+                if exact:
+                    out.append(_match(prov, _DOMAIN, listed, key, "exact"))
+                elif prov.feed not in exact_only:
+                    out.append(_match(prov, _DOMAIN, listed, key, "parent domain"))
         if not out or self._domain_allowed(key):
             return ()
         return tuple(out)
@@ -340,13 +385,18 @@ class Matcher:
         allowed = self._allow.domains
         if not allowed:
             return False
-        labels = key.split(".")
-        for start in range(len(labels) - 1):
-            entry = allowed.get(".".join(labels[start:]))
-            if entry is not None and (
-                start == 0 or any(self._rules[p.feed].subdomains for p in _entries(entry))
-            ):
+        last = key.rfind(".")
+        if last < 0:
+            return False  # a one-label name is never allowlisted (as before; feeds have none)
+        # key, then key[i + 1:] after each dot but the last: the suffixes a listing can cover.
+        if allowed.get(key) is not None:
+            return True
+        i = key.find(".")
+        while 0 <= i < last:
+            entry = allowed.get(key[i + 1 :])
+            if entry is not None and any(self._rules[p.feed].subdomains for p in _entries(entry)):
                 return True
+            i = key.find(".", i + 1)
         return False
 
     def domain_allowlisted(self, name: str) -> bool:
@@ -430,9 +480,26 @@ def _format_network(version: int, n: int, plen: int, bits: int) -> str:
     return text if plen == bits else f"{text}/{plen}"
 
 
-def _tail(name: str) -> str:
-    """The last two labels of a name (the whole name if it has fewer)."""
-    return name[name.rfind(".", 0, name.rfind(".")) + 1 :]
+def _add_stems(domains: dict[str, Entry]) -> frozenset[str]:
+    """Add the parents a lookup may probe on its way to a listed name; return all names known.
+
+    A lookup of ``a.b.c.d`` probes ``c.d``, ``b.c.d`` and ``a.b.c.d`` (never the top-level
+    label alone), so each listed name's parents but the top-level label become "stems" with an
+    empty entry when not listed themselves.
+    """
+    # Names with parents first (the dict cannot grow while iterated), then each parent: a
+    # parent already present drops its copy at once, so no garbage piles up (RSS stays low).
+    deep = [name for name in domains if name.count(".") > 1]
+    setdefault = domains.setdefault
+    for name in deep:
+        start = name.rfind(".", 0, name.rfind(".")) + 1
+        while start:
+            setdefault(name[start:], _STEM)
+            start = name.rfind(".", 0, start - 1) + 1
+    del deep  # before the set's table is allocated, so its memory can be reused
+    # From an iterator, not the dict: a set built from a dict is sized for twice its length
+    # up front, which costs 32 MB more for a million names.
+    return frozenset(iter(domains))
 
 
 def _domain_key(name: str) -> str | None:

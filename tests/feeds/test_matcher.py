@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from feeds.indicator import Indicator, IndicatorType, Provenance
-from feeds.matcher import FeedRules, Matcher
-from feeds.normalise import format_network
+from feeds.matcher import FeedRules, Match, Matcher
+from feeds.normalise import format_network, normalise_domain
 
 T = IndicatorType
 
@@ -170,6 +170,134 @@ def test_domain_suffix_rule_equals_brute_force(listed: list[list[str]], prefix: 
         assert {x.indicator for x in m.match_domain(query)} == expected
 
 
+# -- domains: the lookup against a reference of the documented rules -----------------------
+
+# Few labels, so listed names nest and overlap a lot; odd spellings (empty labels, leading or
+# trailing dots) too, as build_raw takes whatever it is given.
+_dlabel = st.sampled_from(["a", "b", "co", "uk", "xn--bcher-kva", "_x"])
+_dname = st.one_of(
+    st.lists(_dlabel, min_size=1, max_size=4).map(".".join),
+    st.text(alphabet="ab.", max_size=7),
+)
+_dfeed = st.tuples(st.booleans(), st.frozensets(_dname, max_size=8))
+
+
+def _covers(listed: str, name: str) -> bool:
+    """The suffix rule: the name itself, or a parent at a label boundary.
+
+    A one-label value (normalisation never lets one through) only ever matches itself.
+    """
+    return listed == name or ("." in listed and name.endswith("." + listed))
+
+
+def _reference(
+    blocks: list[tuple[bool, frozenset[str]]], allows: list[tuple[bool, frozenset[str]]], name: str
+) -> list[tuple[str, str, str, str, int | None]]:
+    """What a domain lookup must answer, by brute force over every listed value."""
+    for subdomains, values in allows:
+        # A one-label name is never allowlisted (as the matcher always did).
+        if "." in name and any(v == name or (subdomains and _covers(v, name)) for v in values):
+            return []
+    found = [
+        (len(v), n, f"b{n}", v, name, "exact" if v == name else "parent domain", n)
+        for n, (subdomains, values) in enumerate(blocks)
+        for v in values
+        if v == name or (subdomains and _covers(v, name))
+    ]
+    # The name itself first, then the nearest parent; feeds in the order they were built.
+    return [
+        (feed, v, q, why, conf)
+        for _, _, feed, v, q, why, conf in sorted(found, key=lambda x: (-x[0], x[1]))
+    ]
+
+
+def _domain_matcher(
+    blocks: list[tuple[bool, frozenset[str]]], allows: list[tuple[bool, frozenset[str]]]
+) -> Matcher:
+    feeds: list[tuple[FeedRules, list[Indicator]]] = []
+    for n, (subdomains, values) in enumerate(blocks):
+        prov = Provenance(f"b{n}", confidence=n)
+        rules = FeedRules(f"b{n}", subdomains=subdomains)
+        feeds.append((rules, [Indicator(T.DOMAIN, v, prov) for v in sorted(values)]))
+    for n, (subdomains, values) in enumerate(allows):
+        prov = Provenance(f"ok{n}")
+        rules = FeedRules(f"ok{n}", allowlist=True, subdomains=subdomains)
+        feeds.append((rules, [Indicator(T.DOMAIN, v, prov) for v in sorted(values)]))
+    return Matcher.build(feeds)
+
+
+def _got(matches: tuple[Match, ...]) -> list[tuple[str, str, str, str, int | None]]:
+    assert all(m.indicator_type is T.DOMAIN for m in matches)
+    return [(m.feed, m.indicator, m.matched, m.why, m.confidence) for m in matches]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_dfeed, min_size=1, max_size=3),
+    st.lists(_dfeed, max_size=2),
+    st.lists(_dname, max_size=6),
+    st.lists(st.sampled_from(["a.", "b.", "co.", "x.a.", ".", ""]), max_size=3),
+)
+def test_domain_lookups_equal_reference(
+    blocks: list[tuple[bool, frozenset[str]]],
+    allows: list[tuple[bool, frozenset[str]]],
+    others: list[str],
+    prefixes: list[str],
+) -> None:
+    """Both entry points follow the rules: suffix, exact-only feeds, allowlists, order, metadata."""
+    # Asked of listed names, names below them, their parents (the stems the walk adds among
+    # them) and unrelated names.
+    m = _domain_matcher(blocks, allows)
+    listed = {v for _, values in blocks for v in values}
+    assert m.counts["domain"] == len(listed)  # parents added for the walk are not counted
+    names = {*listed, *others, *(v for _, values in allows for v in values)}
+    names |= {p + n for n in list(names) for p in prefixes}
+    names |= {n[n.find(".") + 1 :] for n in list(names)}  # parents and stems themselves
+    for name in names:
+        expected = _reference(blocks, allows, name)
+        assert _got(m.match_canonical_domain(name)) == expected, name
+        # The validating entry: any case, trailing dots.
+        assert _got(m.match_domain(name.upper() + ".")) == _reference(
+            blocks, allows, name.rstrip(".")
+        ), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30))
+def test_validating_domain_lookup_is_normalise_then_canonical(text: str) -> None:
+    """match_domain(x) is match_canonical_domain of x's canonical spelling (or a miss)."""
+    m = _matcher(
+        (FeedRules("bad"), [_ind("evil.example"), _ind("xn--bcher-kva.example")]),
+        (FeedRules("ok", allowlist=True), [_ind("ok.evil.example", feed="ok")]),
+    )
+    for value in (text, f"{text}.evil.example", f"{text}.bücher.example", f"{text}.EVIL.example."):
+        try:
+            key = normalise_domain(value)
+        except ValueError:
+            key = None
+        got = m.match_domain(value)
+        if key is not None:
+            assert got == m.match_canonical_domain(key)
+        else:
+            assert isinstance(got, tuple)
+
+
+def test_near_misses_under_listed_parents() -> None:
+    """Names beside listed ones, and the parents the walk adds, never match."""
+    m = _matcher(
+        (FeedRules("bad"), [_ind("x.s3.amazonaws.com"), _ind("cdn3.shop.example")]),
+        (FeedRules("hosts", subdomains=False), [_ind("a.b.example", feed="hosts")]),
+    )
+    for name in ("y.s3.amazonaws.com", "s3.amazonaws.com", "amazonaws.com", "www.shop.example"):
+        assert m.match_canonical_domain(name) == () and m.match_domain(name) == ()
+    for name in ("shop.example", "b.example", "c.a.b.example", "example"):
+        assert m.match_canonical_domain(name) == ()
+    got = m.match_canonical_domain("a.x.s3.amazonaws.com")
+    assert [(x.indicator, x.why) for x in got] == [("x.s3.amazonaws.com", "parent domain")]
+    assert m.match_canonical_domain("a.b.example")[0].why == "exact"
+    assert m.counts["domain"] == 3
+
+
 def test_large_index_uses_miss_filter_without_losing_hits() -> None:
     """Past the filter threshold, misses are filtered and every covered address still hits."""
     hosts = [_ind(f"20.{i // 256}.{i % 256}.7") for i in range(5000)]
@@ -197,5 +325,6 @@ def test_lookups_never_raise(text: str) -> None:
         assert isinstance(_MIXED.match(value), tuple)
         assert isinstance(_MIXED.match_ip(value), tuple)
         assert isinstance(_MIXED.match_domain(value), tuple)
+        assert isinstance(_MIXED.match_canonical_domain(value), tuple)
         assert isinstance(_MIXED.match_url(value), tuple)
         assert _MIXED.url_allowlisted(value) in (True, False)
