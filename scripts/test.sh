@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(curl dnsutils dnsmasq squid rsyslog rsyslog-gnutls nftables iptables iproute2 conntrack wrk)
+SYSTEM_PACKAGES=(curl dnsutils dnsmasq squid rsyslog rsyslog-gnutls rsyslog-relp nftables iptables iproute2 conntrack wrk)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from siem.relp import DEFAULT_WINDOW
+
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
@@ -49,6 +51,9 @@ DEFAULT_SYSLOG_APP_NAME = "egressgw"
 DEFAULT_SYSLOG_FACILITY = "local0"
 DEFAULT_SYSLOG_UDP_MAX_BYTES = 8192
 DEFAULT_SYSLOG_SD_ID = "egressgw@32473"
+DEFAULT_RELP_WINDOW = DEFAULT_WINDOW  # librelp's default: 128 messages in flight
+TLS_TRANSPORTS = ("tls", "relp_tls")
+RELP_TRANSPORTS = ("relp", "relp_tls")
 
 DEFAULT_DATA_STREAM = "logs-egressgw-default"
 DEFAULT_TEMPLATE_NAME = "egressgw"
@@ -177,11 +182,11 @@ class StdoutSinkSpec(_SinkBase):
 
 
 class SyslogSinkSpec(_SinkBase):
-    """RFC 5424 over UDP, TCP (RFC 6587 octet counting) or TLS (RFC 5425)."""
+    """RFC 5424 over UDP, TCP (RFC 6587 octet counting), TLS (RFC 5425) or RELP (plain or TLS)."""
 
     type: Literal["syslog"]
     address: Annotated[str, BeforeValidator(_host_port)]
-    transport: Literal["udp", "tcp", "tls"] = "tcp"
+    transport: Literal["udp", "tcp", "tls", "relp", "relp_tls"] = "tcp"
     format: Literal["json", "cef", "leef"] = "json"
     ca: Path | None = None
     cert: Path | None = None
@@ -193,6 +198,7 @@ class SyslogSinkSpec(_SinkBase):
     sd_id: str = Field(DEFAULT_SYSLOG_SD_ID, pattern=r"^[!#-<>-\\^-~]{1,32}$")
     max_message_bytes: ByteSize = DEFAULT_SYSLOG_UDP_MAX_BYTES
     timeout: float = Field(DEFAULT_TIMEOUT, gt=0)
+    window: int = Field(DEFAULT_RELP_WINDOW, ge=1)
 
     _resolve_paths = field_validator("ca", "cert", "key")(_resolve)
 
@@ -209,8 +215,10 @@ class SyslogSinkSpec(_SinkBase):
     def _tls_files(self) -> SyslogSinkSpec:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together")
-        if self.transport != "tls" and (self.ca or self.cert):
-            raise ValueError("ca, cert and key need transport: tls")
+        if self.transport not in TLS_TRANSPORTS and (self.ca or self.cert):
+            raise ValueError("ca, cert and key need transport: tls or relp_tls")
+        if self.transport not in RELP_TRANSPORTS and "window" in self.model_fields_set:
+            raise ValueError("window needs transport: relp or relp_tls")
         return self
 
     @property

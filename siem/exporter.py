@@ -159,8 +159,11 @@ class _SpoolSource:
             records = await asyncio.to_thread(self.reader.read, n)
             if records:
                 return records
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as the event is set, and aclose() would wait for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), READ_WAIT)
+                async with asyncio.timeout(READ_WAIT):
+                    await self._event.wait()
 
     def ack(self, seq: int) -> None:
         """Move the sink's cursor."""
@@ -495,7 +498,8 @@ class Exporter:
         last_sync = last_ledger = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.batch_interval)
+                async with asyncio.timeout(self.batch_interval):  # not wait_for: see next_batch
+                    await self._wake.wait()
             self._wake.clear()
             now = loop.time()
             interval_due = spec is not None and now - last_sync >= spec.fsync_interval

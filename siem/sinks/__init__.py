@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from siem.config import (
+    RELP_TRANSPORTS,
     ElasticsearchSinkSpec,
     FileSinkSpec,
     SinkSpec,
@@ -63,6 +64,10 @@ def build_sink(spec: SinkSpec, name: str, *, state_dir: Path) -> Sink:
         from siem.sinks.stdout import StdoutSink
 
         return StdoutSink(spec, name)
+    if isinstance(spec, SyslogSinkSpec) and spec.transport in RELP_TRANSPORTS:
+        from siem.sinks.relp import RelpSink
+
+        return RelpSink(spec, name)
     if isinstance(spec, SyslogSinkSpec):
         from siem.sinks.syslog import SyslogSink
 

@@ -1,11 +1,11 @@
 """Syslog sink: RFC 5424 messages over UDP (RFC 5426), TCP (RFC 6587 octet counting) or TLS
-(RFC 5425), with a JSON, CEF or LEEF body.
+(RFC 5425), with a JSON, CEF or LEEF body. RELP transports live in `siem.sinks.relp`.
 
 Before each batch the sink checks whether the receiver closed the connection (EOF) and
 reconnects; a failed connect or write raises, and the exporter retries the batch with
-backoff. Plain TCP syslog has no application acknowledgement, so a batch written just as
-the receiver dies can be lost in kernel buffers or, when resent, duplicated: delivery to
-syslog is at least once in the common case, not guaranteed exactly once (RELP would be).
+backoff. Plain TCP syslog has no application acknowledgement, so a batch that the
+receiver's kernel acknowledged but the receiver never read (it stopped or crashed) is lost,
+and a batch resent after an error can be duplicated: use RELP where that matters.
 UDP is fire-and-forget; messages longer than max_message_bytes are truncated.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from siem.config import SyslogSinkSpec
+from siem.config import RELP_TRANSPORTS, SyslogSinkSpec
 from siem.formats import frame_octet_count, to_rfc5424
 from siem.sinks import SendResult
 from siem.spool import Record
@@ -37,6 +37,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def rfc5424_message(spec: SyslogSinkSpec, record: Record) -> bytes:
+    """The RFC 5424 message for one record, as the spec formats it."""
+    return to_rfc5424(
+        orjson.loads(record.payload),
+        spec.format,
+        app_name=spec.app_name,
+        hostname=spec.hostname,
+        facility=spec.facility_code,
+        sd_id=spec.sd_id,
+        json_body=record.payload,
+    )
+
+
 def tls_context(spec: SyslogSinkSpec) -> ssl.SSLContext:
     """Client TLS context: CA file (or system CAs), optional client certificate."""
     ctx = ssl.create_default_context(cafile=str(spec.ca) if spec.ca else None)
@@ -49,6 +62,8 @@ class SyslogSink:
     """Sends each event as one RFC 5424 message."""
 
     def __init__(self, spec: SyslogSinkSpec, name: str) -> None:
+        if spec.transport in RELP_TRANSPORTS:
+            raise ValueError("RELP transports are served by siem.sinks.relp.RelpSink")
         self.spec = spec
         self.name = name
         self.host, self.port = split_address(spec.address)
@@ -65,16 +80,7 @@ class SyslogSink:
 
     def to_message(self, record: Record) -> bytes:
         """The RFC 5424 message for one record."""
-        spec = self.spec
-        return to_rfc5424(
-            orjson.loads(record.payload),
-            spec.format,
-            app_name=spec.app_name,
-            hostname=spec.hostname,
-            facility=spec.facility_code,
-            sd_id=spec.sd_id,
-            json_body=record.payload,
-        )
+        return rfc5424_message(self.spec, record)
 
     async def _connect(self) -> None:
         await self._disconnect()

@@ -1,17 +1,61 @@
-"""A real rsyslogd on a loopback port, writing each received message (raw) as one line."""
+"""A real rsyslogd on a loopback port, writing each received message (raw) as one line.
+
+It listens with imtcp (plain or TLS) or, with ``relp=True``, with imrelp (Debian
+rsyslog-relp), plain or TLS through librelp's OpenSSL or GnuTLS backend.
+"""
 
 from __future__ import annotations
 
+import datetime
+import glob
+import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.pki import TlsFiles, make_test_pki
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 START_TIMEOUT = 10.0
+# Where Debian (multiarch), Fedora and source builds put rsyslog's modules.
+MODULE_GLOBS = (
+    "/usr/lib/*/rsyslog/imrelp.so",
+    "/usr/lib/rsyslog/imrelp.so",
+    "/usr/lib64/rsyslog/imrelp.so",
+)
+
+
+def missing_rsyslogd() -> str | None:
+    """Why rsyslogd tests cannot run here, or None."""
+    if shutil.which(RSYSLOGD) is None:
+        return f"needs rsyslogd ({RSYSLOGD} is absent; Debian package rsyslog)"
+    return None
+
+
+def missing_imrelp() -> str | None:
+    """Why RELP tests cannot run here (no rsyslogd, or no imrelp module), or None."""
+    if (reason := missing_rsyslogd()) is not None:
+        return reason
+    if not any(glob.glob(pattern) for pattern in MODULE_GLOBS):
+        return "needs rsyslogd's imrelp module (imrelp.so is absent; Debian package rsyslog-relp)"
+    return None
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """A client certificate and key, and the CA that signed them (for the receiver)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
 
 
 def free_port() -> int:
@@ -24,16 +68,66 @@ def free_port() -> int:
 class Rsyslogd:
     """Starts, stops and reads one rsyslogd instance (imtcp, optionally TLS via gtls)."""
 
-    def __init__(self, workdir: Path, port: int, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        tls: TlsFiles | None = None,
+        *,
+        relp: bool = False,
+        tlslib: Literal["gnutls", "openssl"] | None = None,
+        client_ca: Path | None = None,
+        config: str | None = None,
+    ) -> None:
+        """relp: imrelp instead of imtcp; client_ca: require client certificates it signed;
+        config: this rsyslog.conf instead of the generated one."""
         self.dir = workdir
         self.port = port
         self.tls = tls
+        self.relp = relp
+        self.tlslib = tlslib
+        self.client_ca = client_ca
+        self.config = config
         self.out = workdir / "out.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def _relp_config(self) -> str:
+        # The ruleset runs without a queue of its own (Direct): imrelp answers 200 OK only
+        # after omfile has written the message, so an acknowledged message survives SIGKILL.
+        module = 'module(load="imrelp"'
+        module += f' tls.tlslib="{self.tlslib}")' if self.tlslib else ")"
+        listen = f'input(type="imrelp" address="127.0.0.1" port="{self.port}" ruleset="out"'
+        if self.tls is not None:
+            ca = self.dir / "relp-ca.pem"
+            ca.write_bytes(
+                self.tls.ca_cert.read_bytes()
+                + (self.client_ca.read_bytes() if self.client_ca else b"")
+            )
+            listen += (
+                f' tls="on" tls.caCert="{ca}" tls.myCert="{self.tls.server_cert}"'
+                f' tls.myPrivKey="{self.tls.server_key}"'
+            )
+            if self.client_ca is not None:
+                listen += ' tls.authMode="certvalid"'
+        lines = [
+            f'global(workDirectory="{self.dir}" maxMessageSize="64k"'
+            ' parser.escapeControlCharactersOnReceive="off")',
+            module,
+            listen + ")",
+            'template(name="raw" type="string" string="%rawmsg%\\n")',
+            'ruleset(name="out" queue.type="Direct") {',
+            f'  action(type="omfile" file="{self.out}" template="raw")',
+            "}",
+        ]
+        return "\n".join(lines) + "\n"
+
     def _config(self) -> str:
+        if self.config is not None:
+            return self.config
+        if self.relp:
+            return self._relp_config()
         lines = [
             f'global(workDirectory="{self.dir}" maxMessageSize="64k"'
             ' parser.escapeControlCharactersOnReceive="off"'
@@ -80,7 +174,15 @@ class Rsyslogd:
                     return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("rsyslogd did not start listening")
+        err = (self.dir / "rsyslogd.stderr").read_text()
+        self.stop()
+        raise RuntimeError(f"rsyslogd did not start listening on {self.port}: {err}")
+
+    def kill(self) -> None:
+        """Kill rsyslogd (SIGKILL), as a crash would, and wait for it to exit."""
+        if self.proc is not None:
+            self.proc.kill()
+        self.stop()
 
     def stop(self) -> None:
         """Stop rsyslogd (SIGTERM) and wait for it to exit."""
@@ -104,3 +206,66 @@ class Rsyslogd:
 def make_tls_files(directory: Path) -> TlsFiles:
     """A test CA and a server certificate for the receiver on 127.0.0.1."""
     return make_test_pki(directory, ("localhost", "127.0.0.1"))
+
+
+def make_client_tls(directory: Path) -> ClientTls:
+    """A client CA and a client certificate (extended key usage clientAuth) it signed."""
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("egressgw test client CA"))
+        .issuer_name(name("egressgw test client CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("egressgw"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = ClientTls(
+        directory / "client-ca.pem", directory / "client.pem", directory / "client-key.pem"
+    )
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files

@@ -90,6 +90,10 @@ def test_errors_carry_key_paths() -> None:
         {"type": "syslog", "address": "h:514", "transport": "tcp", "ca": "ca.pem"},
         {"type": "syslog", "address": "h:514", "transport": "tls", "cert": "c.pem"},
         {"type": "syslog", "address": "h:514", "facility": "local9"},
+        {"type": "syslog", "address": "h:514", "transport": "relp", "ca": "ca.pem"},
+        {"type": "syslog", "address": "h:514", "transport": "tcp", "window": 64},
+        {"type": "syslog", "address": "h:514", "transport": "relp", "window": 0},
+        {"type": "syslog", "address": "h:514", "transport": "relp+tls"},
         {"type": "elasticsearch", "hosts": []},
         {"type": "elasticsearch", "hosts": ["http://h"], "username": "u"},
         {"type": "elasticsearch", "hosts": ["http://h"], "data_stream": "Logs"},
@@ -101,6 +105,34 @@ def test_invalid_sinks_are_refused(sink: dict[str, object]) -> None:
     """Unknown types, unknown keys and inconsistent options fail validation."""
     with pytest.raises(ValidationError):
         SINKS.validate_python([sink])
+
+
+def test_relp_transports() -> None:
+    """relp and relp_tls validate; window defaults to librelp's 128; TLS files need relp_tls."""
+    relp, relp_tls = SINKS.validate_python(
+        [
+            {"type": "syslog", "address": "h:20514", "transport": "relp"},
+            {
+                "type": "syslog",
+                "address": "h:20514",
+                "transport": "relp_tls",
+                "window": 512,
+                "ca": "ca.pem",
+                "cert": "c.pem",
+                "key": "k.pem",
+            },
+        ],
+        context={"base_dir": Path("/etc/egressgw")},
+    )
+    assert isinstance(relp, SyslogSinkSpec) and relp.window == 128
+    assert isinstance(relp_tls, SyslogSinkSpec) and relp_tls.window == 512
+    assert relp_tls.ca == Path("/etc/egressgw/ca.pem")
+    with pytest.raises(ValidationError, match="need transport: tls or relp_tls"):
+        SINKS.validate_python(
+            [{"type": "syslog", "address": "h:1", "transport": "relp", "ca": "x"}]
+        )
+    with pytest.raises(ValidationError, match="window needs transport: relp or relp_tls"):
+        SINKS.validate_python([{"type": "syslog", "address": "h:1", "window": 8}])
 
 
 def test_spool_limits() -> None:

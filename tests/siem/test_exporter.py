@@ -14,12 +14,12 @@ from pydantic import TypeAdapter
 from ruamel.yaml import YAML
 
 from siem.config import FileSinkSpec, SinkSpec, SpoolSpec
-from siem.exporter import DeliveryOptions, Exporter, backoff_delay
+from siem.exporter import DeliveryOptions, Exporter, _SpoolSource, backoff_delay
 from siem.sinks import SendResult
 from siem.sinks.elasticsearch import ElasticsearchSink
 from siem.sinks.file import FileSink
 from siem.sinks.syslog import SyslogSink
-from siem.spool import Record
+from siem.spool import Record, Spool
 
 CONTRACT = Path("/work/shared/contract/egressgw-siem.yaml")
 FAST = DeliveryOptions(batch_events=100, backoff_initial=0.01, backoff_max=0.05)
@@ -344,3 +344,22 @@ async def test_disk_write_error_is_counted_not_silent(tmp_path: Path) -> None:
     assert not any(r in sink.received for r in ("e-0", "e-19"))
     assert len(sink.received) == 11  # the gap marker and the ten later events
     assert metric(exp, "siem_dropped_events_total", sink="*", reason="write_error") == 20
+
+
+async def test_a_waiting_sink_is_cancellable_as_it_is_woken(tmp_path: Path) -> None:
+    """Cancelling a sink's delivery task just as new records wake it ends the task.
+
+    With asyncio.wait_for (Python 3.11) the cancellation was lost in that instant and
+    aclose() waited for the task forever (seen about once in 130 RELP restart tests).
+    """
+    spool = Spool(tmp_path / "spool", ["s"]).open()
+    source = _SpoolSource(spool, "s")
+    task = asyncio.get_running_loop().create_task(source.next_batch(10))
+    await asyncio.sleep(0.05)  # the spool is empty: the task now waits for a wake-up
+    source.wake()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await task
+    source.reader.close()
+    spool.close()

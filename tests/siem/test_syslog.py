@@ -114,7 +114,7 @@ async def test_into_rsyslogd_across_restart(tmp_path: Path, transport: str) -> N
 
     rsyslogd is stopped between batches (nothing in flight). Stopping it while a batch sits
     acknowledged by its kernel but unread by rsyslogd loses that batch: plain syslog over TCP
-    cannot tell, only RELP can (a known gap, see docs/siem.md).
+    cannot tell (a known gap, see docs/siem.md); RELP can, see test_relp_sink.py.
     """
     port = free_port()
     tls = make_tls_files(tmp_path) if transport == "tls" else None
