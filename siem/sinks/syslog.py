@@ -92,12 +92,12 @@ class SyslogSink:
             self._udp = transport
         else:
             server_hostname = (self.spec.server_name or self.host) if self._ssl else None
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the awaited call completes, and the exporter's aclose would hang.
+            async with asyncio.timeout(self.spec.timeout):
+                self._reader, self._writer = await asyncio.open_connection(
                     self.host, self.port, ssl=self._ssl, server_hostname=server_hostname
-                ),
-                self.spec.timeout,
-            )
+                )
         self.connects += 1
 
     async def _disconnect(self) -> None:
@@ -108,7 +108,8 @@ class SyslogSink:
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
-                await asyncio.wait_for(writer.wait_closed(), self.spec.timeout)
+                async with asyncio.timeout(self.spec.timeout):
+                    await writer.wait_closed()
 
     def _unacked_bytes(self) -> int:
         assert self._writer is not None
@@ -160,7 +161,8 @@ class SyslogSink:
         assert self._writer is not None
         try:
             self._writer.write(b"".join(frame_octet_count(m) for m in messages))
-            await asyncio.wait_for(self._writer.drain(), self.spec.timeout)
+            async with asyncio.timeout(self.spec.timeout):
+                await self._writer.drain()
             await self._wait_acked()
         except BaseException:
             await self._disconnect()
