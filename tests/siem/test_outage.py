@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from siem.config import ElasticsearchSinkSpec, SpoolSpec, SyslogSinkSpec
 from siem.exporter import Exporter
 from tests.siem.es_standin import EsStandin
-from tests.siem.rsyslog_server import RSYSLOGD, Rsyslogd, free_port
+from tests.siem.rsyslog_server import RSYSLOGD, Rsyslogd, free_port, missing_imrelp
 from tests.siem.test_syslog import json_ids
 
 FAST = {"batch_events": 50, "backoff_initial": 0.02, "backoff_max": 0.2}
@@ -74,6 +74,72 @@ async def test_each_receiver_down_in_turn(tmp_path: Path) -> None:
         await asyncio.to_thread(rsyslogd.stop)
         await es.stop()
     want = {f"e-{i}" for i in range(600)}
+    stored = collections.Counter(d["event"]["id"] for d in es.all_docs())
+    assert set(stored) == want and max(stored.values()) == 1
+    received = collections.Counter(json_ids(rsyslogd.lines()))
+    assert set(received) == want and max(received.values()) == 1
+
+
+OUTAGE_SECONDS = 60.0  # the issue's promise: either receiver down for a minute
+OUTAGE_STEP = 5.0  # events keep coming while a receiver is down
+
+
+async def produce_for(exp: Exporter, start: int, seconds: float) -> int:
+    """Submit 100 events every OUTAGE_STEP seconds for ``seconds``; return the next number."""
+    n = start
+    for _ in range(int(seconds / OUTAGE_STEP)):
+        await produce(exp, n, 100)
+        n += 100
+        await asyncio.sleep(OUTAGE_STEP)
+    return n
+
+
+async def wait_lag(exp: Exporter, sink: str, within: float = 20.0) -> None:
+    """Wait until a sink has delivered everything spooled."""
+    for _ in range(int(within / 0.02)):
+        if exp.lag()[sink] == 0:
+            return
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(missing_imrelp() is not None, reason=str(missing_imrelp()))
+async def test_each_receiver_down_for_a_minute_over_relp(tmp_path: Path) -> None:
+    """ES down a minute, then rsyslogd down a minute (RELP), events flowing all along: in the
+    end both hold every event once, and the other sink kept up meanwhile."""
+    es = EsStandin()
+    await es.start()
+    port = free_port()
+    rsyslogd = Rsyslogd(tmp_path / "rsyslog", port, relp=True)
+    await asyncio.to_thread(rsyslogd.start)
+    sinks = [
+        ElasticsearchSinkSpec(type="elasticsearch", hosts=[es.url], **FAST),
+        SyslogSinkSpec(type="syslog", address=f"127.0.0.1:{port}", transport="relp", **FAST),
+    ]
+    spool = SpoolSpec(dir=Path("spool"), batch_interval=0.01)
+    exp = Exporter.from_config(spool, sinks, tmp_path, registry=CollectorRegistry())
+    await exp.start()
+    try:
+        n = await produce_for(exp, 0, OUTAGE_STEP)
+        await es.stop()
+        n = await produce_for(exp, n, OUTAGE_SECONDS)
+        await exp.flush()
+        await wait_lag(exp, "syslog")
+        assert exp.lag()["syslog"] == 0 and exp.lag()["elasticsearch"] > 0
+        await es.start()
+        await wait_lag(exp, "elasticsearch")
+        await asyncio.to_thread(rsyslogd.stop)
+        n = await produce_for(exp, n, OUTAGE_SECONDS)
+        await exp.flush()
+        await wait_lag(exp, "elasticsearch")
+        assert exp.lag()["elasticsearch"] == 0 and exp.lag()["syslog"] > 0
+        await asyncio.to_thread(rsyslogd.start)
+        assert await exp.wait_delivered(within=30)
+    finally:
+        await exp.aclose()
+        await asyncio.to_thread(rsyslogd.stop)
+        await es.stop()
+    want = {f"e-{i}" for i in range(n)}
     stored = collections.Counter(d["event"]["id"] for d in es.all_docs())
     assert set(stored) == want and max(stored.values()) == 1
     received = collections.Counter(json_ids(rsyslogd.lines()))
