@@ -33,7 +33,7 @@ RECV_SIZE = 256 * 1024
 # Relayed bytes (a tunnel after its decision) pass through one buffer of this size, shared by
 # every stream: the loop runs one callback at a time and each empties it before returning.
 # Large reads mean few system calls per gigabyte; reusing one buffer means no allocation and no
-# page faults per read (a fresh 256 KiB bytes object per read cost more than the copy).
+# page faults per read (a fresh 256 KiB bytes object per read is an mmap and fresh pages).
 RELAY_BUFFER_SIZE = 4 * 1024 * 1024
 MIN_RELAY_CHUNK = 64 * 1024
 _RELAY_BUFFER = bytearray(RELAY_BUFFER_SIZE)
