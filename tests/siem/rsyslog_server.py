@@ -6,20 +6,13 @@ rsyslog-relp), plain or TLS through librelp's OpenSSL or GnuTLS backend.
 
 from __future__ import annotations
 
-import datetime
 import glob
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.pki import TlsFiles, make_test_pki
 
@@ -47,15 +40,6 @@ def missing_imrelp() -> str | None:
     if not any(glob.glob(pattern) for pattern in MODULE_GLOBS):
         return "needs rsyslogd's imrelp module (imrelp.so is absent; Debian package rsyslog-relp)"
     return None
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """A client certificate and key, and the CA that signed them (for the receiver)."""
-
-    ca_cert: Path
-    cert: Path
-    key: Path
 
 
 def free_port() -> int:
@@ -206,66 +190,3 @@ class Rsyslogd:
 def make_tls_files(directory: Path) -> TlsFiles:
     """A test CA and a server certificate for the receiver on 127.0.0.1."""
     return make_test_pki(directory, ("localhost", "127.0.0.1"))
-
-
-def make_client_tls(directory: Path) -> ClientTls:
-    """A client CA and a client certificate (extended key usage clientAuth) it signed."""
-    now = datetime.datetime.now(datetime.UTC)
-    not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("egressgw test client CA"))
-        .issuer_name(name("egressgw test client CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("egressgw"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    files = ClientTls(
-        directory / "client-ca.pem", directory / "client.pem", directory / "client-key.pem"
-    )
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return files

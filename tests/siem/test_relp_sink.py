@@ -23,15 +23,10 @@ from siem.sinks import SendResult, build_sink
 from siem.sinks.relp import RelpSink
 from siem.sinks.syslog import SyslogSink
 from siem.spool import Record
-from tests.siem.rsyslog_server import (
-    Rsyslogd,
-    free_port,
-    make_client_tls,
-    make_tls_files,
-    missing_imrelp,
-)
+from tests.siem.rsyslog_server import Rsyslogd, free_port, make_tls_files, missing_imrelp
 from tests.siem.test_formats import RFC5424, parse_cef
 from tests.siem.test_syslog import NASTY, event, json_ids
+from tests.support.pki import make_client_tls
 
 needs_imrelp = pytest.mark.skipif(missing_imrelp() is not None, reason=str(missing_imrelp()))
 TEST_TIMEOUT = 120.0

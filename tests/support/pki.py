@@ -30,6 +30,15 @@ DEFAULT_SERVER_NAMES = (
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """A client certificate and key, and the CA that signed them (for the receiver)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class TlsFiles:
     """Paths of the CA certificate and the server certificate chain and key (PEM)."""
 
@@ -60,17 +69,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_test_pki(directory: Path, names: Sequence[str] = DEFAULT_SERVER_NAMES) -> TlsFiles:
-    """Write ca.pem, server.pem, server-key.pem into `directory`; the server cert covers `names`."""
-    now = datetime.datetime.now(datetime.UTC)
-    not_before, not_after = now - CLOCK_SKEW, now + CERT_VALIDITY
-
+def _make_ca(
+    common_name: str, not_before: datetime.datetime, not_after: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, x509.SubjectKeyIdentifier]:
+    """A self-signed CA: key, certificate and its subject key identifier."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("egressgw test CA"))
-        .issuer_name(_name("egressgw test CA"))
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
@@ -93,6 +101,18 @@ def make_test_pki(directory: Path, names: Sequence[str] = DEFAULT_SERVER_NAMES) 
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca_cert, ca_ski
+
+
+def _validity() -> tuple[datetime.datetime, datetime.datetime]:
+    now = datetime.datetime.now(datetime.UTC)
+    return now - CLOCK_SKEW, now + CERT_VALIDITY
+
+
+def make_test_pki(directory: Path, names: Sequence[str] = DEFAULT_SERVER_NAMES) -> TlsFiles:
+    """Write ca.pem, server.pem, server-key.pem into `directory`; the server cert covers `names`."""
+    not_before, not_after = _validity()
+    ca_key, ca_cert, ca_ski = _make_ca("egressgw test CA", not_before, not_after)
 
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -118,4 +138,31 @@ def make_test_pki(directory: Path, names: Sequence[str] = DEFAULT_SERVER_NAMES) 
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     files.server_key.write_bytes(_pem_key(key))
+    return files
+
+
+def make_client_tls(directory: Path) -> ClientTls:
+    """A client CA and a client certificate (extended key usage clientAuth) it signed."""
+    not_before, not_after = _validity()
+    ca_key, ca_cert, _ = _make_ca("egressgw test client CA", not_before, not_after)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("egressgw"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = ClientTls(
+        directory / "client-ca.pem", directory / "client.pem", directory / "client-key.pem"
+    )
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(_pem_key(key))
     return files
