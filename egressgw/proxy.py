@@ -749,7 +749,7 @@ class ClientConnection:
             if self.transport is not None and self.pipe is not None:
                 # Decided for good: bytes now flow socket to socket without the protocol.
                 self.transport.relay(self.pipe, self._count_out)
-                self.pipe.relay(self.transport, self._count_in)
+                self.pipe.relay(self.transport, self.flow_bytes_in)
         self.hub.flow_decided(flow)
 
     def _flush_peek(self) -> None:
@@ -774,16 +774,9 @@ class ClientConnection:
         if self.flow is not None:
             self.flow.bytes_out += n
 
-    def _count_in(self, n: int) -> None:
-        self.last_active = self.hub.clock
-        if self.flow is not None:
-            self.flow.bytes_in += n
-
     def from_upstream(self, data: bytes) -> None:
         """Bytes from the tunnel's destination."""
-        self.last_active = self.hub.clock
-        if self.flow is not None:
-            self.flow.bytes_in += len(data)
+        self.flow_bytes_in(len(data))
         self.write(data)
 
     def upstream_eof(self) -> None:

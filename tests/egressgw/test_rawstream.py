@@ -108,15 +108,22 @@ async def test_bytes_both_ways_half_close_and_one_connection_lost(
     writer.close()
 
 
+async def _client_not_reading(
+    listener: Listener, protocols: list[Recorder]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Recorder]:
+    """A client that has sent one byte and stopped reading, and its accepted protocol."""
+    reader, writer = await asyncio.open_connection(*listener.address)
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    writer.write(b"x")
+    return reader, writer, await _accepted(protocols, data=b"x")
+
+
 async def test_backpressure_pauses_and_resumes_and_keeps_order(
     served: tuple[Reactor, Listener, list[Recorder]],
 ) -> None:
     """A peer that does not read makes the stream pause its writer; reading resumes it."""
     _, listener, protocols = served
-    reader, writer = await asyncio.open_connection(*listener.address)
-    writer.transport.pause_reading()  # type: ignore[attr-defined]
-    writer.write(b"x")
-    proto = await _accepted(protocols, data=b"x")
+    reader, writer, proto = await _client_not_reading(listener, protocols)
     stream = proto.stream
     assert stream is not None
     payload = bytes(range(256)) * (16 * HIGH_WATER // 256)
@@ -140,10 +147,7 @@ async def test_close_sends_what_is_buffered_first(
 ) -> None:
     """close() with a full buffer still delivers every byte, then the peer sees EOF."""
     _, listener, protocols = served
-    reader, writer = await asyncio.open_connection(*listener.address)
-    writer.transport.pause_reading()  # type: ignore[attr-defined]
-    writer.write(b"x")
-    proto = await _accepted(protocols, data=b"x")
+    reader, writer, proto = await _client_not_reading(listener, protocols)
     assert proto.stream is not None
     payload = b"z" * (4 * HIGH_WATER)
     proto.stream.write(payload)
