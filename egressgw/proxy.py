@@ -25,9 +25,11 @@ Rules:
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import enum
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -46,7 +48,7 @@ from egressgw.names import Host, parse_authority, parse_host
 from egressgw.rawstream import RawStream, Reactor
 from egressgw.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
 from egressgw.tasks import spawn
-from egressgw.tlshello import MAX_HELLO_SIZE, parse_client_hello
+from egressgw.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_hello
 
 log = structlog.get_logger("egressgw.proxy")
 
@@ -133,11 +135,12 @@ class _Refuse(Exception):
 class Request:
     """One parsed request head waiting to be relayed."""
 
-    __slots__ = ("body_done", "chunked", "headers", "keep_alive", "method", "url")
+    __slots__ = ("body_done", "chunked", "head_size", "headers", "keep_alive", "method", "url")
 
     def __init__(self) -> None:
         self.method = b""
         self.url = b""
+        self.head_size = 0  # target and header lines, as llhttp delivers them
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
         self.chunked = False
@@ -329,7 +332,7 @@ class ClientConnection:
         self.mode = Mode.HEAD
         self.transport: RawStream | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.peer: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
+        self.peer: tuple[IPAddress, int] = _NO_PEER
         self.peer_text = ""
         self.last_active = hub.clock
         self.head_deadline = hub.clock + self.limits.head_timeout
@@ -345,13 +348,13 @@ class ClientConnection:
         self.upstream: _HttpUpstream | None = None
         self.upstream_key: tuple[IPAddress, int] | None = None
         self.pipe: RawStream | None = None
-        self.connecting: socket.socket | None = None
+        self.connecting: _socket.socket | None = None
         self.connect_timer: asyncio.TimerHandle | None = None
         self.peeking = False
         self.peek_buffer = b""
         self.client_eof = False
         self.upstream_eof_seen = False
-        self.via_header = f"Via: 1.1 {self.limits.via}\r\n".encode()
+        self.via_header = _via_header(self.limits.via)
         self.close_after_write = False
 
     # -- stream callbacks ----------------------------------------------------------------------
@@ -359,8 +362,8 @@ class ClientConnection:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = (_source_ip(peer[0]), int(peer[1]))
-            self.peer_text = ip_text(self.peer[0])
+            ip, self.peer_text = _source_ip(peer[0])
+            self.peer = (ip, peer[1])
         if not self.hub.connection_opened(self):
             self._refuse(503, f"more than {self.limits.max_connections} client connections")
 
@@ -425,11 +428,6 @@ class ClientConnection:
             if self.flow is not None and exc is not None:
                 self.flow.error = self.flow.error or f"client: {exc}"
             self.close()
-        self.hub.connection_closed(self)
-        # The parser holds this connection's callbacks, and the HTTP upstream points back at
-        # it: unlink both so reference counting frees the connection (see RawStream).
-        self.parser = _NO_PARSER
-        self.upstream = None
 
     def pause_writing(self) -> None:
         if self.pipe is not None:
@@ -450,15 +448,18 @@ class ClientConnection:
         self.raw_head = 0
 
     def on_url(self, url: bytes) -> None:
-        assert self.request is not None
-        self.request.url += url
-        if len(self.request.url) > self.limits.max_header_bytes:
+        req = self.request
+        assert req is not None
+        req.url += url
+        req.head_size += len(url)
+        if len(req.url) > self.limits.max_header_bytes:
             raise _Refuse(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.request
         assert req is not None
         req.headers.append((name, value))
+        req.head_size += len(name) + len(value) + 4
         if len(req.headers) > self.limits.max_headers:
             raise _Refuse(431, f"more than {self.limits.max_headers} header fields")
 
@@ -467,8 +468,7 @@ class ClientConnection:
         assert req is not None
         self.awaiting_head = False
         self.raw_head = 0
-        size = len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
-        if size > self.limits.max_header_bytes:
+        if req.head_size > self.limits.max_header_bytes:
             raise _Refuse(431, f"request head larger than {self.limits.max_header_bytes} bytes")
         req.method = self.parser.get_method()
         req.keep_alive = self.parser.should_keep_alive()
@@ -552,19 +552,26 @@ class ClientConnection:
             self.items_waiter.set_result(None)
         if self.http_task is not None and not self.http_task.done():
             self.http_task.cancel()
+        # Both streams are closed quietly: this connection needs no connection_lost from them.
         if self.pipe is not None:
-            self.pipe.close()
-        self._abandon_connect()
+            self.pipe.close_quietly()
+        if self.connecting is not None:
+            self._abandon_connect()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         if self.transport is not None:
-            self.transport.close()
+            self.transport.close_quietly()
         flow = self.flow
         if was_tunnel and flow is not None:
             if self.peeking:
                 self._decide_peeked(protocol="tcp", sni=None, closing=True)
             self.hub.tunnel_closed()
             self._end_flow(flow)
+        self.hub.connection_closed(self)
+        # The parser holds this connection's callbacks, and the HTTP upstream points back at
+        # it: unlink both so reference counting frees the connection (see RawStream).
+        self.parser = _NO_PARSER
+        self.upstream = None
 
     def _end_flow(self, flow: Flow) -> None:
         if flow.ended_mono is None:
@@ -615,7 +622,7 @@ class ClientConnection:
         ip = verdict.ip
         assert ip is not None
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not flow.ip_str or flow.ip is not ip:
@@ -668,12 +675,12 @@ class ClientConnection:
             return
         self._connected(flow, sock)
 
-    def _connect_timed_out(self, flow: Flow, sock: socket.socket) -> None:
+    def _connect_timed_out(self, flow: Flow, sock: _socket.socket) -> None:
         self.connect_timer = None
         self._abandon_connect()
         self._upstream_failed(flow, 504, f"connect to {flow.ip}:{flow.port} timed out")
 
-    def _connected(self, flow: Flow, sock: socket.socket) -> None:
+    def _connected(self, flow: Flow, sock: _socket.socket) -> None:
         if self.mode is Mode.CLOSED:
             sock.close()
             return
@@ -700,6 +707,11 @@ class ClientConnection:
         flow = self.flow
         assert flow is not None
         if self.peeking:
+            if not self.peek_buffer and data[0] != TLS_HANDSHAKE:
+                # What the parser would say (not a TLS record), without building its exception.
+                self.peek_buffer = data
+                self._decide_peeked(protocol="tcp", sni=None)
+                return
             self.peek_buffer += data
             try:
                 hello = parse_client_hello(self.peek_buffer)
@@ -925,7 +937,7 @@ class ClientConnection:
         return upstream
 
 
-def _already_connected(sock: socket.socket) -> bool:
+def _already_connected(sock: _socket.socket) -> bool:
     try:
         sock.getpeername()
     except OSError:
@@ -933,18 +945,27 @@ def _already_connected(sock: socket.socket) -> bool:
     return True
 
 
-_SOURCE_IPS: dict[str, IPAddress] = {}
+_NO_PEER: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _via_header(via: str) -> bytes:
+    return f"Via: 1.1 {via}\r\n".encode()
+
+
+_SOURCE_IPS: dict[str, tuple[IPAddress, str]] = {}
 _SOURCE_IP_CACHE = 65536  # clients are few and repeat: parse each address once
 
 
-def _source_ip(text: str) -> IPAddress:
-    ip = _SOURCE_IPS.get(text)
-    if ip is None:
+def _source_ip(text: str) -> tuple[IPAddress, str]:
+    """A peer address as the socket spells it -> (address, canonical text)."""
+    found = _SOURCE_IPS.get(text)
+    if found is None:
         ip = ipaddress.ip_address(text.partition("%")[0])
         if len(_SOURCE_IPS) >= _SOURCE_IP_CACHE:
             _SOURCE_IPS.clear()
-        _SOURCE_IPS[text] = ip
-    return ip
+        found = _SOURCE_IPS[text] = (ip, ip_text(ip))
+    return found
 
 
 def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:

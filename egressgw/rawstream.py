@@ -1,5 +1,9 @@
 """Non-blocking sockets on one epoll set of their own: the proxy's transports.
 
+Proxy sockets are ``_socket.socket``, the C type ``socket.socket`` extends: its Python layer
+(reference-counted ``makefile`` support, enum-typed ``family``; ``accept`` wraps the new socket
+through both) costs a dozen Python calls per connection, and the proxy needs none of it.
+
 Why not the event loop's Transports or readers: a short tunnel is mostly system calls, and the
 loop adds its own per connection. uvloop's Transport brings an object, call_soon'd callbacks
 and getpeername/getsockname calls; its ``add_reader`` on a new descriptor costs an epoll
@@ -17,6 +21,7 @@ the socket is closed.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import select
@@ -221,7 +226,7 @@ class RawStream:
     def __init__(
         self,
         reactor: Reactor,
-        sock: socket.socket,
+        sock: _socket.socket,
         protocol: StreamProtocol,
         peer: Any = None,
     ) -> None:
@@ -392,6 +397,13 @@ class RawStream:
             # A peer that stopped reading must not hold the socket forever.
             self.loop.call_later(LINGER, self._release, None)
 
+    def close_quietly(self) -> None:
+        """Close as ``close`` does, for a protocol that closed it itself and needs no
+        ``connection_lost`` (the proxy's own; a loop callback per stream saved).
+        """
+        self._unlink()
+        self.close()
+
     def abort(self) -> None:
         """Close now, dropping what is buffered."""
         self.buffer.clear()
@@ -410,16 +422,20 @@ class RawStream:
         self.reading = self.writing = False
         self.reactor.forget(self.fd)
         self.sock.close()
-        self.loop.call_soon(self._notify_lost, exc)
+        if self.protocol is not _GONE:
+            self.loop.call_soon(self._notify_lost, exc)
 
-    def _notify_lost(self, exc: Exception | None) -> None:
+    def _unlink(self) -> StreamProtocol:
         protocol, self.protocol = self.protocol, _GONE
         # The stream and its protocol point at each other (and a relay at its peer): dropping
         # the links lets reference counting free a finished connection at once, instead of
         # leaving every connection's objects to the cyclic garbage collector.
         self.relay_to = None
         self.relay_count = _ignore
-        protocol.connection_lost(exc)
+        return protocol
+
+    def _notify_lost(self, exc: Exception | None) -> None:
+        self._unlink().connection_lost(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """``peername``, ``sockname`` or ``socket``, like a Transport's."""
@@ -448,6 +464,7 @@ class Listener:
         self.factory = factory
         self.on_error = on_error
         self.address: tuple[str, int] = sock.getsockname()[:2]
+        self.family = int(sock.family)
         self.accepting = False
         self.closed = False
 
@@ -468,15 +485,16 @@ class Listener:
         self.sock.close()
 
     def _on_acceptable(self) -> None:
-        reactor, factory = self.reactor, self.factory
+        reactor, factory, family = self.reactor, self.factory, self.family
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, peer = self.sock.accept()
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]  # not in typeshed
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:
                 self._accept_failed(e)
                 return
+            conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             # TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones).
             conn.setblocking(False)
             protocol = factory()

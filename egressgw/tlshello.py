@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_HELLO_SIZE = 64 * 1024
-_HANDSHAKE = 0x16
+TLS_HANDSHAKE = 0x16  # the content type of the record a ClientHello starts with
 _CLIENT_HELLO = 0x01
 _EXT_SNI = 0x0000
 _EXT_ALPN = 0x0010
@@ -51,7 +51,7 @@ def _handshake_bytes(buf: bytes) -> bytes | None:
     while True:
         # Judge the record header by the bytes there are: a client that sends a few bytes of
         # another protocol and waits for an answer must not be kept waiting for more.
-        if len(buf) > pos and buf[pos] != _HANDSHAKE:
+        if len(buf) > pos and buf[pos] != TLS_HANDSHAKE:
             raise ValueError("not a TLS handshake record")
         if len(buf) > pos + 1 and buf[pos + 1] != 3:
             raise ValueError("not a TLS record version")

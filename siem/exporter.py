@@ -62,6 +62,20 @@ DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_CLOSE_STALL = 0.5
 
 
+def _serialise(event: Mapping[str, Any]) -> bytes | None:
+    """An event as JSON bytes; None when it cannot be serialised."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:
+        pass
+    try:
+        # Only events with non-string keys need this option; it takes orjson's slower path
+        # (about 1.7x the time for a gateway event), so it is not the first try.
+        return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return None
+
+
 class ExporterMetrics:
     """Prometheus metrics of the exporter (one set per registry)."""
 
@@ -311,10 +325,11 @@ class Exporter:
         # Serialised now (orjson, about a microsecond): the queue then holds bytes, which the
         # cyclic garbage collector does not track, instead of a batch interval's worth of
         # nested dicts that every young-generation collection would scan again.
-        try:
-            self._pending.append(orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS))
-        except TypeError:
+        payload = _serialise(event)
+        if payload is None:
             self._unserialisable += 1  # reported with the batch, behind a gap marker
+        else:
+            self._pending.append(payload)
         self._submitted += 1
         if len(self._pending) >= self.batch_events and self._wake is not None:
             self._wake.set()

@@ -35,6 +35,7 @@ class RecordingSink:
     def __init__(self, name: str, fail_batches: int = 0, retry_first: int = 0) -> None:
         self.name = name
         self.received: list[str] = []
+        self.payloads: list[bytes] = []
         self.fail_batches = fail_batches
         self.retry_first = retry_first
         self.gate: asyncio.Event | None = None
@@ -52,6 +53,7 @@ class RecordingSink:
         retry = list(batch[: self.retry_first])
         self.retry_first = 0
         self.received += [orjson.loads(r.payload)["event"]["id"] for r in batch[len(retry) :]]
+        self.payloads += [r.payload for r in batch[len(retry) :]]
         return SendResult(retry=retry)
 
     async def aclose(self) -> None:
@@ -220,6 +222,19 @@ async def test_an_unserialisable_event_is_counted_and_marked(tmp_path: Path, spo
     assert len(sink.received) == 3  # and one gap marker, never the bad event
     if spooled:
         assert exp.spool is not None and exp.spool.dropped["unserialisable"] == 1
+
+
+async def test_an_event_with_non_string_keys_is_delivered_with_string_keys(tmp_path: Path) -> None:
+    """Plain serialisation refuses an int key; the exporter retries with string keys."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], None)
+    await exp.start()
+    exp.submit({"event": {"id": "numbered"}, "labels": {7: "seven"}})
+    await exp.flush()
+    assert await exp.wait_delivered(within=5)
+    await exp.aclose()
+    assert sink.received == ["numbered"]
+    assert orjson.loads(sink.payloads[0])["labels"] == {"7": "seven"}
 
 
 async def test_file_sink_end_to_end_with_rotation(tmp_path: Path) -> None:
