@@ -113,7 +113,8 @@ async def _explain(
     rt = build_runtime(cfg, MatcherThreats(lambda: matcher))
     src = ipaddress.ip_address(source)
     host, port = parse_authority(target)
-    flow = Flow(src, 0, 0.0, 0.0, host=host, port=port, protocol=protocol)  # type: ignore[arg-type]
+    flow = Flow(src, 0, 0.0, 0.0)
+    flow.host, flow.port, flow.protocol = host, port, protocol  # type: ignore[assignment]
     verdict = await check_flow(rt, flow)
     w = flow.workload
     lines = [

@@ -16,6 +16,17 @@ from egressgw.flow import Flow, ip_text
 
 ECS_VERSION = "8.11.0"
 
+# Parts that are the same in many events are shared, never copied: an event is serialised when
+# it is submitted and nobody changes it (the end event copies what it adds bytes to).
+_ECS = {"version": ECS_VERSION}
+_NETWORK = {
+    p: {"transport": "tcp", "protocol": p, "direction": "egress"} for p in ("tcp", "tls", "http")
+}
+_CATEGORY = ["network"]
+_TYPE_START = ["connection", "start"]
+_TYPE_DENIED = ["connection", "denied"]
+_TYPE_END = ["connection", "end"]
+
 
 _second_cache: list[tuple[int, str]] = [(-1, "")]
 
@@ -41,16 +52,19 @@ def _start(flow: Flow) -> str:
 
 
 def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
+    network = _NETWORK.get(flow.protocol)
+    if network is None:
+        network = {"transport": "tcp", "protocol": flow.protocol, "direction": "egress"}
     doc: dict[str, Any] = {
-        "ecs": {"version": ECS_VERSION},
+        "ecs": _ECS,
         "flow": {"id": flow.id},
         "source": {"ip": flow.source_text or ip_text(flow.source_ip), "port": flow.source_port},
-        "network": {"transport": "tcp", "protocol": flow.protocol, "direction": "egress"},
+        "network": network,
         "observer": observer,
     }
     w = flow.workload
-    if w.known:
-        doc["kubernetes"] = w.ecs  # shared, never mutated: built once per workload
+    if w.namespace is not None:  # w.known, without the property call
+        doc["kubernetes"] = w.ecs  # built once per workload
     dest: dict[str, Any] = {"port": flow.port}
     host = flow.host
     if host is not None and host.name is not None:
@@ -86,59 +100,59 @@ def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     flow.common = common
     doc = dict(common)
     denied = flow.action == "connection_denied"
+    start = flow.started_text or _start(flow)
     event: dict[str, Any] = {
         "id": f"{flow.id}.1",
         "kind": "alert" if flow.threats and denied else "event",
-        "category": ["network"],
-        "type": ["connection", "denied"] if denied else ["connection", "start"],
+        "category": _CATEGORY,
+        "type": _TYPE_DENIED if denied else _TYPE_START,
         "action": flow.action,
         "outcome": "failure" if denied else "success",
         "reason": flow.reason,
-        "start": _start(flow),
+        "start": start,
     }
-    if flow.decision is not None and flow.decision.audits:
-        doc["egressgw"] = {"audit": list(flow.decision.audits)}
+    decision = flow.decision
+    if decision is not None and decision.audits:
+        doc["egressgw"] = {"audit": list(decision.audits)}
     if flow.error:
         event["reason"] = f"{flow.reason}: {flow.error}" if flow.reason else flow.error
-    doc["@timestamp"] = event["start"]
+    doc["@timestamp"] = start
     doc["event"] = event
     if flow.threats:
         doc["threat"] = to_threat(flow.threats)
     if flow.cnames:
-        doc.setdefault("dns", {})["resolved_ip"] = [str(i) for i in flow.resolved]
-        doc["dns"]["answers"] = [{"type": "CNAME", "data": c} for c in flow.cnames]
+        doc["dns"] = {
+            "resolved_ip": [str(i) for i in flow.resolved],
+            "answers": [{"type": "CNAME", "data": c} for c in flow.cnames],
+        }
     return doc
 
 
 def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str, Any]:
     """The event written when a relayed flow ends: bytes each way and duration."""
     shared = flow.common
-    if shared is not None and flow.method is None:
-        # A tunnel's fields do not change after its decision: reuse them, copying only the
-        # objects that get bytes (the decision event may not be serialised yet).
-        doc = dict(shared)
-        doc["source"] = dict(shared["source"])
-        doc["destination"] = dict(shared["destination"])
-        doc["network"] = dict(shared["network"])
-    else:
-        doc = _common(flow, observer)
+    if shared is None or flow.method is not None:
+        shared = _common(flow, observer)
+    # A tunnel's fields do not change after its decision: its decision event's are reused. The
+    # objects that get bytes are copied (the decision event may not be serialised yet).
+    doc = dict(shared)
+    doc["source"] = {**shared["source"], "bytes": flow.bytes_out}
+    doc["destination"] = {**shared["destination"], "bytes": flow.bytes_in}
+    doc["network"] = {**shared["network"], "bytes": flow.bytes_out + flow.bytes_in}
     duration = (flow.ended_mono or flow.started_mono) - flow.started_mono
     ended_text = doc["@timestamp"] = _timestamp(ended)
     doc["event"] = {
         "id": f"{flow.id}.2",
         "kind": "event",
-        "category": ["network"],
-        "type": ["connection", "end"],
+        "category": _CATEGORY,
+        "type": _TYPE_END,
         "action": "connection_ended",
         "outcome": "failure" if flow.error else "success",
         "reason": flow.error or "closed",
-        "start": _start(flow),
+        "start": flow.started_text or _start(flow),
         "end": ended_text,
         "duration": int(duration * 1e9),
     }
-    doc["source"]["bytes"] = flow.bytes_out
-    doc["destination"]["bytes"] = flow.bytes_in
-    doc["network"]["bytes"] = flow.bytes_out + flow.bytes_in
     return doc
 
 

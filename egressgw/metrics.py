@@ -8,7 +8,7 @@ gateway's own state at scrape time.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -44,9 +44,9 @@ class Metrics:
 
     def count_flow(self, action: str, tier: str, seconds: float) -> None:
         """Count a decided flow and how long its decision took."""
-        key = (action, tier)
-        self.flows[key] = self.flows.get(key, 0) + 1
-        self.decision_counts[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
+        flows, key = self.flows, (action, tier)
+        flows[key] = flows.get(key, 0) + 1
+        self.decision_counts[bisect_left(DECISION_BUCKETS, seconds)] += 1
         self.decision_sum += seconds
 
     def count_error(self, kind: str) -> None:

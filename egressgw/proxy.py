@@ -326,36 +326,39 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 class ClientConnection:
     """One client of the explicit proxy (the protocol of a RawStream)."""
 
+    # State with its initial value, as class attributes: a connection sets only what it uses
+    # (most are tunnels, which never touch the HTTP forwarding state), so creating one costs a
+    # few stores instead of thirty.
+    mode = Mode.HEAD
+    transport: RawStream | None = None
+    peer: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
+    peer_text = ""
+    flow: Flow | None = None
+    request: Request | None = None
+    raw_head = 0
+    awaiting_head = True
+    items: deque[Request | bytes | None] | None = None  # absolute-form requests and bodies
+    items_waiter: asyncio.Future[None] | None = None
+    pending_body = 0
+    reading_paused = False
+    http_task: asyncio.Task[Any] | None = None
+    upstream: _HttpUpstream | None = None
+    upstream_key: tuple[IPAddress, int] | None = None
+    pipe: RawStream | None = None  # a tunnel's destination
+    connecting: _socket.socket | None = None
+    connect_timer: asyncio.TimerHandle | None = None
+    peeking = False
+    peek_buffer = b""
+    client_eof = False
+    upstream_eof_seen = False
+
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.limits = hub.limits
-        self.mode = Mode.HEAD
-        self.transport: RawStream | None = None
+        self.limits = limits = hub.limits
         self.parser = httptools.HttpRequestParser(self)
-        self.peer: tuple[IPAddress, int] = _NO_PEER
-        self.peer_text = ""
         self.last_active = hub.clock
-        self.head_deadline = hub.clock + self.limits.head_timeout
-        self.flow: Flow | None = None
-        self.request: Request | None = None
-        self.raw_head = 0
-        self.awaiting_head = True
-        self.items: deque[Request | bytes | None] = deque()
-        self.items_waiter: asyncio.Future[None] | None = None
-        self.pending_body = 0
-        self.reading_paused = False
-        self.http_task: asyncio.Task[Any] | None = None
-        self.upstream: _HttpUpstream | None = None
-        self.upstream_key: tuple[IPAddress, int] | None = None
-        self.pipe: RawStream | None = None
-        self.connecting: _socket.socket | None = None
-        self.connect_timer: asyncio.TimerHandle | None = None
-        self.peeking = False
-        self.peek_buffer = b""
-        self.client_eof = False
-        self.upstream_eof_seen = False
-        self.via_header = _via_header(self.limits.via)
-        self.close_after_write = False
+        self.head_deadline = hub.clock + limits.head_timeout
+        self.via_header = _via_header(limits.via)
 
     # -- stream callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: RawStream) -> None:
@@ -747,6 +750,8 @@ class ClientConnection:
         )
         if same:
             flow.sni = sni
+        elif sni is None and not self.hub.runtime.policy.protocol_sensitive:
+            flow.protocol = protocol  # what recheck_tunnel would conclude, without a Verdict
         else:
             verdict: Verdict = recheck_tunnel(self.hub.runtime, flow, protocol, sni)
             if not verdict.allowed:
@@ -807,6 +812,8 @@ class ClientConnection:
 
     # -- absolute-form HTTP ------------------------------------------------------------------------
     def _push(self, item: Request | bytes | None) -> None:
+        if self.items is None:
+            self.items = deque()
         self.items.append(item)
         if self.items_waiter is not None and not self.items_waiter.done():
             self.items_waiter.set_result(None)
@@ -943,9 +950,6 @@ def _already_connected(sock: _socket.socket) -> bool:
     except OSError:
         return False
     return True
-
-
-_NO_PEER: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
 
 
 @functools.lru_cache(maxsize=16)
