@@ -512,8 +512,8 @@ class Listener:
             stream = RawStream(reactor, conn, protocol, peer)
             protocol.connection_made(stream)
             stream.resume_reading()
-            # With TCP_DEFER_ACCEPT the request is usually here already: read it now rather
-            # than after another trip through the loop.
+            # A busy gateway accepts clients whose request is already here: read it now rather
+            # than after another trip through the loop (when it is not, one recv says so).
             if stream.reading:
                 stream._on_readable()
 

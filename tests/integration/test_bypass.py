@@ -490,7 +490,7 @@ def test_connection_limit_is_503(limited: Gateway) -> None:
     """Past proxy.max_connections a new client gets 503 at once."""
     with contextlib.ExitStack() as stack:
         for _ in range(MAX_CONNECTIONS):
-            # A first byte, so a listener with TCP_DEFER_ACCEPT hands the client over at once.
+            # A first byte, so the gateway holds each as a client with a request under way.
             conn = stack.enter_context(RawConnection(limited.proxy_host, limited.proxy_port))
             conn.send(PARTIAL_REQUEST)
         time.sleep(0.2)
