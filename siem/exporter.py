@@ -62,6 +62,10 @@ DEFAULT_CLOSE_TIMEOUT = 5.0
 DEFAULT_CLOSE_STALL = 0.5
 
 
+def _new_record(fields: tuple[int, bytes]) -> Record:
+    return tuple.__new__(Record, fields)
+
+
 def _serialise_harder(event: Mapping[str, Any]) -> bytes | None:
     """An event plain serialisation refused, as JSON bytes; None when it cannot be serialised.
 
@@ -203,9 +207,10 @@ class _MemorySource:
 
     def push(self, payloads: Sequence[bytes]) -> None:
         """Queue payloads, dropping (and counting) the oldest beyond the limit."""
-        for payload in payloads:
-            self.seq += 1
-            self.queue.append(Record(self.seq, payload))
+        first = self.seq + 1
+        self.seq += len(payloads)
+        # Records made in C (tuple.__new__), not through the named tuple's Python __new__.
+        self.queue.extend(map(_new_record, zip(range(first, self.seq + 1), payloads, strict=True)))
         overflow = len(self.queue) - self.limit
         if overflow > 0:
             for _ in range(overflow):
@@ -224,8 +229,12 @@ class _MemorySource:
             gap = gap_event(self.unreported, "queue_full", 0, 0)
             batch.append(Record(0, orjson.dumps(gap)))
             self.unreported = 0
-        while self.queue and len(batch) < n:
-            batch.append(self.queue.popleft())
+        queue = self.queue
+        if len(queue) <= n - len(batch):
+            batch.extend(queue)
+            queue.clear()
+        else:
+            batch.extend(queue.popleft() for _ in range(n - len(batch)))
         return batch
 
     def ack(self, seq: int) -> None:
