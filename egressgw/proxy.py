@@ -858,7 +858,10 @@ class ClientConnection:
             self.write(to_error_response(400, str(e), close=True))
             return False
         flow.host, flow.port, path, flow.url = target
-        verdict = await check_flow(self.hub.runtime, flow)
+        # Decided at once when the name's answer is cached (most requests), with no coroutine.
+        verdict = check_flow_now(self.hub.runtime, flow, self.hub.loop.time())
+        if verdict is None:
+            verdict = await check_flow(self.hub.runtime, flow)
         if not verdict.allowed:
             flow.status = verdict.status
             self.hub.flow_decided(flow)
@@ -869,16 +872,18 @@ class ClientConnection:
             return not close
         self.hub.flow_decided(flow)
         assert verdict.ip is not None
-        try:
-            upstream = await self._upstream_for(verdict.ip, flow.port)
-        except TimeoutError:
-            return self._http_upstream_failed(
-                flow, 504, f"connect to {verdict.ip}:{flow.port} timed out"
-            )
-        except OSError as e:
-            return self._http_upstream_failed(
-                flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
-            )
+        upstream = self.upstream  # the connection kept alive from the last request, if it fits
+        if upstream is None or upstream.closed or self.upstream_key != (verdict.ip, flow.port):
+            try:
+                upstream = await self._connect_upstream(verdict.ip, flow.port)
+            except TimeoutError:
+                return self._http_upstream_failed(
+                    flow, 504, f"connect to {verdict.ip}:{flow.port} timed out"
+                )
+            except OSError as e:
+                return self._http_upstream_failed(
+                    flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
+                )
         done = upstream.begin(head_only=req.method == b"HEAD")
         assert upstream.transport is not None
         head = _request_head(req, path, flow, self.via_header)
@@ -928,10 +933,9 @@ class ClientConnection:
         self.upstream = None
         self.upstream_key = None
 
-    async def _upstream_for(self, ip: IPAddress, port: int) -> _HttpUpstream:
+    async def _connect_upstream(self, ip: IPAddress, port: int) -> _HttpUpstream:
+        """A new upstream connection for absolute-form requests, in place of the kept one."""
         key = (ip, port)
-        if self.upstream is not None and self.upstream_key == key and not self.upstream.closed:
-            return self.upstream
         self._drop_upstream()
         loop = asyncio.get_running_loop()
         limit = self.limits.max_header_bytes
