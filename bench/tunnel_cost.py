@@ -1,0 +1,271 @@
+"""The gateway's own Python work per CONNECT tunnel, with the sockets taken away.
+
+Run: ``.venv/bin/python bench/tunnel_cost.py [--tunnels 5000] [--repeat 7]``
+
+The loopback benchmark (``proxy_bench.py``) measures what users get, but on a shared 2-core VM
+its rates move by tens of percent from run to run, so it cannot tell a 3% change in the
+gateway's code from noise. This script can: it drives the real ``Listener``, ``RawStream``,
+``ClientConnection`` and ``Gateway`` (decision path, metrics, both ECS events, the exporter's
+serialisation) through whole tunnels, with sockets and the epoll set replaced by in-memory
+stand-ins, and prints
+
+- Python bytecode instructions and Python-level calls per tunnel, counted with a tracer: exact
+  and the same on every run, the figure to compare two commits by;
+- the wall time per tunnel (best of ``--repeat``), which still moves with the machine.
+
+A tunnel is: accept, ``CONNECT http.bench.test:8080`` (the name's answer cached, as in a busy
+gateway), 200, one request through, one response back, the client's EOF, the destination's
+EOF. What it leaves out, the kernel's side of every system call and the event loop's wake-ups,
+is about half of the gateway's CPU per tunnel in ``proxy_bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import ipaddress
+import sys
+import tempfile
+import time
+import timeit
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import proxy_bench  # beside this script: the same policy and configuration as the loopback bench
+
+import egressgw.proxy as proxy_module
+import egressgw.rawstream as rawstream_module
+from egressgw import config as cfgmod
+from egressgw.app import Gateway
+from egressgw.resolver import Resolution
+
+TARGET = "http.bench.test:8080"
+UPSTREAM = ipaddress.ip_address(proxy_bench.UPSTREAM_IP)
+CONNECT = f"CONNECT {TARGET} HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
+REQUEST = f"GET / HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
+CLIENT = (proxy_bench.CLIENT_SOURCES[0], 40000)
+
+
+class FakeSocket:
+    """A connected socket whose peer's bytes are queued in ``incoming`` (b"" is EOF)."""
+
+    last_fd = 100
+
+    def __init__(self, family: int = 2, kind: int = 1, proto: int = 0, fd: int | None = None):
+        if fd is None:
+            FakeSocket.last_fd += 1
+            fd = FakeSocket.last_fd
+        self.fd = fd
+        self.family = family
+        self.incoming: collections.deque[bytes] = collections.deque()
+        SOCKETS[fd] = self
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def connect_ex(self, address: Any) -> int:
+        return errno.EINPROGRESS
+
+    def getpeername(self) -> tuple[str, int]:
+        return (proxy_bench.UPSTREAM_IP, proxy_bench.HTTP_PORT)
+
+    def getsockname(self) -> tuple[str, int]:
+        return proxy_bench.EGRESSGW_LISTEN
+
+    def recv(self, size: int) -> bytes:
+        if not self.incoming:
+            raise BlockingIOError
+        return self.incoming.popleft()
+
+    def recv_into(self, view: memoryview, size: int = 0) -> int:
+        if not self.incoming:
+            raise BlockingIOError
+        data = self.incoming.popleft()
+        view[: len(data)] = data
+        return len(data)
+
+    def send(self, data: Any) -> int:
+        return len(data)
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        SOCKETS.pop(self.fd, None)
+
+
+SOCKETS: dict[int, FakeSocket] = {}
+
+
+class FakeListeningSocket(FakeSocket):
+    """Hands out one waiting client per accept."""
+
+    waiting: collections.deque[int] = collections.deque()
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        if not self.waiting:
+            raise BlockingIOError
+        return self.waiting.popleft(), CLIENT
+
+
+class FakeEpoll:
+    """The Reactor's epoll set: registrations are kept by the Reactor's own tables anyway."""
+
+    closed = False
+
+    def register(self, fd: int, mask: int) -> None:
+        pass
+
+    def unregister(self, fd: int) -> None:
+        pass
+
+    def modify(self, fd: int, mask: int) -> None:
+        pass
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        return []
+
+    def fileno(self) -> int:
+        return 99
+
+
+class FakeLoop:
+    """The few loop methods the proxy calls; call_soon callbacks run at the end of a tunnel."""
+
+    def __init__(self) -> None:
+        self.soon: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        pass
+
+    def remove_reader(self, fd: int) -> None:
+        pass
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Any:
+        return types.SimpleNamespace(cancel=lambda: None)
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        raise context["exception"]
+
+    def run_soon(self) -> None:
+        soon, self.soon = self.soon, []
+        for callback, args in soon:
+            callback(*args)
+
+
+def build() -> Callable[[], None]:
+    """A gateway on fake sockets, and a function that runs one tunnel through it."""
+    socket_module = types.SimpleNamespace(socket=FakeSocket)
+    rawstream_module._socket = socket_module  # type: ignore[assignment]
+    proxy_module._socket = socket_module  # type: ignore[assignment]
+    workdir = Path(tempfile.mkdtemp(prefix="tunnel-cost-"))
+    (workdir / "policy.yaml").write_text(proxy_bench.policy_yaml())
+    (workdir / "egressgw.yaml").write_text(proxy_bench.config_yaml())
+    (workdir / "feed-ips.txt").write_text("203.0.113.1\n")
+    (workdir / "feed-domains.txt").write_text("bad1.evil.test\n")
+    gateway = Gateway(cfgmod.load_config(workdir / "egressgw.yaml"), workdir / "egressgw.yaml")
+    loop = FakeLoop()
+    gateway.loop = loop  # type: ignore[assignment]
+    reactor = rawstream_module.Reactor(loop)  # type: ignore[arg-type]
+    reactor.epoll = FakeEpoll()  # type: ignore[assignment]
+    gateway.reactor = reactor
+    answer = Resolution(TARGET.split(":")[0], (UPSTREAM,), (), 300.0)
+    gateway.runtime.resolver._cache[answer.name] = (float("inf"), answer)
+    listener = rawstream_module.Listener(
+        reactor,
+        FakeListeningSocket(),  # type: ignore[arg-type]
+        lambda: proxy_module.ClientConnection(gateway),
+    )
+    pending = gateway.exporter._pending
+
+    def tunnel() -> None:
+        client = FakeSocket()
+        client.incoming.append(CONNECT)
+        FakeListeningSocket.waiting.append(client.fd)
+        # The Listener wraps the accepted descriptor in a socket of its own: queue on that one.
+        rawstream_module._socket = types.SimpleNamespace(  # type: ignore[assignment]
+            socket=lambda family, kind, proto, fd: client
+        )
+        listener._on_acceptable()
+        rawstream_module._socket = socket_module  # type: ignore[assignment]
+        upstream = SOCKETS[FakeSocket.last_fd]
+        client.incoming.append(REQUEST)
+        reactor.readers[client.fd]()
+        upstream.incoming.append(proxy_bench.RESPONSE)
+        reactor.readers[upstream.fd]()
+        client.incoming.append(b"")
+        reactor.readers[client.fd]()
+        upstream.incoming.append(b"")
+        reactor.readers[upstream.fd]()
+        loop.run_soon()
+        pending.clear()  # the exporter's writer would take them; here nobody does
+
+    for _ in range(100):
+        tunnel()
+    if gateway.connections:
+        raise SystemExit(f"tunnels left open: {gateway.connections}")
+    return tunnel
+
+
+def count(tunnel: Callable[[], None], n: int) -> tuple[float, float, list[tuple[str, float]]]:
+    """Bytecode instructions and calls per tunnel, and the functions with the most."""
+    ops: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    here = Path(__file__).name
+
+    def trace(frame: types.FrameType, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if Path(code.co_filename).name == here:
+            return None  # the stand-ins are not the gateway's work
+        name = f"{Path(code.co_filename).name}:{code.co_name}"
+        if event == "call":
+            calls[name] += 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            ops[name] += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        for _ in range(n):
+            tunnel()
+    finally:
+        sys.settrace(None)
+    top = [(name, ops[name] / n) for name, _ in ops.most_common(12)]
+    return sum(ops.values()) / n, sum(calls.values()) / n, top
+
+
+def main() -> None:
+    """Parse arguments, run, print."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tunnels", type=int, default=5000, help="tunnels per timed run")
+    ap.add_argument("--repeat", type=int, default=7, help="timed runs; the best is printed")
+    ap.add_argument("--counted", type=int, default=200, help="tunnels traced for the counts")
+    args = ap.parse_args()
+    tunnel = build()
+    ops, calls, top = count(tunnel, args.counted)
+    best = min(timeit.repeat(tunnel, number=args.tunnels, repeat=args.repeat))
+    print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (exact)")
+    print(f"per tunnel: {best / args.tunnels * 1e6:.1f} us of Python (best of {args.repeat})")
+    print("most instructions:")
+    for name, n in top:
+        print(f"  {n:6.0f}  {name}")
+
+
+if __name__ == "__main__":
+    main()

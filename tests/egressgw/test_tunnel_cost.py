@@ -1,0 +1,23 @@
+"""The deterministic per-tunnel cost script (bench/tunnel_cost.py) keeps working."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "tunnel_cost.py"
+
+
+def test_tunnel_cost_runs_whole_tunnels_and_counts_them() -> None:
+    """The script drives complete tunnels through the gateway and prints exact counts."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tunnels", "20", "--repeat", "1", "--counted", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("per tunnel:") and "bytecode instructions" in first, done.stdout
+    instructions = int(first.split()[2].replace(",", ""))
+    # A tunnel is far more than nothing and far less than a stuck loop.
+    assert 500 < instructions < 20_000, first
