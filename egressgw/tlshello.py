@@ -25,27 +25,17 @@ class ClientHello:
     alpn: tuple[str, ...]
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise ValueError("ClientHello field runs past its end")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, length_bytes: int) -> bytes:
-        return self.take(self.uint(length_bytes))
+_PAST_END = "ClientHello field runs past its end"
 
 
 def _handshake_bytes(buf: bytes) -> bytes | None:
     """Join the payloads of the leading handshake records until the ClientHello is whole."""
+    if len(buf) >= 9 and buf[0] == TLS_HANDSHAKE and buf[1] == 3 and buf[5] == _CLIENT_HELLO:
+        # The usual case, a whole ClientHello in the first record: no copy to join records.
+        length = buf[3] << 8 | buf[4]
+        needed = 4 + (buf[6] << 16 | buf[7] << 8 | buf[8])
+        if needed <= length <= len(buf) - 5 and needed <= MAX_HELLO_SIZE:
+            return bytes(buf[9 : 5 + needed])
     payload = bytearray()
     pos = 0
     while True:
@@ -81,50 +71,90 @@ def parse_client_hello(buf: bytes) -> ClientHello | None:
     body = _handshake_bytes(buf)
     if body is None:
         return None
-    r = _Reader(body)
-    r.take(2)  # legacy_version
-    r.take(32)  # random
-    r.vector(1)  # session id
-    suites = r.vector(2)
-    if not suites or len(suites) % 2:
+    # Plain index arithmetic, no reader object: every TLS tunnel's first bytes come here.
+    end = len(body)
+    pos = 34  # legacy_version, random
+    if pos >= end:
+        raise ValueError(_PAST_END)
+    pos += 1 + body[pos]  # session id
+    if pos + 2 > end:
+        raise ValueError(_PAST_END)
+    suites = body[pos] << 8 | body[pos + 1]
+    pos += 2 + suites
+    if pos > end:
+        raise ValueError(_PAST_END)
+    if not suites or suites % 2:
         raise ValueError("bad cipher suite list")
-    r.vector(1)  # compression methods
+    if pos >= end:
+        raise ValueError(_PAST_END)
+    pos += 1 + body[pos]  # compression methods
+    if pos > end:
+        raise ValueError(_PAST_END)
+    if pos == end:
+        return ClientHello(None, ())
+    if pos + 2 > end:
+        raise ValueError(_PAST_END)
+    extensions_end = pos + 2 + (body[pos] << 8 | body[pos + 1])
+    if extensions_end > end:
+        raise ValueError(_PAST_END)
+    if extensions_end != end:
+        raise ValueError("trailing bytes after ClientHello extensions")
+    pos += 2
     sni: str | None = None
     alpn: tuple[str, ...] = ()
-    if r.pos == len(body):
-        return ClientHello(None, ())
-    extensions = _Reader(r.vector(2))
-    if r.pos != len(body):
-        raise ValueError("trailing bytes after ClientHello extensions")
     seen: set[int] = set()
-    while extensions.pos < len(extensions.data):
-        ext_type = extensions.uint(2)
-        ext = _Reader(extensions.vector(2))
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError(_PAST_END)
+        ext_type = body[pos] << 8 | body[pos + 1]
+        start = pos + 4
+        pos = start + (body[pos + 2] << 8 | body[pos + 3])
+        if pos > end:
+            raise ValueError(_PAST_END)
         if ext_type in seen:
             raise ValueError(f"duplicate extension {ext_type}")
         seen.add(ext_type)
         if ext_type == _EXT_SNI:
-            sni = _parse_sni(ext)
+            sni = _parse_sni(body, start, pos)
         elif ext_type == _EXT_ALPN:
-            protocols = _Reader(ext.vector(2))
-            names = []
-            while protocols.pos < len(protocols.data):
-                names.append(protocols.vector(1).decode("ascii", "replace"))
-            alpn = tuple(names)
+            alpn = _parse_alpn(body, start, pos)
     return ClientHello(sni, alpn)
 
 
-def _parse_sni(ext: _Reader) -> str | None:
-    names = _Reader(ext.vector(2))
+def _vector2(body: bytes, pos: int, end: int) -> tuple[int, int]:
+    """The bounds of the vector with a 2-byte length at pos, within end."""
+    if pos + 2 > end:
+        raise ValueError(_PAST_END)
+    start = pos + 2
+    stop = start + (body[pos] << 8 | body[pos + 1])
+    if stop > end:
+        raise ValueError(_PAST_END)
+    return start, stop
+
+
+def _parse_sni(body: bytes, pos: int, end: int) -> str | None:
+    pos, end = _vector2(body, pos, end)  # server_name_list; bytes after it are ignored
     host: str | None = None
-    while names.pos < len(names.data):
-        name_type = names.uint(1)
-        value = names.vector(2)
+    while pos < end:
+        name_type = body[pos]
+        start, pos = _vector2(body, pos + 1, end)
         if name_type == 0:
             if host is not None:
                 raise ValueError("more than one host_name in server_name")
             try:
-                host = value.decode("ascii")
+                host = body[start:pos].decode("ascii")
             except UnicodeDecodeError as e:
                 raise ValueError("server_name is not ASCII") from e
     return host
+
+
+def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
+    pos, end = _vector2(body, pos, end)  # protocol_name_list
+    names = []
+    while pos < end:
+        start = pos + 1
+        pos = start + body[pos]
+        if pos > end:
+            raise ValueError(_PAST_END)
+        names.append(body[start:pos].decode("ascii", "replace"))
+    return tuple(names)
