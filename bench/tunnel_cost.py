@@ -14,17 +14,21 @@ stand-ins, and prints
 - the wall time per tunnel (best of ``--repeat``), which still moves with the machine.
 
 A tunnel is: accept, ``CONNECT http.bench.test:8080`` (the name's answer cached, as in a busy
-gateway), 200, one request through, one response back, the client's EOF, the destination's
-EOF. What it leaves out, the kernel's side of every system call and the event loop's wake-ups,
-is about half of the gateway's CPU per tunnel in ``proxy_bench.py``.
+gateway), 200, the client's first bytes through (a plain HTTP request, or with ``--tls`` the
+ClientHello Python's TLS client sends, whose SNI the gateway reads), one response back, the
+client's EOF, the destination's EOF. What it leaves out, the kernel's side of every system
+call and the event loop's wake-ups, is about half of the gateway's CPU per tunnel in
+``proxy_bench.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import ipaddress
+import ssl
 import sys
 import tempfile
 import time
@@ -168,7 +172,16 @@ class FakeLoop:
             callback(*args)
 
 
-def build() -> Callable[[], None]:
+def client_hello(server_name: str) -> bytes:
+    """The first bytes Python's TLS client sends to server_name."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def build(first_bytes: bytes) -> Callable[[], None]:
     """A gateway on fake sockets, and a function that runs one tunnel through it."""
     socket_module = types.SimpleNamespace(socket=FakeSocket)
     rawstream_module._socket = socket_module  # type: ignore[assignment]
@@ -204,7 +217,7 @@ def build() -> Callable[[], None]:
         listener._on_acceptable()
         rawstream_module._socket = socket_module  # type: ignore[assignment]
         upstream = SOCKETS[FakeSocket.last_fd]
-        client.incoming.append(REQUEST)
+        client.incoming.append(first_bytes)
         reactor.readers[client.fd]()
         upstream.incoming.append(proxy_bench.RESPONSE)
         reactor.readers[upstream.fd]()
@@ -256,8 +269,9 @@ def main() -> None:
     ap.add_argument("--tunnels", type=int, default=5000, help="tunnels per timed run")
     ap.add_argument("--repeat", type=int, default=7, help="timed runs; the best is printed")
     ap.add_argument("--counted", type=int, default=200, help="tunnels traced for the counts")
+    ap.add_argument("--tls", action="store_true", help="the client's first bytes are a ClientHello")
     args = ap.parse_args()
-    tunnel = build()
+    tunnel = build(client_hello(TARGET.split(":")[0]) if args.tls else REQUEST)
     ops, calls, top = count(tunnel, args.counted)
     best = min(timeit.repeat(tunnel, number=args.tunnels, repeat=args.repeat))
     print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (exact)")

@@ -4,13 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "tunnel_cost.py"
 
 
-def test_tunnel_cost_runs_whole_tunnels_and_counts_them() -> None:
+@pytest.mark.parametrize("mode", [[], ["--tls"]], ids=["plain", "tls"])
+def test_tunnel_cost_runs_whole_tunnels_and_counts_them(mode: list[str]) -> None:
     """The script drives complete tunnels through the gateway and prints exact counts."""
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tunnels", "20", "--repeat", "1", "--counted", "20"],
+        [sys.executable, str(SCRIPT), "--tunnels", "20", "--repeat", "1", "--counted", "20", *mode],
         capture_output=True,
         text=True,
         timeout=120,
