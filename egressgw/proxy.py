@@ -431,6 +431,8 @@ class ClientConnection:
             if self.flow is not None and exc is not None:
                 self.flow.error = self.flow.error or f"client: {exc}"
             self.close()
+        else:
+            self._forget()  # closed earlier, with bytes still to send: they are out now
 
     def pause_writing(self) -> None:
         if self.pipe is not None:
@@ -555,21 +557,32 @@ class ClientConnection:
             self.items_waiter.set_result(None)
         if self.http_task is not None and not self.http_task.done():
             self.http_task.cancel()
-        # Both streams are closed quietly: this connection needs no connection_lost from them.
+        # The destination's stream is closed quietly: this connection needs no connection_lost
+        # from it. So is the client's, unless bytes wait to be sent to the client: then the
+        # connection counts as open (a draining gateway waits for it) until they are out.
         if self.pipe is not None:
             self.pipe.close_quietly()
         if self.connecting is not None:
             self._abandon_connect()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        flushing = self.transport is not None and self.transport.get_write_buffer_size() > 0
         if self.transport is not None:
-            self.transport.close_quietly()
+            if flushing:
+                self.transport.close()
+            else:
+                self.transport.close_quietly()
         flow = self.flow
         if was_tunnel and flow is not None:
             if self.peeking:
                 self._decide_peeked(protocol="tcp", sni=None, closing=True)
             self.hub.tunnel_closed()
             self._end_flow(flow)
+        if not flushing:
+            self._forget()
+
+    def _forget(self) -> None:
+        """The client's stream is gone: leave the gateway's books and cut reference cycles."""
         self.hub.connection_closed(self)
         # The parser holds this connection's callbacks, and the HTTP upstream points back at
         # it: unlink both so reference counting frees the connection (see RawStream).
