@@ -15,6 +15,7 @@ TLS_HANDSHAKE = 0x16  # the content type of the record a ClientHello starts with
 _CLIENT_HELLO = 0x01
 _EXT_SNI = 0x0000
 _EXT_ALPN = 0x0010
+_PAST_END = "ClientHello field runs past its end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +24,6 @@ class ClientHello:
 
     sni: str | None
     alpn: tuple[str, ...]
-
-
-_PAST_END = "ClientHello field runs past its end"
 
 
 def _handshake_bytes(buf: bytes) -> bytes | None:
