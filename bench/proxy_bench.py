@@ -17,7 +17,9 @@ Rules of the measurement:
   Protocols); HTTP requests/s come from wrk with a Lua script that sends absolute-form
   requests through the proxy, keep-alive on.
 - Figures: CONNECT tunnels/s with setup latency (connect until the proxy's 200)
-  p50/p99, each tunnel doing one small request/response with the upstream and closing;
+  p50/p99, each tunnel doing one small request/response with the upstream and closing
+  (with ``--tls-concurrency``, also tunnels whose first bytes are a real TLS ClientHello, as
+  most real egress is: egressgw reads its SNI, Squid without ssl_bump relays it unread);
   absolute-form requests/s; bulk MB/s through one and several tunnels. Each figure is
   repeated, the paths alternate in rotating order, and the median is reported; a ratio
   between paths is the median of the per-round ratios (measured back to back), which
@@ -40,6 +42,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -55,6 +58,7 @@ from typing import Any, TextIO, cast
 UPSTREAM_IP = "127.0.0.20"
 HTTP_PORT = 8080
 BULK_PORT = 9000
+TLS_PORT = 8443  # answers a tunnel's first bytes (a ClientHello) with RESPONSE
 HTTP_NAME = "http.bench.test"
 BULK_NAME = "bulk.bench.test"
 DNS_IP = "127.0.0.1"
@@ -150,15 +154,39 @@ class BulkUpstream(asyncio.Protocol):
             transport.write(BULK_CHUNK)
 
 
+class HelloUpstream(asyncio.Protocol):
+    """Answers a connection's first bytes with RESPONSE: a stand-in for a TLS server's reply,
+    so a tunnel that starts with a ClientHello completes one exchange (no TLS is spoken).
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered and self.transport is not None:
+            self.answered = True
+            self.transport.write(RESPONSE)
+
+
 async def serve_upstream() -> None:
-    """Run the HTTP and bulk upstream servers until stdin closes."""
+    """Run the HTTP, bulk and ClientHello upstream servers until stdin closes."""
     loop = asyncio.get_running_loop()
-    http_server = await loop.create_server(HttpUpstream, UPSTREAM_IP, HTTP_PORT, backlog=4096)
-    bulk_server = await loop.create_server(BulkUpstream, UPSTREAM_IP, BULK_PORT, backlog=4096)
+    servers = [
+        await loop.create_server(factory, UPSTREAM_IP, port, backlog=4096)
+        for factory, port in (
+            (HttpUpstream, HTTP_PORT),
+            (BulkUpstream, BULK_PORT),
+            (HelloUpstream, TLS_PORT),
+        )
+    ]
     print("ready", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
-    http_server.close()
-    bulk_server.close()
+    for server in servers:
+        server.close()
 
 
 # ===========================================================================================
@@ -178,6 +206,15 @@ def connect_request(target: str) -> bytes:
 def origin_request(host: str) -> bytes:
     """Return the small request sent through each tunnel."""
     return f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def client_hello(server_name: str) -> bytes:
+    """Return the first bytes Python's TLS client sends to server_name (a ClientHello)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
 
 
 def split_connect_reply(buf: bytes) -> tuple[bool, bytes] | None:
@@ -294,9 +331,13 @@ async def run_tunnels(spec: dict[str, Any]) -> dict[str, Any]:
     """Open tunnels at fixed concurrency for the window and report rate and latency."""
     loop = asyncio.get_running_loop()
     proxy: list[Any] | None = spec["proxy"]
-    addr = (proxy[0], proxy[1]) if proxy else (UPSTREAM_IP, HTTP_PORT)
+    port = int(spec["target"].rpartition(":")[2])
+    addr = (proxy[0], proxy[1]) if proxy else (UPSTREAM_IP, port)
     connect = connect_request(spec["target"]) if proxy else None
-    request = origin_request(spec["target"])
+    if spec.get("first") == "tls":
+        request = client_hello(spec["target"].rpartition(":")[0])
+    else:
+        request = origin_request(spec["target"])
     window = Window.starting_now(spec["warmup"], spec["duration"])
     tally = Tally()
 
@@ -795,11 +836,11 @@ tiers:
       - name: bench-loadgen-by-name
         action: allow
         from: {{namespace: bench, labels: {{app: loadgen}}}}
-        to: {{domains: ["*.bench.test"], ports: [{HTTP_PORT}, {BULK_PORT}]}}
+        to: {{domains: ["*.bench.test"], ports: [{HTTP_PORT}, {BULK_PORT}, {TLS_PORT}]}}
       - name: bench-loadgen-by-ip
         action: allow
         from: {{namespace: bench, labels: {{app: loadgen}}}}
-        to: {{cidrs: ["{UPSTREAM_IP}/32"], ports: [{HTTP_PORT}, {BULK_PORT}]}}
+        to: {{cidrs: ["{UPSTREAM_IP}/32"], ports: [{HTTP_PORT}, {BULK_PORT}, {TLS_PORT}]}}
 """
 
 
@@ -1042,6 +1083,8 @@ def figure_plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     plan: list[tuple[str, dict[str, Any]]] = []
     for conc in args.concurrency:
         plan.append((f"tunnels@{conc}", {"cmd": "tunnels", "concurrency": conc}))
+    for conc in args.tls_concurrency:
+        plan.append((f"tls@{conc}", {"cmd": "tunnels", "concurrency": conc, "first": "tls"}))
     plan.append(("http", {"cmd": "http", "connections": args.wrk_connections}))
     for streams in args.streams:
         plan.append((f"bulk@{streams}", {"cmd": "bulk", "streams": streams}))
@@ -1058,6 +1101,8 @@ def run_all(bench: Bench, paths: list[str]) -> None:
             for path in paths[shift:] + paths[:shift]:
                 name = BULK_NAME if spec["cmd"] == "bulk" else HTTP_NAME
                 port = BULK_PORT if spec["cmd"] == "bulk" else HTTP_PORT
+                if spec.get("first") == "tls":
+                    port = TLS_PORT
                 bench.measure(figure, path, {**spec, "target": bench.target(name, port)})
 
 
@@ -1126,9 +1171,14 @@ def report(bench: Bench) -> list[str]:
         squid = values[0] / values[1] if vs_squid and values[0] and values[1] else None
         lines.append(line + f"{times(squid):>11}{'-':>11}")
 
-    for conc in bench.args.concurrency:
-        fig = f"tunnels@{conc}"
-        rate_row(f"tunnels/s, {conc} concurrent", fig)
+    tunnel_figures = [
+        (f"tunnels@{c}", f"tunnels/s, {c} concurrent") for c in bench.args.concurrency
+    ]
+    tunnel_figures += [
+        (f"tls@{c}", f"TLS tunnels/s, {c} concurrent") for c in bench.args.tls_concurrency
+    ]
+    for fig, label in tunnel_figures:
+        rate_row(label, fig)
         detail_row("  setup p50 ms", [med(fig, p, "setup_p50_ms") for p in cols], 2, False)
         detail_row("  setup p99 ms", [med(fig, p, "setup_p99_ms") for p in cols], 2, False)
         detail_row("  tunnel p50 ms (whole)", [med(fig, p, "whole_p50_ms") for p in cols], 2, False)
@@ -1204,6 +1254,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=ints,
         default=list(DEFAULT_CONCURRENCY),
         help="tunnel concurrencies (default 8,64)",
+    )
+    p.add_argument(
+        "--tls-concurrency",
+        type=ints,
+        default=[],
+        help="also measure tunnels whose first bytes are a TLS ClientHello, at these"
+        " concurrencies (default: none; e.g. 8)",
     )
     p.add_argument(
         "--streams",
