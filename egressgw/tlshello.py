@@ -8,6 +8,7 @@ bounded by ``MAX_HELLO_SIZE``.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 MAX_HELLO_SIZE = 64 * 1024
@@ -16,6 +17,7 @@ _CLIENT_HELLO = 0x01
 _EXT_SNI = 0x0000
 _EXT_ALPN = 0x0010
 _PAST_END = "ClientHello field runs past its end"
+_EXTENSION_HEAD = struct.Struct(">HH")  # extension type, length
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +106,9 @@ def parse_client_hello(buf: bytes) -> ClientHello | None:
     while pos < end:
         if pos + 4 > end:
             raise ValueError(_PAST_END)
-        ext_type = body[pos] << 8 | body[pos + 1]
+        ext_type, size = _EXTENSION_HEAD.unpack_from(body, pos)  # in bounds: checked above
         start = pos + 4
-        pos = start + (body[pos + 2] << 8 | body[pos + 3])
+        pos = start + size
         if pos > end:
             raise ValueError(_PAST_END)
         if ext_type in seen:
