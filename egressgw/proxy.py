@@ -1014,21 +1014,29 @@ def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
 
 
 def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
-    tokens = _connection_tokens(req.headers)
     host = flow.host
     assert host is not None
     authority = host.authority(flow.port, 80)
     out = [req.method + b" " + path + b" HTTP/1.1\r\nHost: " + authority.encode() + b"\r\n"]
+    # One pass: headers a Connection header names are dropped too, so they wait until it is
+    # known (it may come after them).
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    tokens: set[bytes] = set()
+    incoming_via: list[bytes] = []
     for name, value in req.headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in tokens:
-            continue
-        if lower == b"via":
-            continue
-        out.append(name + b": " + value + b"\r\n")
-    incoming_via = b", ".join(v for n, v in req.headers if n.lower() == b"via")
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+        elif lower == b"via":
+            incoming_via.append(value)
+        else:
+            kept.append((lower, name, value))
+    for lower, name, value in kept:
+        if lower not in tokens:
+            out.append(name + b": " + value + b"\r\n")
     if incoming_via:
-        out.append(b"Via: " + incoming_via + b", " + via[5:])
+        out.append(b"Via: " + b", ".join(incoming_via) + b", " + via[5:])
     else:
         out.append(via)
     if req.chunked:

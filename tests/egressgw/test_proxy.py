@@ -1,9 +1,12 @@
-"""Shell tests of a client connection's closing, with a fake hub and a fake client stream."""
+"""Tests of the proxy's connection shell (fake hub and client stream) and request heads."""
 
+import ipaddress
 from typing import Any
 
 from egressgw.config import ProxyConfig
-from egressgw.proxy import ClientConnection, Mode
+from egressgw.flow import Flow
+from egressgw.names import Host
+from egressgw.proxy import ClientConnection, Mode, Request, _request_head
 
 
 class FakeHub:
@@ -70,3 +73,26 @@ def test_a_connection_still_sending_counts_as_open_until_its_stream_is_gone() ->
     assert conn in hub.open and not hub.closed
     conn.connection_lost(None)
     assert hub.closed == [conn] and not hub.open
+
+
+def test_request_head_drops_hop_by_hop_and_named_headers_and_chains_via() -> None:
+    """A header named by a later Connection header is dropped; an incoming Via is extended."""
+    req = Request()
+    req.method = b"GET"
+    req.headers = [
+        (b"X-Hop", b"secret"),
+        (b"Host", b"elsewhere.test"),
+        (b"Via", b"1.1 first"),
+        (b"Accept", b"*/*"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"Keep-Alive", b"timeout=5"),
+    ]
+    flow = Flow(ipaddress.ip_address("127.0.0.9"), 50000, 0.0, 0.0)
+    flow.host, flow.port = Host("allowed.test", None), 8080
+    head = _request_head(req, b"/x?y=1", flow, b"Via: 1.1 egressgw\r\n")
+    assert head == (
+        b"GET /x?y=1 HTTP/1.1\r\nHost: allowed.test:8080\r\n"
+        b"Accept: */*\r\n"
+        b"Via: 1.1 first, 1.1 egressgw\r\n"
+        b"\r\n"
+    )
