@@ -274,7 +274,7 @@ class RawStream:
             # buffer is free again when it returns; no bytes object is allocated per read.
             chunk = self.relay_chunk
             try:
-                n = self.sock.recv_into(_RELAY_VIEW[:chunk])
+                n = self.sock.recv_into(_RELAY_VIEW, chunk)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
