@@ -9,8 +9,9 @@ gateway's code from noise. This script can: it drives the real ``Listener``, ``R
 serialisation) through whole tunnels, with sockets and the epoll set replaced by in-memory
 stand-ins, and prints
 
-- Python bytecode instructions and Python-level calls per tunnel, counted with a tracer: exact
-  and the same on every run, the figure to compare two commits by;
+- Python bytecode instructions and Python-level calls per tunnel, counted with a tracer: the
+  same on every run to within one instruction (an event timestamp's date part is formatted
+  once a second), the figure to compare two commits by;
 - the wall time per tunnel (best of ``--repeat``), which still moves with the machine.
 
 A tunnel is: accept, ``CONNECT http.bench.test:8080`` (the name's answer cached, as in a busy
@@ -274,7 +275,7 @@ def main() -> None:
     tunnel = build(client_hello(TARGET.split(":")[0]) if args.tls else REQUEST)
     ops, calls, top = count(tunnel, args.counted)
     best = min(timeit.repeat(tunnel, number=args.tunnels, repeat=args.repeat))
-    print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (exact)")
+    print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (counted)")
     print(f"per tunnel: {best / args.tunnels * 1e6:.1f} us of Python (best of {args.repeat})")
     print("most instructions:")
     for name, n in top:

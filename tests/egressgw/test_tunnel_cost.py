@@ -11,7 +11,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "tunnel_cost.py"
 
 @pytest.mark.parametrize("mode", [[], ["--tls"]], ids=["plain", "tls"])
 def test_tunnel_cost_runs_whole_tunnels_and_counts_them(mode: list[str]) -> None:
-    """The script drives complete tunnels through the gateway and prints exact counts."""
+    """The script drives complete tunnels through the gateway and prints its counts."""
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--tunnels", "20", "--repeat", "1", "--counted", "20", *mode],
         capture_output=True,
