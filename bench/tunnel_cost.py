@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import errno
 import ipaddress
-import ssl
 import sys
 import tempfile
 import time
@@ -173,15 +171,6 @@ class FakeLoop:
             callback(*args)
 
 
-def client_hello(server_name: str) -> bytes:
-    """The first bytes Python's TLS client sends to server_name."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
 def build(first_bytes: bytes) -> Callable[[], None]:
     """A gateway on fake sockets, and a function that runs one tunnel through it."""
     socket_module = types.SimpleNamespace(socket=FakeSocket)
@@ -272,7 +261,7 @@ def main() -> None:
     ap.add_argument("--counted", type=int, default=200, help="tunnels traced for the counts")
     ap.add_argument("--tls", action="store_true", help="the client's first bytes are a ClientHello")
     args = ap.parse_args()
-    tunnel = build(client_hello(TARGET.split(":")[0]) if args.tls else REQUEST)
+    tunnel = build(proxy_bench.client_hello(TARGET.split(":")[0]) if args.tls else REQUEST)
     ops, calls, top = count(tunnel, args.counted)
     best = min(timeit.repeat(tunnel, number=args.tunnels, repeat=args.repeat))
     print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (counted)")

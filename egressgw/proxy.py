@@ -319,8 +319,13 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+            tokens.update(_tokens(value))
     return frozenset(tokens)
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    """The header names a Connection header's value lists, lowercased."""
+    return [t.strip().lower() for t in value.split(b",")]
 
 
 class ClientConnection:
@@ -1027,7 +1032,7 @@ def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == b"connection":
-                tokens.update(t.strip().lower() for t in value.split(b","))
+                tokens.update(_tokens(value))
         elif lower == b"via":
             incoming_via.append(value)
         else:

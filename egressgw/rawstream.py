@@ -97,23 +97,12 @@ class Reactor:
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call back whenever fd is readable (or hung up)."""
         self.readers[fd] = callback
-        masks = self.masks
-        old = masks.get(fd, 0)
-        if not old:  # the common case, a new socket: one register, no other checks
-            self.epoll.register(fd, _IN)
-            masks[fd] = _IN
-        elif not old & _IN:
-            self._want(fd, old | _IN)
+        self._want(fd, self.masks.get(fd, 0) | _IN)
 
     def remove_reader(self, fd: int) -> None:
         """Stop calling back for reads."""
         if self.readers.pop(fd, None) is not None:
-            masks = self.masks
-            if masks.get(fd) == _IN:  # the common case: nothing else watched
-                self.epoll.unregister(fd)
-                del masks[fd]
-            else:
-                self._want(fd, masks.get(fd, 0) & ~_IN)
+            self._want(fd, self.masks.get(fd, 0) & ~_IN)
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
         """Call back whenever fd is writable (or failed)."""
