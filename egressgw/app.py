@@ -34,6 +34,7 @@ from egressgw.events import to_decision_event, to_end_event
 from egressgw.flow import Flow
 from egressgw.guard import Guard
 from egressgw.metrics import Metrics
+from egressgw.names import parse_ip_port
 from egressgw.proxy import ClientConnection
 from egressgw.rawstream import Listener, Reactor
 from egressgw.resolver import Resolver
@@ -102,8 +103,8 @@ def listen_socket(listen: str) -> socket.socket:
 
 
 def _split(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
+    ip, port = parse_ip_port(listen)
+    return str(ip), port
 
 
 class Gateway:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 import feeds.spec as feeds_spec
 from egressgw import policy
 from egressgw.identity import StaticInventory, Workload
-from egressgw.names import normalise_name, parse_ip_literal
+from egressgw.names import normalise_name, parse_ip_port
 from egressgw.yamlsource import ConfigError, YamlDocument
 from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, resolve_paths
 
@@ -45,11 +45,10 @@ Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt
 
 
 def _listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"listen address {value!r} must be host:port")
-    if parse_ip_literal(host) is None:
-        raise ValueError(f"listen address {value!r} must use an IP address")
+    try:
+        parse_ip_port(value)
+    except ValueError as e:
+        raise ValueError(f"listen address {value!r} must be IP:port ([v6]:port): {e}") from e
     return value
 
 
@@ -106,9 +105,11 @@ class ResolverConfig(_Model):
     @classmethod
     def _hostports(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for v in values:
-            host, _, port = v.rpartition(":") if v.count(":") == 1 or "]" in v else (v, "", "")
-            if parse_ip_literal(host or v) is None or (port and not port.isdigit()):
-                raise ValueError(f"nameserver {v!r} must be an IP or IP:port ([v6]:port)")
+            try:
+                parse_ip_port(v, 53)
+            except ValueError as e:
+                msg = f"nameserver {v!r} must be an IP or IP:port ([v6]:port): {e}"
+                raise ValueError(msg) from e
         return values
 
 

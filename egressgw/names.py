@@ -100,9 +100,12 @@ def parse_host(text: str) -> Host:
     return Host(normalise_name(text), None)
 
 
-@lru_cache(maxsize=PARSE_CACHE_SIZE)
-def parse_authority(authority: str, default_port: int | None = None) -> tuple[Host, int]:
-    """Parse ``host:port`` (the CONNECT target or a URL authority without userinfo)."""
+def split_authority(authority: str) -> tuple[str, str]:
+    """``host:port`` -> (host text, port text); the port text is empty when there is none.
+
+    The one place that splits an authority: bracketed IPv6 (``[::1]:53``) keeps its brackets, an
+    unbracketed IPv6 address with a port is refused (where would the port start?).
+    """
     if "@" in authority:
         raise ValueError("userinfo is not allowed in a proxy target")
     if authority.startswith("["):
@@ -112,21 +115,53 @@ def parse_authority(authority: str, default_port: int | None = None) -> tuple[Ho
         host_text, rest = authority[: end + 1], authority[end + 1 :]
         if rest and not rest.startswith(":"):
             raise ValueError(f"junk after address in {authority!r}")
-        port_text = rest[1:] if rest else ""
-    else:
-        host_text, sep, port_text = authority.rpartition(":")
-        if not sep:
-            host_text, port_text = authority, ""
-        elif ":" in host_text:
-            raise ValueError(f"unbracketed IPv6 address in {authority!r}")
+        return host_text, rest[1:]
+    host_text, sep, port_text = authority.rpartition(":")
+    if not sep:
+        return authority, ""
+    if ":" in host_text:
+        raise ValueError(f"unbracketed IPv6 address in {authority!r}")
+    return host_text, port_text
+
+
+def _port(port_text: str, lowest: int) -> int:
+    if not port_text.isdigit() or len(port_text) > 5:
+        raise ValueError(f"bad port {port_text!r}")
+    port = int(port_text)
+    if not lowest <= port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return port
+
+
+@lru_cache(maxsize=PARSE_CACHE_SIZE)
+def parse_authority(authority: str, default_port: int | None = None) -> tuple[Host, int]:
+    """Parse ``host:port`` (the CONNECT target or a URL authority without userinfo)."""
+    host_text, port_text = split_authority(authority)
     if port_text:
-        if not port_text.isdigit() or len(port_text) > 5:
-            raise ValueError(f"bad port {port_text!r}")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise ValueError(f"port {port} out of range")
+        port = _port(port_text, 1)
     elif default_port is not None:
         port = default_port
     else:
         raise ValueError(f"missing port in {authority!r}")
     return parse_host(host_text), port
+
+
+def parse_ip_port(text: str, default_port: int | None = None) -> tuple[IPAddress, int]:
+    """An address to listen on or to query: ``ip:port`` or ``[v6]:port`` -> (address, port).
+
+    Without a port, ``default_port`` applies (a bare IPv6 address is then accepted too); port 0
+    is allowed (listen on any free port).
+    """
+    if default_port is not None and ":" in text and not text.startswith("["):
+        bare = parse_ip_literal(text)
+        if bare is not None:
+            return bare, default_port
+    host_text, port_text = split_authority(text)
+    ip = parse_ip_literal(host_text)
+    if ip is None:
+        raise ValueError(f"{host_text!r} is not an IP address")
+    if port_text:
+        return ip, _port(port_text, 0)
+    if default_port is None:
+        raise ValueError(f"missing port in {text!r}")
+    return ip, default_port

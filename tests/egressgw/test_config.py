@@ -146,3 +146,15 @@ def test_schema_errors_do_not_hide_unknown_feeds(tmp_path: Path) -> None:
         f"{path}:5: tiers[0].rules[0].action: Input should be 'allow', 'deny' or 'pass'",
         f"{path}:6: tiers[0].rules[0].to.feeds[0]: no feed named 'nosuch' is configured",
     ]
+
+
+def test_ipv6_addresses_spelled_as_the_resolver_takes_them(tmp_path: Path) -> None:
+    """Listen addresses and nameservers accept ``[::1]:port`` and a bare or bracketed ``::1``."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        'proxy: {listen: "[::1]:3128"}\nadmin: {listen: "[::1]:0"}\n'
+        'resolver: {nameservers: ["[::1]", "::1", "[::1]:5353", "127.0.0.1:53"]}\n'
+    )
+    cfg = load_config(path)
+    assert cfg.proxy.listen == "[::1]:3128"
+    assert len(cfg.resolver.nameservers) == 4

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressgw.names import Host, normalise_name, parse_authority, parse_host
+from egressgw.names import Host, normalise_name, parse_authority, parse_host, parse_ip_port
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,27 @@ def test_ip_literals_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Addres
     """Every IP address, in its literal spelling, parses back to itself."""
     text = f"[{ip}]" if ip.version == 6 else str(ip)
     assert parse_host(text).ip == ip
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:3128", ("127.0.0.1", 3128)),
+        ("[::1]:53", ("::1", 53)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        ("10.0.0.1", ("10.0.0.1", 53)),
+        ("[::1]", ("::1", 53)),
+        ("::1", ("::1", 53)),
+    ],
+)
+def test_parse_ip_port(text: str, expected: tuple[str, int]) -> None:
+    """Listen and nameserver addresses: every spelling the config accepts, IPv6 in brackets."""
+    ip, port = parse_ip_port(text, 53 if text.count(":") != 1 or text.endswith("]") else None)
+    assert (str(ip), port) == expected
+
+
+@pytest.mark.parametrize("text", ["localhost:53", "::1:53", "1.2.3.4:", "1.2.3.4:65536", "1.2.3.4"])
+def test_parse_ip_port_refuses(text: str) -> None:
+    """Names, unbracketed IPv6 with a port, bad ports and (without a default) no port fail."""
+    with pytest.raises(ValueError):
+        parse_ip_port(text)
