@@ -39,10 +39,10 @@ from typing import Any
 
 import proxy_bench  # beside this script: the same policy and configuration as the loopback bench
 
-import egressgw.proxy as proxy_module
-import egressgw.rawstream as rawstream_module
-from egressgw import config as cfgmod
+import egressgw.listeners.explicit as proxy_module
+import egressgw.net.rawstream as rawstream_module
 from egressgw.app import Gateway
+from egressgw.config import model as cfgmod
 from egressgw.resolver import Resolution
 
 TARGET = "http.bench.test:8080"

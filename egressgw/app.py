@@ -27,20 +27,20 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from egressgw import __version__
-from egressgw import config as cfgmod
-from egressgw.checks import NoThreats, Runtime, ThreatSource
-from egressgw.config import Config
-from egressgw.events import to_decision_event, to_end_event
+from egressgw.config import model as cfgmod
+from egressgw.config.model import Config
+from egressgw.config.source import ConfigError
+from egressgw.decision.guard import Guard
+from egressgw.decision.names import parse_ip_port
+from egressgw.decision.path import NoThreats, Runtime, ThreatSource
 from egressgw.flow import Flow
-from egressgw.guard import Guard
+from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
-from egressgw.names import parse_ip_port
-from egressgw.proxy import ClientConnection
-from egressgw.rawstream import Listener, Reactor
+from egressgw.net.rawstream import Listener, Reactor
+from egressgw.record.events import to_decision_event, to_end_event
 from egressgw.resolver import Resolver
 from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
-from egressgw.yamlsource import ConfigError
 from feeds.refresh import FeedManager, UpdateReport
 from siem.exporter import Exporter
 from siem.firewall import to_edl

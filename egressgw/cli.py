@@ -18,17 +18,17 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from egressgw import __version__
-from egressgw import config as cfgmod
 from egressgw.app import Gateway, build_runtime
-from egressgw.checks import check_flow
+from egressgw.config import model as cfgmod
+from egressgw.config.source import ConfigError
+from egressgw.decision.guard import effective_ip
+from egressgw.decision.names import parse_authority
+from egressgw.decision.path import check_flow
+from egressgw.decision.policy import Destination
 from egressgw.flow import Flow
-from egressgw.guard import effective_ip
 from egressgw.logs import configure_logging
-from egressgw.names import parse_authority
-from egressgw.policy import Destination
 from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
-from egressgw.yamlsource import ConfigError
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
 from feeds.refresh import FeedManager

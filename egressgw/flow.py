@@ -7,9 +7,9 @@ import itertools
 import os
 from typing import Any
 
-from egressgw.identity import UNKNOWN, Workload
-from egressgw.names import Host
-from egressgw.policy import Decision, Protocol
+from egressgw.decision.names import Host
+from egressgw.decision.policy import Decision, Protocol
+from egressgw.identity.workload import UNKNOWN, Workload
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -19,7 +19,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from egressgw.names import parse_ip_literal
+from egressgw.decision.names import parse_ip_literal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NEGATIVE_TTL = 5.0

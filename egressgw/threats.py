@@ -51,7 +51,7 @@ class MatcherThreats:
 
     def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
         """Matches for a destination name (or a CNAME or SNI standing for it)."""
-        # Every name here is canonical already (egressgw.names for hosts and SNI, lowercased
+        # Every name here is canonical already (decision.names for hosts and SNI, lowercased
         # without the final dot for CNAMEs), so the matcher's entry point that skips its own
         # normalisation gives the same answer, faster.
         matches = self._current().match_canonical_domain(name)

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from egressgw.app import Gateway
-from egressgw.config import load_config
+from egressgw.config.model import load_config
 
 ALLOW_ECHO = """\
 default: deny

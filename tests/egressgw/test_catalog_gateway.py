@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from egressgw.app import Gateway
-from egressgw.config import load_config
+from egressgw.config.model import load_config
 from tests.feeds.test_catalog import EXCERPT_FIXES, SERVED
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "feeds-samples"

@@ -12,7 +12,7 @@ import pytest
 
 from egressgw.app import Gateway
 from egressgw.cli import main
-from egressgw.config import load_config
+from egressgw.config.model import load_config
 
 
 def write_config(tmp_path: Path) -> Path:

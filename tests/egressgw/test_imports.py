@@ -7,13 +7,13 @@ import sys
 import pytest
 
 PURE = [
-    "egressgw.policy",
-    "egressgw.guard",
-    "egressgw.names",
-    "egressgw.tlshello",
-    "egressgw.events",
-    "egressgw.identity",
-    "egressgw.responses",
+    "egressgw.decision.policy",
+    "egressgw.decision.guard",
+    "egressgw.decision.names",
+    "egressgw.wire.tlshello",
+    "egressgw.record.events",
+    "egressgw.identity.workload",
+    "egressgw.wire.responses",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiohttp", "httptools", "uvloop", "dns.asyncresolver"}
 

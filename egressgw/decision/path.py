@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from egressgw.decision.guard import Guard, effective_ip
+from egressgw.decision.policy import Decision, Destination, Policy
+from egressgw.decision.policy import Protocol as FlowProtocol
 from egressgw.flow import Flow, ip_text
-from egressgw.guard import Guard, effective_ip
-from egressgw.identity import Inventory, Workload
-from egressgw.policy import Decision, Destination, Policy
-from egressgw.policy import Protocol as FlowProtocol
+from egressgw.identity.workload import Inventory, Workload
 from egressgw.resolver import Resolution, ResolveError, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressgw.guard import Guard, classify_ip, embedded_ipv4
+from egressgw.decision.guard import Guard, classify_ip, embedded_ipv4
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from egressgw.cli import main
-from egressgw.config import default_config, load_config, load_policy
-from egressgw.yamlsource import ConfigError
+from egressgw.config.model import default_config, load_config, load_policy
+from egressgw.config.source import ConfigError
 
-CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "contract"
+CONTRACT = Path(__file__).resolve().parents[3].parent / "shared" / "contract"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from egressgw.rawstream import HIGH_WATER, Listener, RawStream, Reactor
+from egressgw.net.rawstream import HIGH_WATER, Listener, RawStream, Reactor
 
 
 class Recorder:

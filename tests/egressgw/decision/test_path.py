@@ -6,12 +6,12 @@ from typing import Any, cast
 
 import pytest
 
-from egressgw.checks import Runtime, check_flow, recheck_tunnel
-from egressgw.config import load_policy
+from egressgw.config.model import load_policy
+from egressgw.decision.guard import Guard
+from egressgw.decision.names import parse_host
+from egressgw.decision.path import Runtime, check_flow, recheck_tunnel
 from egressgw.flow import Flow
-from egressgw.guard import Guard
-from egressgw.identity import StaticInventory, Workload
-from egressgw.names import parse_host
+from egressgw.identity.workload import StaticInventory, Workload
 from egressgw.resolver import Resolution, ResolveError, Resolver
 
 POLICY = """\

@@ -1,6 +1,6 @@
 """The explicit proxy: CONNECT tunnels and absolute-form HTTP/1.1 forwarding.
 
-Client connections and the destination side of tunnels are ``RawStream``s (egressgw.rawstream:
+Client connections and the destination side of tunnels are ``RawStream``s (egressgw.net.rawstream:
 sockets on the proxy's own epoll set, no Transport or Task per connection); the upstream side of
 absolute-form requests is an asyncio Protocol, one connection kept per client for keep-alive.
 
@@ -41,16 +41,16 @@ from typing import Any, Protocol, cast
 import httptools
 import structlog
 
-from egressgw.checks import Runtime, Verdict, check_flow, check_flow_now, recheck_tunnel
-from egressgw.config import ProxyConfig
+from egressgw.config.model import ProxyConfig
+from egressgw.decision.names import Host, parse_authority, parse_host
+from egressgw.decision.path import Runtime, Verdict, check_flow, check_flow_now, recheck_tunnel
 from egressgw.flow import Flow, ip_text
-from egressgw.names import Host, parse_authority, parse_host
-from egressgw.rawstream import RawStream, Reactor
-from egressgw.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
+from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.tasks import spawn
-from egressgw.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_hello
+from egressgw.wire.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
+from egressgw.wire.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_hello
 
-log = structlog.get_logger("egressgw.proxy")
+log = structlog.get_logger("egressgw.listeners.explicit")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

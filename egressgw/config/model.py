@@ -20,10 +20,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 import feeds.spec as feeds_spec
-from egressgw import policy
-from egressgw.identity import StaticInventory, Workload
-from egressgw.names import normalise_name, parse_ip_port
-from egressgw.yamlsource import ConfigError, YamlDocument
+from egressgw.config.source import ConfigError, YamlDocument
+from egressgw.decision import policy
+from egressgw.decision.names import normalise_name, parse_ip_port
+from egressgw.identity.workload import StaticInventory, Workload
 from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, resolve_paths
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressgw.events import _timestamp, to_decision_event, to_end_event
+from egressgw.decision.names import Host
+from egressgw.decision.policy import Decision
 from egressgw.flow import Flow
-from egressgw.identity import UNKNOWN, Workload
-from egressgw.names import Host
-from egressgw.policy import Decision
+from egressgw.identity.workload import UNKNOWN, Workload
+from egressgw.record.events import _timestamp, to_decision_event, to_end_event
 
 OBSERVER = {"vendor": "egressgw", "product": "egressgw", "type": "proxy"}
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressgw.names import Host, normalise_name, parse_authority, parse_host, parse_ip_port
+from egressgw.decision.names import Host, normalise_name, parse_authority, parse_host, parse_ip_port
 
 
 @pytest.mark.parametrize(

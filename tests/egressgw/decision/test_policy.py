@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressgw.config import load_policy
-from egressgw.identity import UNKNOWN, Workload
-from egressgw.policy import (
+from egressgw.config.model import load_policy
+from egressgw.decision.policy import (
     Destination,
     DestinationSelector,
     Expression,
@@ -18,8 +17,9 @@ from egressgw.policy import (
     SourceSelector,
     Tier,
 )
+from egressgw.identity.workload import UNKNOWN, Workload
 
-CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "contract"
+CONTRACT = Path(__file__).resolve().parents[3].parent / "shared" / "contract"
 POLICY_YAML = """\
 default: deny
 tiers:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressgw.tlshello import ClientHello, parse_client_hello
+from egressgw.wire.tlshello import ClientHello, parse_client_hello
 
 
 def real_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import structlog
 
-log = structlog.get_logger("egressgw.rawstream")
+log = structlog.get_logger("egressgw.net.rawstream")
 
 # One read takes up to this much; the pause threshold for what a stream buffers toward a peer.
 RECV_SIZE = 256 * 1024

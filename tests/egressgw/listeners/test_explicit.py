@@ -3,10 +3,10 @@
 import ipaddress
 from typing import Any
 
-from egressgw.config import ProxyConfig
+from egressgw.config.model import ProxyConfig
+from egressgw.decision.names import Host
 from egressgw.flow import Flow
-from egressgw.names import Host
-from egressgw.proxy import ClientConnection, Mode, Request, _request_head
+from egressgw.listeners.explicit import ClientConnection, Mode, Request, _request_head
 
 
 class FakeHub:

@@ -1,0 +1,1 @@
+"""Configuration: YAML with line numbers in (``source``), a validated frozen model (``model``)."""

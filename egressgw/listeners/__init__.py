@@ -1,0 +1,1 @@
+"""Where connections come in: the explicit proxy (CONNECT and absolute-form HTTP)."""

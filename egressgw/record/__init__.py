@@ -1,0 +1,1 @@
+"""What is written about a flow: ECS events (pure) for the exporter and the metrics."""
