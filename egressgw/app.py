@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from egressgw import __version__
+from egressgw.admin.server import AdminServer
 from egressgw.config import model as cfgmod
 from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
@@ -37,13 +37,12 @@ from egressgw.flow import Flow
 from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
 from egressgw.net.rawstream import Listener, Reactor
-from egressgw.record.events import to_decision_event, to_end_event
+from egressgw.record.consumers import FlowConsumer, FlowEvents, FlowMetrics
 from egressgw.resolver import Resolver
 from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
 from feeds.refresh import FeedManager, UpdateReport
 from siem.exporter import Exporter
-from siem.firewall import to_edl
 
 log = structlog.get_logger("egressgw")
 
@@ -136,27 +135,32 @@ class Gateway:
         self.ready = False
         self.server: Listener | None = None
         self.reactor: Reactor  # set by start(), with the loop
-        self.admin: web.AppRunner | None = None
+        self.admin = AdminServer(self, self.metrics.registry)
+        # Told about every flow, in order; the egress map and other views join this list.
+        self.consumers: list[FlowConsumer] = [
+            FlowMetrics(self.metrics),
+            FlowEvents(self.exporter.submit, self.observer),
+        ]
         self.proxy_address: tuple[str, int] | None = None
-        self.admin_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
         self._watched = self._mtimes()
 
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """Where the admin server listens, once started."""
+        return self.admin.address
+
     # -- Hub ------------------------------------------------------------------------------------
     def flow_decided(self, flow: Flow) -> None:
-        """Count the decision and emit its event."""
-        decision = flow.decision
-        tier = (decision.tier or "default") if decision is not None else "none"
-        elapsed = time.monotonic() - flow.started_mono
-        self.metrics.count_flow(flow.action or "connection_denied", tier, elapsed)
-        self.exporter.submit(to_decision_event(flow, self.observer))
+        """Tell every consumer the flow was decided."""
+        for consumer in self.consumers:
+            consumer.flow_decided(flow)
 
     def flow_ended(self, flow: Flow) -> None:
-        """Count bytes and emit the end event."""
-        self.metrics.bytes_out += flow.bytes_out
-        self.metrics.bytes_in += flow.bytes_in
-        self.exporter.submit(to_end_event(flow, self.observer, time.time()))
+        """Tell every consumer the flow ended."""
+        for consumer in self.consumers:
+            consumer.flow_ended(flow)
 
     def count_error(self, kind: str) -> None:
         """Count an error by kind."""
@@ -196,7 +200,7 @@ class Gateway:
             # Feeds with no stored data are fetched now rather than after the startup spread,
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
-        await self._start_admin()
+        await self.admin.start(self.config.admin.listen)
         self.reactor = Reactor(loop)
         self.server = Listener(
             self.reactor,
@@ -238,8 +242,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await self.feeds.stop()
-        if self.admin is not None:
-            await self.admin.cleanup()
+        await self.admin.stop()
         await self.exporter.aclose()
         log.info("gateway stopped")
 
@@ -308,50 +311,21 @@ class Gateway:
             for conn in list(self.connections):
                 conn.expire(now)
 
-    # -- admin ----------------------------------------------------------------------------------
-    async def _start_admin(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/edl/{kind}", self._edl)
-        self.admin = web.AppRunner(app, access_log=None)
-        await self.admin.setup()
-        host, port = _split(self.config.admin.listen)
-        site = web.TCPSite(self.admin, host, port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)  # uvloop's Server is no asyncio.Server
-        if sockets:
-            self.admin_address = sockets[0].getsockname()[:2]
+    # -- what the admin server reads -------------------------------------------------------------
+    def readiness(self) -> str | None:
+        """None when serving with every enabled feed loaded, else why not."""
+        if not self.ready:
+            return "starting"
+        if not self.feeds.ready:
+            waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+            return f"feeds without data: {', '.join(waiting)}"
+        return None
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
-        if self.ready and self.feeds.ready:
-            return web.Response(text="ready\n")
-        why = "starting" if not self.ready else f"feeds without data: {', '.join(waiting)}"
-        return web.Response(status=503, text=f"not ready: {why}\n")
+    def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
+        """The feeds' blocked values of one kind (blocking: reads feed state)."""
+        return self.feeds.blocklist_values(kind, feeds)
 
     def _feed_report(self, report: UpdateReport) -> None:
         # The feeds library logs each update itself; the gateway counts the refused ones.
         if not report.ok:
             self.metrics.count_error("feed_update")
-
-    async def _edl(self, request: web.Request) -> web.Response:
-        """The blocklists as plain-text external dynamic lists for firewalls to poll."""
-        kind = {"ips": "ip", "domains": "domain", "urls": "url"}.get(request.match_info["kind"])
-        if kind is None:
-            raise web.HTTPNotFound(text="use /edl/ips, /edl/domains or /edl/urls\n")
-        feed = request.query.get("feed")
-        names = [n for n in feed.split(",") if n] if feed else None
-        try:
-            values = await asyncio.to_thread(self.feeds.blocklist_values, kind, names)
-        except ValueError as e:
-            raise web.HTTPBadRequest(text=f"{e}\n") from e
-        return web.Response(body=to_edl(values), content_type="text/plain", charset="utf-8")
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

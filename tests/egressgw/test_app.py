@@ -11,6 +11,7 @@ import pytest
 
 from egressgw.app import Gateway
 from egressgw.config.model import load_config
+from egressgw.flow import Flow
 
 ALLOW_ECHO = """\
 default: deny
@@ -187,3 +188,30 @@ async def test_finished_connections_are_freed_without_the_cycle_collector(
             assert refs and [r for r in refs if r() is not None] == []
         finally:
             gc.enable()
+
+
+async def test_every_consumer_hears_of_each_flow(gateway: Gateway) -> None:
+    """A consumer added to the gateway's list is told of a tunnel's decision and of its end."""
+    heard: list[tuple[str, str]] = []
+
+    class Recorder:
+        def flow_decided(self, flow: Flow) -> None:
+            heard.append(("decided", flow.action))
+
+        def flow_ended(self, flow: Flow) -> None:
+            heard.append(("ended", str(flow.bytes_out)))
+
+    gateway.consumers.append(Recorder())
+    server, port = await echo_server()
+    async with server:
+        head, reader, writer = await tunnel(gateway, port)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if len(heard) == 2:
+                break
+            await asyncio.sleep(0.01)
+    assert heard == [("decided", "connection_allowed"), ("ended", "4")]
