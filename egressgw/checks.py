@@ -9,6 +9,9 @@ Order (every step can refuse; the first refusal is the reason):
 5. Policy decides for each address in turn, knowing which feeds matched; the flow goes to the first
    address policy allows, so no address policy refused is ever connected to.
 
+A reason names the verdict, what decided it and who went where: ``denied by policy default (no
+rule allows payments/api -> api.example:443)``.
+
 Two caches, both exact because every step is a pure function of its inputs, and both dropped
 whenever the policy, the feeds or the identity source change (a new Runtime):
 
@@ -167,12 +170,38 @@ def _deny(flow: Flow, decision: Decision | None, reason: str, status: int = 403)
     return Verdict(False, status, reason)
 
 
-def _policy_reason(decision: Decision, flow: Flow) -> str:
-    reason = f"policy {decision.rule_ref}"
-    if flow.threats:
+def _who(flow: Flow) -> str:
+    """The source as a reason names it: ``namespace/app`` (or pod), or the unknown address."""
+    w = flow.workload
+    if not w.known:
+        return f"unknown {flow.source_text or ip_text(flow.source_ip)}"
+    labels = w.label_map
+    app = labels.get("app.kubernetes.io/name") or labels.get("app") or w.pod
+    return f"{w.namespace}/{app}" if app else str(w.namespace)
+
+
+def _where(flow: Flow, name: str | None) -> str:
+    """The destination as policy judged it: its name (or the address) and port."""
+    if name is None:
+        ip = flow.ip
+        if ip is None:
+            return f"?:{flow.port}"
+        name = f"[{ip_text(ip)}]" if ip.version == 6 else ip_text(ip)
+    return f"{name}:{flow.port}"
+
+
+def _policy_reason(decision: Decision, flow: Flow, name: str | None) -> str:
+    """``<allowed|denied> by <rule>[: what a feed listed] (<who> -> <where>)``."""
+    verdict = "allowed" if decision.action == "allow" else "denied"
+    by = "policy default" if decision.tier is None else decision.rule_ref
+    reason = f"{verdict} by {by}"
+    if decision.action == "deny" and flow.threats:
         t = flow.threats[0]
         reason += f": {t['matched']['atomic']} listed by feed {t['feed']}"
-    return reason
+    path = f"{_who(flow)} -> {_where(flow, name)}"
+    if decision.rule == "default" and decision.action == "deny":
+        return f"{reason} (no rule allows {path})"
+    return f"{reason} ({path})"
 
 
 def decide_addresses(
@@ -202,17 +231,18 @@ def decide_addresses(
         if decision.action == "allow":
             flow.decision = decision
             flow.ip = ip
+            reason = _policy_reason(decision, flow, name)
             if decision.audits:
                 flow.action = "would_deny"
-                flow.reason = f"{'; '.join(decision.audits)}; allowed by {decision.rule_ref}"
+                flow.reason = f"{'; '.join(decision.audits)}; {reason}"
             else:
                 flow.action = "connection_allowed"
-                flow.reason = f"policy {decision.rule_ref}"
+                flow.reason = reason
             return Verdict(True, 200, flow.reason, ip)
         first = first or decision
     assert first is not None  # ips is never empty
     flow.ip = ips[0]
-    return _deny(flow, first, _policy_reason(first, flow))
+    return _deny(flow, first, _policy_reason(first, flow, name))
 
 
 def check_flow_now(rt: Runtime, flow: Flow, now: float) -> Verdict | None:
@@ -301,7 +331,7 @@ def decide_without_address(rt: Runtime, flow: Flow, dns_reason: str) -> Verdict:
     d = Destination(flow.host.name, None, flow.port, flow.protocol, _feed_names(flow.threats))
     decision = rt.decide(flow.workload, d)
     if decision.action == "deny":
-        return _deny(flow, decision, _policy_reason(decision, flow))
+        return _deny(flow, decision, _policy_reason(decision, flow, flow.host.name))
     return _deny(flow, decision, f"dns: {flow.host.name}: {dns_reason}", status=502)
 
 

@@ -80,7 +80,8 @@ async def test_tunnel_relays_and_reload_swaps_policy(gateway: Gateway, tmp_path:
         assert await gateway.reload() is True
         head, _, writer = await tunnel(gateway, port)
         assert head.startswith(b"HTTP/1.1 403")
-        assert b"X-Egressgw-Reason: policy default" in head
+        reason = f"denied by policy default (no rule allows unknown 127.0.0.1 -> 127.0.0.1:{port})"
+        assert f"X-Egressgw-Reason: {reason}".encode() in head, head
         writer.close()
 
 

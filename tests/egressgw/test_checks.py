@@ -136,7 +136,9 @@ async def test_cname_chain_is_matched(rt: Runtime) -> None:
     f = flow_to("alias.test")
     v = await check_flow(rt, f)
     assert not v.allowed and v.status == 403
-    assert v.reason == "policy security/block-feeds: cdn.evil.test listed by feed intel"
+    assert v.reason == (
+        "denied by security/block-feeds: cdn.evil.test listed by feed intel (ns -> alias.test:443)"
+    )
 
 
 async def test_listed_name_that_does_not_resolve_is_still_refused_by_feed(rt: Runtime) -> None:
@@ -175,7 +177,7 @@ async def test_plain_tcp_tunnel_is_decided_again(rt: Runtime) -> None:
     f = flow_to("web.test")
     assert (await check_flow(rt, f)).allowed
     v = recheck_tunnel(rt, f, "tcp", None)
-    assert not v.allowed and v.reason == "policy security/no-raw-tcp-to-web"
+    assert not v.allowed and v.reason == "denied by security/no-raw-tcp-to-web (ns -> web.test:443)"
 
 
 def _outcome(f: Flow) -> tuple[object, ...]:
@@ -247,3 +249,19 @@ async def test_requests_share_their_hosts_outcome_unless_the_url_is_listed(rt: R
     denied = verdicts[2][1]
     assert denied.decision is not None and denied.decision.rule_ref == "security/block-feeds"
     assert denied.threats and denied.threats[0]["matched"]["atomic"] == "http://web.test/bad"
+
+
+async def test_reasons_name_the_verdict_the_source_and_the_destination(rt: Runtime) -> None:
+    """Allowed and refused flows say by what, from whom and to where (addresses too)."""
+    assert (
+        await check_flow(rt, flow_to("web.test"))
+    ).reason == "allowed by apps/web (ns -> web.test:443)"
+    v6 = flow_to("[2001:db8::1]", 8443)
+    assert (await check_flow(rt, v6)).reason == (
+        "denied by policy default (no rule allows ns -> [2001:db8::1]:8443)"
+    )
+    stranger = flow_to("192.0.2.200", 80)
+    stranger.source_ip = ipaddress.ip_address("10.9.9.9")
+    assert (await check_flow(rt, stranger)).reason == (
+        "denied by policy default (no rule allows unknown 10.9.9.9 -> 192.0.2.200:80)"
+    )
