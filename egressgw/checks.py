@@ -12,14 +12,32 @@ Order (every step can refuse; the first refusal is the reason):
 A reason names the verdict, what decided it and who went where: ``denied by policy default (no
 rule allows payments/api -> api.example:443)``.
 
-Two caches, both exact because every step is a pure function of its inputs, and both dropped
-whenever the policy, the feeds or the identity source change (a new Runtime):
+Inputs and their versions. A decision depends on five inputs; each has a version, and a cached
+result is used only while every version it was computed with is current:
 
-- policy decisions per (workload, destination);
+- policy and guard: fixed for the life of a ``Runtime`` (a reload builds a new one, with empty
+  caches), so the Runtime itself is their version;
+- threat source and inventory: long-lived ``Services`` whose content changes in place (a feed
+  update swaps the matcher, a Kubernetes watch moves pods); each carries a ``generation`` that
+  changes with its content;
+- the DNS answer: the resolver hands out one immutable answer object per name and TTL, so the
+  object is its version (the outcome key holds its ``id()``, and the cached outcome holds the
+  object, so no other object can take that id while the entry lives).
+
+Two caches:
+
+- policy decisions per (workload, destination): policy is a pure function of those two values
+  (the feeds that matched are part of the destination), so only the policy's version matters;
 - whole outcomes of flows per (source address, requested host, port, protocol, DNS answer
   object): a client opening the same tunnel, or asking the same host again, replays the outcome
-  instead of running identity, feeds, guard and policy again. The resolver hands out one answer
-  object per TTL, so a changed answer is a new key; a URL a feed lists is never replayed.
+  instead of running identity, feeds, guard and policy again. A URL a feed lists is never
+  replayed. The outcomes are stamped with the (threat source, inventory) generations they were
+  decided under; a flow that finds either moved starts a new, empty dict before looking up.
+
+Why one stamp per cache rather than one per entry: the check is a single tuple comparison per
+flow, the same work on a hit and a miss, and a change drops every stale outcome at once instead
+of leaving them to fill the cache; feeds and pods change every few seconds at the most while
+flows arrive by the thousand per second, so refilling after a change costs nothing that shows.
 """
 
 from __future__ import annotations
@@ -44,6 +62,9 @@ DEFAULT_OUTCOME_CACHE = 65_536
 class ThreatSource(Protocol):
     """Feed matching as the gateway uses it; each match is an ECS-ready dict."""
 
+    # Changes whenever the matches could change (the outcome cache is valid for one value).
+    generation: int
+
     def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
         """Matches for a domain name (and its parents, per feed)."""
         ...
@@ -59,6 +80,8 @@ class ThreatSource(Protocol):
 
 class NoThreats:
     """The threat source when no feed is configured."""
+
+    generation = 0
 
     def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
         """Nothing is listed."""
@@ -83,9 +106,25 @@ class Verdict:
     ip: IPAddress | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Services:
+    """The decision path's long-lived inputs: kept across reloads, each versioned on its own.
+
+    The resolver (and its cache) is replaced only when its settings change; the inventory and the
+    threat source change in place and say so with their ``generation``.
+    """
+
+    resolver: Resolver
+    inventory: Inventory
+    threats: ThreatSource = field(default_factory=NoThreats)
+
+
 @dataclass(eq=False)
 class Runtime:
-    """Everything the decision path needs; replaced whole on reload, never mutated in place."""
+    """One configuration's policy and guard over the process's services, with the caches of both.
+
+    Replaced whole on reload, never mutated in place: policy and guard are fixed for its life.
+    """
 
     policy: Policy
     guard: Guard
@@ -96,6 +135,21 @@ class Runtime:
     outcome_cache_size: int = DEFAULT_OUTCOME_CACHE
     _cache: dict[tuple[Any, ...], Decision] = field(default_factory=dict)
     _outcomes: dict[tuple[Any, ...], Outcome] = field(default_factory=dict)
+    # The (threat source, inventory) generations every entry of _outcomes was decided under.
+    _inputs: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._inputs = (self.threats.generation, self.inventory.generation)
+
+    @classmethod
+    def over(cls, services: Services, policy: Policy, guard: Guard) -> Runtime:
+        """A runtime deciding with ``policy`` and ``guard`` over long-lived ``services``."""
+        return cls(policy, guard, services.inventory, services.resolver, services.threats)
+
+    @property
+    def services(self) -> Services:
+        """The long-lived services this runtime decides over."""
+        return Services(self.resolver, self.inventory, self.threats)
 
     def decide(self, w: Workload, d: Destination) -> Decision:
         """Policy's decision, from the cache when this workload met this destination before."""
@@ -113,7 +167,8 @@ class Runtime:
 class Outcome:
     """What the decision path wrote into a flow, kept to be replayed onto an identical flow."""
 
-    resolution: Resolution | ResolveError | None  # held so its id() in the key stays unique
+    # Held so that no other object takes its id() (part of the key) while the entry lives.
+    resolution: Resolution | ResolveError | None
     verdict: Verdict
     workload: Workload
     resolved: tuple[IPAddress, ...]
@@ -284,9 +339,13 @@ def _decide_replayed(
     """
     if not flow.source_text or (flow.url is not None and rt.threats.match_url(flow.url)):
         return _decide_resolved(rt, flow, resolution)
+    if (rt.threats.generation, rt.inventory.generation) != rt._inputs:
+        # A feed or identity change since these outcomes were decided: none may be replayed.
+        rt._outcomes = {}
+        rt._inputs = (rt.threats.generation, rt.inventory.generation)
     key = (flow.source_text, flow.host, flow.port, flow.protocol, id(resolution))
     found = rt._outcomes.get(key)
-    if found is not None and found.resolution is resolution:
+    if found is not None:
         return found.replay(flow)
     verdict = _decide_resolved(rt, flow, resolution)
     if len(rt._outcomes) >= rt.outcome_cache_size:
