@@ -7,7 +7,9 @@ Lifecycle:
    feeds are loaded and the listener accepts.
 2. ``reload()`` (SIGHUP, or a changed configuration or policy file): load and validate
    everything into a new Runtime off the event loop, then swap it in whole; on any error keep the
-   running one and log every error with file, line and key.
+   running one and log every error with file, line and key. A reload replaces policy and guard;
+   the long-lived services stay (the resolver and its cache unless its settings changed; the
+   inventory, updated in place when the static identities changed; the feeds).
 3. ``stop()`` (SIGTERM/SIGINT): stop accepting, let open connections finish for up to
    ``proxy.drain_timeout``, close the rest, flush events, close the exporter.
 """
@@ -19,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,9 @@ from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
 from egressgw.decision.guard import Guard
 from egressgw.decision.names import parse_ip_port
-from egressgw.decision.path import NoThreats, Runtime, ThreatSource
+from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource
 from egressgw.flow import Flow
+from egressgw.identity.workload import IPNetwork, Workload
 from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
 from egressgw.net.rawstream import Listener, Reactor
@@ -50,17 +54,21 @@ log = structlog.get_logger("egressgw")
 SWEEP_INTERVAL = 1.0
 
 
-def build_runtime(cfg: Config, threats: ThreatSource | None = None) -> Runtime:
-    """Load policy files and build everything the decision path needs (blocking: file reads)."""
-    pol = cfgmod.load_policy(cfg.policy.files, {f.name for f in cfg.feeds})
+def build_resolver(cfg: Config) -> Resolver:
+    """The resolver of a configuration (blocking: may read the system's resolver settings)."""
     r = cfg.resolver
-    return Runtime(
-        policy=pol,
-        guard=Guard(cfg.guard.allow, cfg.guard.enabled),
-        inventory=cfgmod.build_inventory(cfg),
-        resolver=Resolver(r.nameservers, r.timeout, r.cache_size, r.min_ttl, r.max_ttl, r.ipv6),
-        threats=threats or NoThreats(),
-    )
+    return Resolver(r.nameservers, r.timeout, r.cache_size, r.min_ttl, r.max_ttl, r.ipv6)
+
+
+def build_services(cfg: Config, threats: ThreatSource | None = None) -> Services:
+    """The long-lived services of a configuration: resolver, static inventory, threat source."""
+    return Services(build_resolver(cfg), cfgmod.build_inventory(cfg), threats or NoThreats())
+
+
+def build_runtime(cfg: Config, services: Services) -> Runtime:
+    """Load policy files and build this configuration's decision state (blocking: file reads)."""
+    pol = cfgmod.load_policy(cfg.policy.files, {f.name for f in cfg.feeds})
+    return Runtime.over(services, pol, Guard(cfg.guard.allow, cfg.guard.enabled))
 
 
 def build_feeds(
@@ -119,7 +127,9 @@ class Gateway:
         self.base_dir = base
         self.feeds = build_feeds(cfg, base, self.metrics.registry, self._feed_report)
         self.threats = MatcherThreats(lambda: self.feeds.matcher)
-        self.runtime = build_runtime(cfg, self.threats)
+        self.inventory = cfgmod.build_inventory(cfg)
+        services = Services(build_resolver(cfg), self.inventory, self.threats)
+        self.runtime = build_runtime(cfg, services)
         self.exporter = Exporter.from_config(
             cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry
         )
@@ -195,6 +205,7 @@ class Gateway:
         loop = self.loop = asyncio.get_running_loop()
         await self.exporter.start()
         await self.feeds.start()
+        self.threats.refresh()  # the feeds' stored data, loaded by start()
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
         if missing:
             # Feeds with no stored data are fetched now rather than after the startup spread,
@@ -251,7 +262,9 @@ class Gateway:
         if self.config_path is None:
             return False
         try:
-            cfg, runtime = await asyncio.to_thread(self._load, self.config_path, self.threats)
+            cfg, runtime, identities = await asyncio.to_thread(
+                self._load, self.config_path, self.config, self.runtime.services
+            )
         except ConfigError as e:
             self.metrics.count_reload("failed")
             for line in e.errors:
@@ -266,17 +279,35 @@ class Gateway:
             log.warning("sinks and spool change only on restart")
         if cfg.feeds != self.config.feeds or cfg.state_dir != self.config.state_dir:
             log.warning("feed definitions change only on restart")
+        new_resolver = runtime.resolver is not self.runtime.resolver
+        # Inventory and runtime change together, with no flow decided in between.
+        if identities is not None:
+            self.inventory.update(identities)
         self.config = cfg
         self.limits = cfg.proxy
         self.runtime = runtime
         self.metrics.count_reload("ok")
-        log.info("configuration reloaded", tiers=len(runtime.policy.tiers))
+        log.info(
+            "configuration reloaded",
+            tiers=len(runtime.policy.tiers),
+            resolver="new" if new_resolver else "kept",
+            identities="updated" if identities is not None else "kept",
+        )
         return True
 
     @staticmethod
-    def _load(path: Path, threats: ThreatSource) -> tuple[Config, Runtime]:
+    def _load(
+        path: Path, running: Config, services: Services
+    ) -> tuple[Config, Runtime, tuple[tuple[IPNetwork, Workload], ...] | None]:
+        """The new configuration, its runtime over the kept services, and new identities if any."""
         cfg = cfgmod.load_config(path)
-        return cfg, build_runtime(cfg, threats)
+        if cfg.resolver != running.resolver:
+            # Only new resolver settings drop the DNS cache.
+            services = replace(services, resolver=build_resolver(cfg))
+        identities = None
+        if cfg.identity != running.identity:
+            identities = cfgmod.build_inventory(cfg).entries
+        return cfg, build_runtime(cfg, services), identities
 
     def _watched_paths(self) -> list[Path]:
         if self.config_path is None:
@@ -326,6 +357,9 @@ class Gateway:
         return self.feeds.blocklist_values(kind, feeds)
 
     def _feed_report(self, report: UpdateReport) -> None:
+        # Called right after an update swapped the matcher: the next flow is decided with it,
+        # and outcomes cached with the old one are dropped (the threat source's generation).
+        self.threats.refresh()
         # The feeds library logs each update itself; the gateway counts the refused ones.
         if not report.ok:
             self.metrics.count_error("feed_update")

@@ -18,7 +18,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from egressgw import __version__
-from egressgw.app import Gateway, build_runtime
+from egressgw.app import Gateway, build_runtime, build_services
 from egressgw.config import model as cfgmod
 from egressgw.config.source import ConfigError
 from egressgw.decision.guard import effective_ip
@@ -87,7 +87,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
         errors.extend(e.errors)
     if cfg is not None:
         try:
-            rt = build_runtime(cfg)
+            rt = build_runtime(cfg, build_services(cfg))
         except ConfigError as e:
             errors.extend(e.errors)
         else:
@@ -110,7 +110,7 @@ async def _explain(
 ) -> list[str]:
     # Feeds as the running gateway would have them at start: their last good data on disk.
     matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
-    rt = build_runtime(cfg, MatcherThreats(lambda: matcher))
+    rt = build_runtime(cfg, build_services(cfg, MatcherThreats(lambda: matcher)))
     src = ipaddress.ip_address(source)
     host, port = parse_authority(target)
     flow = Flow(src, 0, 0.0, 0.0)

@@ -1,7 +1,9 @@
 """Feed matches as the gateway uses them: the feeds library's matcher -> ECS-ready dicts.
 
-The matcher is read through a getter on every lookup, so the feed refresher's atomic swap of
-its matcher is seen by the next flow without the gateway knowing about refreshes.
+``MatcherThreats`` matches with the matcher it was last given and counts the matchers it has had
+in ``generation``: the decision path replays cached outcomes only while that number stays the
+same. The gateway calls ``refresh()`` after every feed update (the feed manager swaps its matcher
+whole, then reports), so the flow after an update is decided, and cached, with the new matcher.
 """
 
 from __future__ import annotations
@@ -48,21 +50,32 @@ class MatcherThreats:
 
     def __init__(self, current: Callable[[], Matcher]) -> None:
         self._current = current
+        self._matcher = current()
+        self.generation = 0
+
+    def refresh(self) -> bool:
+        """Take the current matcher if it changed (and bump ``generation``); True if it did."""
+        matcher = self._current()
+        if matcher is self._matcher:
+            return False
+        self._matcher = matcher
+        self.generation += 1
+        return True
 
     def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
         """Matches for a destination name (or a CNAME or SNI standing for it)."""
         # Every name here is canonical already (decision.names for hosts and SNI, lowercased
         # without the final dot for CNAMEs), so the matcher's entry point that skips its own
         # normalisation gives the same answer, faster.
-        matches = self._current().match_canonical_domain(name)
+        matches = self._matcher.match_canonical_domain(name)
         return tuple(to_threat_match(m, "destination.domain") for m in matches)
 
     def match_ip(self, ip: IPAddress) -> tuple[dict[str, Any], ...]:
         """Matches for a destination address."""
         # The matcher's fast path takes the dotted-quad text.
-        matches = self._current().match_ip(ip_text(ip))
+        matches = self._matcher.match_ip(ip_text(ip))
         return tuple(to_threat_match(m, "destination.ip") for m in matches)
 
     def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
         """Matches for a plain-HTTP URL."""
-        return tuple(to_threat_match(m, "url.full") for m in self._current().match_url(url))
+        return tuple(to_threat_match(m, "url.full") for m in self._matcher.match_url(url))

@@ -9,14 +9,35 @@ Order (every step can refuse; the first refusal is the reason):
 5. Policy decides for each address in turn, knowing which feeds matched; the flow goes to the first
    address policy allows, so no address policy refused is ever connected to.
 
-Two caches, both exact because every step is a pure function of its inputs, and both dropped
-whenever the policy, the feeds or the identity source change (a new Runtime):
+A reason names the verdict, what decided it and who went where: ``denied by policy default (no
+rule allows payments/api -> api.example:443)``.
 
-- policy decisions per (workload, destination);
+Inputs and their versions. A decision depends on five inputs; each has a version, and a cached
+result is used only while every version it was computed with is current:
+
+- policy and guard: fixed for the life of a ``Runtime`` (a reload builds a new one, with empty
+  caches), so the Runtime itself is their version;
+- threat source and inventory: long-lived ``Services`` whose content changes in place (a feed
+  update swaps the matcher, a Kubernetes watch moves pods); each carries a ``generation`` that
+  changes with its content;
+- the DNS answer: the resolver hands out one immutable answer object per name and TTL, so the
+  object is its version (the outcome key holds its ``id()``, and the cached outcome holds the
+  object, so no other object can take that id while the entry lives).
+
+Two caches:
+
+- policy decisions per (workload, destination): policy is a pure function of those two values
+  (the feeds that matched are part of the destination), so only the policy's version matters;
 - whole outcomes of flows per (source address, requested host, port, protocol, DNS answer
   object): a client opening the same tunnel, or asking the same host again, replays the outcome
-  instead of running identity, feeds, guard and policy again. The resolver hands out one answer
-  object per TTL, so a changed answer is a new key; a URL a feed lists is never replayed.
+  instead of running identity, feeds, guard and policy again. A URL a feed lists is never
+  replayed. The outcomes are stamped with the (threat source, inventory) generations they were
+  decided under; a flow that finds either moved starts a new, empty dict before looking up.
+
+Why one stamp per cache rather than one per entry: the check is a single tuple comparison per
+flow, the same work on a hit and a miss, and a change drops every stale outcome at once instead
+of leaving them to fill the cache; feeds and pods change every few seconds at the most while
+flows arrive by the thousand per second, so refilling after a change costs nothing that shows.
 """
 
 from __future__ import annotations
@@ -41,6 +62,9 @@ DEFAULT_OUTCOME_CACHE = 65_536
 class ThreatSource(Protocol):
     """Feed matching as the gateway uses it; each match is an ECS-ready dict."""
 
+    # Changes whenever the matches could change (the outcome cache is valid for one value).
+    generation: int
+
     def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
         """Matches for a domain name (and its parents, per feed)."""
         ...
@@ -56,6 +80,8 @@ class ThreatSource(Protocol):
 
 class NoThreats:
     """The threat source when no feed is configured."""
+
+    generation = 0
 
     def match_name(self, name: str) -> tuple[dict[str, Any], ...]:
         """Nothing is listed."""
@@ -80,9 +106,25 @@ class Verdict:
     ip: IPAddress | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Services:
+    """The decision path's long-lived inputs: kept across reloads, each versioned on its own.
+
+    The resolver (and its cache) is replaced only when its settings change; the inventory and the
+    threat source change in place and say so with their ``generation``.
+    """
+
+    resolver: Resolver
+    inventory: Inventory
+    threats: ThreatSource = field(default_factory=NoThreats)
+
+
 @dataclass(eq=False)
 class Runtime:
-    """Everything the decision path needs; replaced whole on reload, never mutated in place."""
+    """One configuration's policy and guard over the process's services, with the caches of both.
+
+    Replaced whole on reload, never mutated in place: policy and guard are fixed for its life.
+    """
 
     policy: Policy
     guard: Guard
@@ -93,6 +135,21 @@ class Runtime:
     outcome_cache_size: int = DEFAULT_OUTCOME_CACHE
     _cache: dict[tuple[Any, ...], Decision] = field(default_factory=dict)
     _outcomes: dict[tuple[Any, ...], Outcome] = field(default_factory=dict)
+    # The (threat source, inventory) generations every entry of _outcomes was decided under.
+    _inputs: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._inputs = (self.threats.generation, self.inventory.generation)
+
+    @classmethod
+    def over(cls, services: Services, policy: Policy, guard: Guard) -> Runtime:
+        """A runtime deciding with ``policy`` and ``guard`` over long-lived ``services``."""
+        return cls(policy, guard, services.inventory, services.resolver, services.threats)
+
+    @property
+    def services(self) -> Services:
+        """The long-lived services this runtime decides over."""
+        return Services(self.resolver, self.inventory, self.threats)
 
     def decide(self, w: Workload, d: Destination) -> Decision:
         """Policy's decision, from the cache when this workload met this destination before."""
@@ -110,7 +167,8 @@ class Runtime:
 class Outcome:
     """What the decision path wrote into a flow, kept to be replayed onto an identical flow."""
 
-    resolution: Resolution | ResolveError | None  # held so its id() in the key stays unique
+    # Held so that no other object takes its id() (part of the key) while the entry lives.
+    resolution: Resolution | ResolveError | None
     verdict: Verdict
     workload: Workload
     resolved: tuple[IPAddress, ...]
@@ -167,12 +225,38 @@ def _deny(flow: Flow, decision: Decision | None, reason: str, status: int = 403)
     return Verdict(False, status, reason)
 
 
-def _policy_reason(decision: Decision, flow: Flow) -> str:
-    reason = f"policy {decision.rule_ref}"
-    if flow.threats:
+def _who(flow: Flow) -> str:
+    """The source as a reason names it: ``namespace/app`` (or pod), or the unknown address."""
+    w = flow.workload
+    if not w.known:
+        return f"unknown {flow.source_text or ip_text(flow.source_ip)}"
+    labels = w.label_map
+    app = labels.get("app.kubernetes.io/name") or labels.get("app") or w.pod
+    return f"{w.namespace}/{app}" if app else str(w.namespace)
+
+
+def _where(flow: Flow, name: str | None) -> str:
+    """The destination as policy judged it: its name (or the address) and port."""
+    if name is None:
+        ip = flow.ip
+        if ip is None:
+            return f"?:{flow.port}"
+        name = f"[{ip_text(ip)}]" if ip.version == 6 else ip_text(ip)
+    return f"{name}:{flow.port}"
+
+
+def _policy_reason(decision: Decision, flow: Flow, name: str | None) -> str:
+    """``<allowed|denied> by <rule>[: what a feed listed] (<who> -> <where>)``."""
+    verdict = "allowed" if decision.action == "allow" else "denied"
+    by = "policy default" if decision.tier is None else decision.rule_ref
+    reason = f"{verdict} by {by}"
+    if decision.action == "deny" and flow.threats:
         t = flow.threats[0]
         reason += f": {t['matched']['atomic']} listed by feed {t['feed']}"
-    return reason
+    path = f"{_who(flow)} -> {_where(flow, name)}"
+    if decision.rule == "default" and decision.action == "deny":
+        return f"{reason} (no rule allows {path})"
+    return f"{reason} ({path})"
 
 
 def decide_addresses(
@@ -202,17 +286,18 @@ def decide_addresses(
         if decision.action == "allow":
             flow.decision = decision
             flow.ip = ip
+            reason = _policy_reason(decision, flow, name)
             if decision.audits:
                 flow.action = "would_deny"
-                flow.reason = f"{'; '.join(decision.audits)}; allowed by {decision.rule_ref}"
+                flow.reason = f"{'; '.join(decision.audits)}; {reason}"
             else:
                 flow.action = "connection_allowed"
-                flow.reason = f"policy {decision.rule_ref}"
+                flow.reason = reason
             return Verdict(True, 200, flow.reason, ip)
         first = first or decision
     assert first is not None  # ips is never empty
     flow.ip = ips[0]
-    return _deny(flow, first, _policy_reason(first, flow))
+    return _deny(flow, first, _policy_reason(first, flow, name))
 
 
 def check_flow_now(rt: Runtime, flow: Flow, now: float) -> Verdict | None:
@@ -254,9 +339,13 @@ def _decide_replayed(
     """
     if not flow.source_text or (flow.url is not None and rt.threats.match_url(flow.url)):
         return _decide_resolved(rt, flow, resolution)
+    if (rt.threats.generation, rt.inventory.generation) != rt._inputs:
+        # A feed or identity change since these outcomes were decided: none may be replayed.
+        rt._outcomes = {}
+        rt._inputs = (rt.threats.generation, rt.inventory.generation)
     key = (flow.source_text, flow.host, flow.port, flow.protocol, id(resolution))
     found = rt._outcomes.get(key)
-    if found is not None and found.resolution is resolution:
+    if found is not None:
         return found.replay(flow)
     verdict = _decide_resolved(rt, flow, resolution)
     if len(rt._outcomes) >= rt.outcome_cache_size:
@@ -301,7 +390,7 @@ def decide_without_address(rt: Runtime, flow: Flow, dns_reason: str) -> Verdict:
     d = Destination(flow.host.name, None, flow.port, flow.protocol, _feed_names(flow.threats))
     decision = rt.decide(flow.workload, d)
     if decision.action == "deny":
-        return _deny(flow, decision, _policy_reason(decision, flow))
+        return _deny(flow, decision, _policy_reason(decision, flow, flow.host.name))
     return _deny(flow, decision, f"dns: {flow.host.name}: {dns_reason}", status=502)
 
 

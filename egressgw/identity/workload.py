@@ -4,6 +4,10 @@ An inventory answers ``lookup(ip) -> Workload``; a source it does not know is ``
 workload with no namespace), which policy can select with ``from: {unknown: true}``. The static
 inventory maps CIDRs to workloads, longest prefix first; the Kubernetes watcher of a later issue
 implements the same ``Inventory`` protocol.
+
+An inventory lives as long as the process and changes in place (a reload with other static
+entries, a watch event): its ``generation`` changes with every change of what ``lookup`` may
+answer, and the decision path's outcome cache holds only while it stays the same.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ UNKNOWN = Workload()
 class Inventory(Protocol):
     """What identity sources provide to the proxy."""
 
+    # Changes whenever ``lookup`` may answer differently for some address.
+    generation: int
+
     def lookup(self, ip: IPAddress) -> Workload:
         """Return the workload behind a source address, or UNKNOWN."""
         ...
@@ -72,14 +79,29 @@ class Inventory(Protocol):
 class StaticInventory:
     """CIDR -> workload from the configuration; the most specific CIDR wins."""
 
+    entries: tuple[tuple[IPNetwork, Workload], ...]
+    _by_prefix: list[tuple[int, int, dict[int, Workload]]]
+    _cache: dict[IPAddress, Workload]
+
     def __init__(self, entries: Iterable[tuple[IPNetwork, Workload]]) -> None:
-        self._by_prefix: list[tuple[int, int, dict[int, Workload]]] = []
+        self.generation = 0
+        self._load(entries)
+
+    def update(self, entries: Iterable[tuple[IPNetwork, Workload]]) -> None:
+        """Replace every entry (a reload's static list; later, a watch's view) and say so."""
+        self._load(entries)
+        self.generation += 1
+
+    def _load(self, entries: Iterable[tuple[IPNetwork, Workload]]) -> None:
+        self.entries = tuple(entries)
+        by_prefix: list[tuple[int, int, dict[int, Workload]]] = []
         tables: dict[tuple[int, int], dict[int, Workload]] = {}
-        for net, workload in entries:
+        for net, workload in self.entries:
             tables.setdefault((net.version, net.prefixlen), {})[int(net.network_address)] = workload
         for (version, prefixlen), table in sorted(tables.items(), key=lambda kv: -kv[0][1]):
-            self._by_prefix.append((version, prefixlen, table))
-        self._cache: dict[IPAddress, Workload] = {}
+            by_prefix.append((version, prefixlen, table))
+        # Both swapped at once: a lookup never mixes the old table with the new cache.
+        self._by_prefix, self._cache = by_prefix, {}
 
     def lookup(self, ip: IPAddress) -> Workload:
         """Return the workload of the longest matching CIDR, or UNKNOWN."""

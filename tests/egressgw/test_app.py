@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import ipaddress
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -81,7 +82,8 @@ async def test_tunnel_relays_and_reload_swaps_policy(gateway: Gateway, tmp_path:
         assert await gateway.reload() is True
         head, _, writer = await tunnel(gateway, port)
         assert head.startswith(b"HTTP/1.1 403")
-        assert b"X-Egressgw-Reason: policy default" in head
+        reason = f"denied by policy default (no rule allows unknown 127.0.0.1 -> 127.0.0.1:{port})"
+        assert f"X-Egressgw-Reason: {reason}".encode() in head, head
         writer.close()
 
 
@@ -215,3 +217,95 @@ async def test_every_consumer_hears_of_each_flow(gateway: Gateway) -> None:
                 break
             await asyncio.sleep(0.01)
     assert heard == [("decided", "connection_allowed"), ("ended", "4")]
+
+
+FEED_THEN_ECHO = """\
+default: deny
+tiers:
+  - name: security
+    rules:
+      - name: block-feeds
+        action: deny
+        to: {feeds: ["*"]}
+  - name: t
+    rules:
+      - name: echo
+        action: allow
+        to: {cidrs: ["127.0.0.1/32"]}
+"""
+
+
+def feed_config(tmp_path: Path, resolver_timeout: str = "5s", identity: str = "") -> str:
+    """A gateway config with a local feed file and a policy refusing what feeds list."""
+    return (
+        "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "reload: {watch: false}\n"
+        f"resolver: {{timeout: {resolver_timeout}}}\n"
+        "guard: {allow: ['127.0.0.1/32']}\npolicy: {files: [policy.yaml]}\n"
+        "feeds: [{name: local-ips, url: ips.txt, format: lines}]\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"{identity}"
+        "sinks: [{type: file, path: events.jsonl}]\n"
+    )
+
+
+@pytest.fixture
+async def feed_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A started gateway whose feed 'local-ips' lists 192.0.2.1 only, with its data loaded."""
+    (tmp_path / "policy.yaml").write_text(FEED_THEN_ECHO)
+    (tmp_path / "ips.txt").write_text("192.0.2.1\n")
+    (tmp_path / "gw.yaml").write_text(feed_config(tmp_path))
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    try:
+        for _ in range(200):
+            if gw.feeds.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert gw.feeds.ready
+        yield gw
+    finally:
+        await gw.stop()
+
+
+async def test_feed_update_refuses_the_next_connect_to_a_cached_address(
+    feed_gateway: Gateway, tmp_path: Path
+) -> None:
+    """A feed update listing an address whose tunnel outcome is cached refuses the next CONNECT."""
+    server, port = await echo_server()
+    async with server:
+        for _ in range(2):  # decided, then replayed from the outcome cache
+            head, _, writer = await tunnel(feed_gateway, port)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.close()
+        (tmp_path / "ips.txt").write_text("192.0.2.1\n127.0.0.1\n")
+        [report] = await feed_gateway.feeds.update_now(["local-ips"])
+        assert report.status == "updated", report
+        head, _, writer = await tunnel(feed_gateway, port)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert b"127.0.0.1 listed by feed local-ips" in head, head
+
+
+async def test_reload_keeps_the_services_and_renews_only_what_changed(
+    feed_gateway: Gateway, tmp_path: Path
+) -> None:
+    """A reload keeps resolver, inventory and feeds; new resolver settings bring a new resolver."""
+    before = feed_gateway.runtime
+    assert await feed_gateway.reload() is True
+    after = feed_gateway.runtime
+    assert after is not before
+    assert (after.resolver, after.inventory, after.threats) == (
+        before.resolver,
+        before.inventory,
+        before.threats,
+    )
+    identity = "identity: {static: [{cidr: 127.0.0.1/32, namespace: local}]}\n"
+    (tmp_path / "gw.yaml").write_text(feed_config(tmp_path, "3s", identity))
+    generation = feed_gateway.inventory.generation
+    assert await feed_gateway.reload() is True
+    renewed = feed_gateway.runtime
+    assert renewed.resolver is not before.resolver and renewed.inventory is before.inventory
+    assert feed_gateway.inventory.generation == generation + 1
+    local = renewed.inventory.lookup(ipaddress.ip_address("127.0.0.1"))
+    assert local.namespace == "local"

@@ -1,8 +1,10 @@
 """Tests of feed matches turned into ECS threat enrichments."""
 
-from egressgw.threats import to_threat_match
-from feeds.indicator import IndicatorType
-from feeds.matcher import Match
+import ipaddress
+
+from egressgw.threats import MatcherThreats, to_threat_match
+from feeds.indicator import Indicator, IndicatorType, Provenance
+from feeds.matcher import FeedRules, Match, Matcher
 
 
 def test_network_match() -> None:
@@ -31,3 +33,16 @@ def test_parent_domain_match() -> None:
     assert t["indicator"]["description"] == "parent domain: evil.test"
     assert t["indicator"]["confidence"] == "Low"
     assert t["matched"]["atomic"] == "a.evil.test"
+
+
+def test_matcher_threats_follow_a_swapped_matcher_and_count_it() -> None:
+    """refresh() takes the feed manager's new matcher and moves generation; nothing new: no move."""
+    ip = ipaddress.ip_address("198.51.100.7")
+    listing = Indicator(IndicatorType.IP, "198.51.100.7", Provenance("drop"))
+    current = [Matcher.empty()]
+    threats = MatcherThreats(lambda: current[0])
+    assert threats.match_ip(ip) == () and threats.generation == 0
+    assert threats.refresh() is False and threats.generation == 0
+    current[0] = Matcher.build([(FeedRules("drop"), [listing])])
+    assert threats.refresh() is True and threats.generation == 1
+    assert [t["feed"] for t in threats.match_ip(ip)] == ["drop"]

@@ -73,6 +73,8 @@ class StandInResolver:
 class StandInThreats:
     """evil.test and everything below it, and 192.0.2.66, are listed by feed 'intel'."""
 
+    generation = 0
+
     def _hit(self, atomic: str) -> tuple[dict[str, Any], ...]:
         return ({"feed": "intel", "indicator": {}, "matched": {"atomic": atomic}},)
 
@@ -136,7 +138,9 @@ async def test_cname_chain_is_matched(rt: Runtime) -> None:
     f = flow_to("alias.test")
     v = await check_flow(rt, f)
     assert not v.allowed and v.status == 403
-    assert v.reason == "policy security/block-feeds: cdn.evil.test listed by feed intel"
+    assert v.reason == (
+        "denied by security/block-feeds: cdn.evil.test listed by feed intel (ns -> alias.test:443)"
+    )
 
 
 async def test_listed_name_that_does_not_resolve_is_still_refused_by_feed(rt: Runtime) -> None:
@@ -175,7 +179,7 @@ async def test_plain_tcp_tunnel_is_decided_again(rt: Runtime) -> None:
     f = flow_to("web.test")
     assert (await check_flow(rt, f)).allowed
     v = recheck_tunnel(rt, f, "tcp", None)
-    assert not v.allowed and v.reason == "policy security/no-raw-tcp-to-web"
+    assert not v.allowed and v.reason == "denied by security/no-raw-tcp-to-web (ns -> web.test:443)"
 
 
 def _outcome(f: Flow) -> tuple[object, ...]:
@@ -247,3 +251,155 @@ async def test_requests_share_their_hosts_outcome_unless_the_url_is_listed(rt: R
     denied = verdicts[2][1]
     assert denied.decision is not None and denied.decision.rule_ref == "security/block-feeds"
     assert denied.threats and denied.threats[0]["matched"]["atomic"] == "http://web.test/bad"
+
+
+class Relisting(StandInThreats):
+    """The stand-in feeds, plus addresses a feed update lists later (the generation moves)."""
+
+    def __init__(self) -> None:
+        self.listed: set[str] = set()
+        self.generation = 0
+
+    def list_ip(self, ip: str) -> None:
+        """A feed update starts listing ``ip``."""
+        self.listed = self.listed | {ip}
+        self.generation += 1
+
+    def match_ip(self, ip: Any) -> tuple[dict[str, Any], ...]:
+        """The stand-in's address, and those listed since."""
+        return self._hit(str(ip)) if str(ip) in self.listed else super().match_ip(ip)
+
+
+def from_cached_source(host: str, port: int = 443) -> Flow:
+    """A flow to host:port from 10.0.0.5 as the proxy makes it: with source_text, so cached."""
+    f = flow_to(host, port)
+    f.source_text = "10.0.0.5"
+    return f
+
+
+async def test_a_feed_listing_a_cached_address_refuses_the_very_next_flow(rt: Runtime) -> None:
+    """An address a feed starts listing is refused at once, though its outcome was cached."""
+    threats = Relisting()
+    rt = Runtime(rt.policy, rt.guard, rt.inventory, rt.resolver, threats)
+    for _ in range(2):  # decided, then replayed
+        assert (await check_flow(rt, from_cached_source("203.0.113.9", 8443))).allowed
+    threats.list_ip("203.0.113.9")
+    f = from_cached_source("203.0.113.9", 8443)
+    v = await check_flow(rt, f)
+    assert not v.allowed and v.reason == (
+        "denied by security/block-feeds: 203.0.113.9 listed by feed intel (ns -> 203.0.113.9:8443)"
+    )
+    assert f.decision is not None and f.decision.rule_ref == "security/block-feeds"
+
+
+async def test_outcomes_are_kept_while_no_input_changes(rt: Runtime, tmp_path: Path) -> None:
+    """Without a feed or identity change, the same flow is replayed, never decided again."""
+    await check_flow(rt, from_cached_source("web.test"))
+    (tmp_path / "deny.yaml").write_text("default: deny\ntiers: []\n")
+    rt.policy = load_policy((tmp_path / "deny.yaml",), set())  # not a reload: shows the replay
+    assert (await check_flow(rt, from_cached_source("web.test"))).allowed
+
+
+PER_NAMESPACE = """\
+default: deny
+tiers:
+  - name: apps
+    rules:
+      - name: payments-web
+        action: allow
+        from: {namespace: payments}
+        to: {domains: ["web.test"]}
+"""
+HERE = ipaddress.ip_network("10.0.0.0/24")
+
+
+class WatchedInventory:
+    """An inventory changed in place, as a Kubernetes watch changes it: pods move."""
+
+    def __init__(self, workloads: dict[str, Workload]) -> None:
+        self.workloads = dict(workloads)
+        self.generation = 0
+
+    def move(self, ip: str, workload: Workload) -> None:
+        """The address now belongs to another pod."""
+        self.workloads[ip] = workload
+        self.generation += 1
+
+    def lookup(self, ip: Any) -> Workload:
+        """The workload at ``ip``, or UNKNOWN."""
+        return self.workloads.get(str(ip), Workload())
+
+
+@pytest.mark.parametrize("kind", ["watched", "static"])
+async def test_a_source_moved_to_another_workload_is_decided_as_that_one(
+    rt: Runtime, tmp_path: Path, kind: str
+) -> None:
+    """After an inventory change the very next flow from the address follows its new workload."""
+    (tmp_path / "ns.yaml").write_text(PER_NAMESPACE)
+    payments, batch = Workload.make("payments", labels={"app": "api"}), Workload.make("batch")
+    watched = WatchedInventory({"10.0.0.5": payments})
+    static = StaticInventory([(HERE, payments)])
+    inventory: Any = watched if kind == "watched" else static
+    policy = load_policy((tmp_path / "ns.yaml",), set())
+    rt = Runtime(policy, rt.guard, inventory, rt.resolver, rt.threats)
+    for _ in range(2):  # decided, then replayed
+        assert (await check_flow(rt, from_cached_source("web.test"))).allowed
+    if kind == "watched":
+        watched.move("10.0.0.5", batch)
+    else:
+        static.update([(HERE, batch)])
+    f = from_cached_source("web.test")
+    v = await check_flow(rt, f)
+    assert f.workload.namespace == "batch"
+    assert not v.allowed
+    assert v.reason == "denied by policy default (no rule allows batch -> web.test:443)"
+
+
+def test_static_inventory_update_replaces_entries_and_moves_the_generation() -> None:
+    """update() answers from the new entries only (no stale lookup cache) and bumps generation."""
+    inv = StaticInventory([(HERE, Workload.make("a"))])
+    ip = ipaddress.ip_address("10.0.0.5")
+    assert inv.lookup(ip).namespace == "a" and inv.generation == 0
+    inv.update([(ipaddress.ip_network("10.0.0.0/25"), Workload.make("b"))])
+    assert inv.lookup(ip).namespace == "b" and inv.generation == 1
+    inv.update([])
+    assert not inv.lookup(ip).known and inv.generation == 2
+
+
+async def test_a_reloaded_policy_decides_the_very_next_flow(rt: Runtime, tmp_path: Path) -> None:
+    """A runtime with a new policy over the same services refuses what the old one allowed."""
+    assert (await check_flow(rt, from_cached_source("web.test"))).allowed
+    (tmp_path / "deny.yaml").write_text("default: deny\ntiers: []\n")
+    reloaded = Runtime.over(rt.services, load_policy((tmp_path / "deny.yaml",), set()), rt.guard)
+    assert reloaded.resolver is rt.resolver and reloaded.inventory is rt.inventory
+    v = await check_flow(reloaded, from_cached_source("web.test"))
+    assert not v.allowed
+    assert v.reason == "denied by policy default (no rule allows ns -> web.test:443)"
+
+
+async def test_a_changed_guard_decides_the_very_next_flow(rt: Runtime) -> None:
+    """A runtime whose guard exempts an address lets policy decide it; the old one refused it."""
+    v = await check_flow(rt, from_cached_source("rebind.test"))
+    assert v.reason == "guard: 169.254.169.254 is cloud-metadata"
+    exempt = Guard(allow=[ipaddress.ip_network("169.254.169.254/32")])
+    v = await check_flow(
+        Runtime.over(rt.services, rt.policy, exempt), from_cached_source("rebind.test")
+    )
+    assert not v.allowed
+    assert v.reason == "denied by policy default (no rule allows ns -> rebind.test:443)"
+
+
+async def test_reasons_name_the_verdict_the_source_and_the_destination(rt: Runtime) -> None:
+    """Allowed and refused flows say by what, from whom and to where (addresses too)."""
+    assert (
+        await check_flow(rt, flow_to("web.test"))
+    ).reason == "allowed by apps/web (ns -> web.test:443)"
+    v6 = flow_to("[2001:db8::1]", 8443)
+    assert (await check_flow(rt, v6)).reason == (
+        "denied by policy default (no rule allows ns -> [2001:db8::1]:8443)"
+    )
+    stranger = flow_to("192.0.2.200", 80)
+    stranger.source_ip = ipaddress.ip_address("10.9.9.9")
+    assert (await check_flow(rt, stranger)).reason == (
+        "denied by policy default (no rule allows unknown 10.9.9.9 -> 192.0.2.200:80)"
+    )
