@@ -18,6 +18,17 @@ _PREFIX = os.urandom(6).hex()
 _COUNTER = itertools.count(1)
 
 
+def _new_flow_ids() -> None:
+    # A forked worker would otherwise repeat its parent's ids (and so its event ids): draw a
+    # prefix of its own and count from 1 again. Runs once per fork, never per flow.
+    global _PREFIX, _COUNTER
+    _PREFIX = os.urandom(6).hex()
+    _COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_flow_ids)
+
+
 _IP_TEXT: dict[IPAddress, str] = {}
 _IP_TEXT_CACHE = 65536  # addresses repeat; str() of an ipaddress object is not free
 

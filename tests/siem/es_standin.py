@@ -9,6 +9,13 @@
   accept only ``create`` and require ``@timestamp`` (400 otherwise). Faults are scripted:
   ``fail_requests`` answers whole requests with a status (e.g. 503), ``item_fault`` picks a
   per-item status (429, 400, 500, ...) for a document.
+* ``GET|POST /_mget`` and ``/<index>/_mget`` (``docs`` with ``_index``/``_id``, or ``ids``
+  with the index in the path): one answer per requested document, in order:
+  ``{"_index", "_id", "_version", "_seq_no", "_primary_term", "found": true, "_source"}``,
+  ``{"_index", "_id", "found": false}``, or ``{"_index", "_id", "error": {...}}`` with an
+  ``index_not_found_exception`` for an index that does not exist. ``fail_mget`` answers whole
+  requests with a status, like ``fail_requests``.
+* ``GET /<index>/_doc/<_id>``: the same document answer, 404 when it is not found.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class EsStandin:
         self.docs: dict[str, dict[str, dict[str, Any]]] = {}
         self.templates: dict[str, dict[str, Any]] = {}
         self.fail_requests: list[int] = []
+        self.fail_mget: list[int] = []
+        self.mget_requests = 0
         self.item_fault: ItemFault | None = None
         self.product_header = True
         self.max_bulk_bytes = 0  # like http.max_content_length; 0: unlimited
@@ -158,6 +167,57 @@ class EsStandin:
         errors = any(next(iter(i.values()))["status"] >= 300 for i in items)
         return self._response({"took": 1, "errors": errors, "items": items})
 
+    def _error(self, status: int) -> web.Response:
+        return self._response(
+            {
+                "error": {"type": ERROR_TYPES.get(status, "exception"), "reason": "scripted"},
+                "status": status,
+            },
+            status,
+        )
+
+    def _get_doc(self, index: str, _id: str) -> dict[str, Any]:
+        # One document as GET _doc and each entry of _mget answer it.
+        if index not in self.docs:
+            reason = f"no such index [{index}]"
+            cause = {"type": "index_not_found_exception", "reason": reason, "index": index}
+            return {"_index": index, "_id": _id, "error": {**cause, "root_cause": [cause]}}
+        stored = self.docs[index]
+        if _id not in stored:
+            return {"_index": index, "_id": _id, "found": False}
+        seq_no = list(stored).index(_id)
+        return {
+            "_index": index,
+            "_id": _id,
+            "_version": 1,
+            "_seq_no": seq_no,
+            "_primary_term": 1,
+            "found": True,
+            "_source": stored[_id],
+        }
+
+    async def mget(self, request: web.Request) -> web.Response:
+        self.mget_requests += 1
+        if self.fail_mget:
+            return self._error(self.fail_mget.pop(0))
+        body = await request.json(loads=orjson.loads)
+        default_index = request.match_info.get("index")
+        if "docs" in body:
+            wanted = [(d.get("_index", default_index), str(d["_id"])) for d in body["docs"]]
+        else:
+            wanted = [(default_index, str(i)) for i in body.get("ids", [])]
+        if not wanted or any(index is None for index, _ in wanted):
+            reason = "Validation Failed: 1: index is missing;" if wanted else "no documents"
+            error = {"type": "action_request_validation_exception", "reason": reason}
+            return self._response({"error": error, "status": 400}, 400)
+        return self._response({"docs": [self._get_doc(str(i), _id) for i, _id in wanted]})
+
+    async def get_doc(self, request: web.Request) -> web.Response:
+        doc = self._get_doc(request.match_info["index"], request.match_info["id"])
+        if "error" in doc:
+            return self._response({"error": doc["error"], "status": 404}, 404)
+        return self._response(doc, 200 if doc["found"] else 404)
+
     def app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -166,6 +226,10 @@ class EsStandin:
         app.router.add_post("/_bulk", self.bulk)
         app.router.add_put("/_bulk", self.bulk)
         app.router.add_post("/{index}/_bulk", self.bulk)
+        for path in ("/_mget", "/{index}/_mget"):
+            app.router.add_get(path, self.mget)
+            app.router.add_post(path, self.mget)
+        app.router.add_get("/{index}/_doc/{id}", self.get_doc)
         return app
 
     async def start(self, port: int = 0) -> str:
