@@ -20,6 +20,9 @@ such as ``192.0.0.9`` or ``2001:1::1``, included: they are network services, not
 blocks marked globally reachable on their own (AS112, AMT) are not. IPv6 outside ``2000::/3``,
 the only space IANA allocates for global unicast, is ``reserved`` unless a more specific category
 names it, so a block the IETF carves out of it later is refused until someone looks at it.
+The documentation ranges (``192.0.2.0/24``, ``198.51.100.0/24``, ``203.0.113.0/24``,
+``2001:db8::/32``, ``3fff::/20``) are left to policy on purpose: nothing answers there on the
+internet, and examples and labs use them as stand-ins for public addresses.
 
 The guard is a pure function of an address: the resolver calls it for every IP it returns and the
 proxy connects only to an IP that passed it.
