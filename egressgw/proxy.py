@@ -41,6 +41,7 @@ from typing import Any, Protocol, cast
 import httptools
 import structlog
 
+from egressgw import framing
 from egressgw.checks import Runtime, Verdict, check_flow, check_flow_now, recheck_tunnel
 from egressgw.config import ProxyConfig
 from egressgw.flow import Flow, ip_text
@@ -57,20 +58,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Request methods forwarded in absolute form; anything else is answered 405 (TRACE too: it
 # echoes request headers back, cookies and credentials included).
 FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-    }
-)
 # Bytes of request body buffered while the flow is decided or the upstream is slow.
 MAX_PENDING_BODY = 256 * 1024
 
@@ -135,7 +122,7 @@ class _Refuse(Exception):
 class Request:
     """One parsed request head waiting to be relayed."""
 
-    __slots__ = ("body_done", "chunked", "head_size", "headers", "keep_alive", "method", "url")
+    __slots__ = ("body_done", "framing", "head_size", "headers", "keep_alive", "method", "url")
 
     def __init__(self) -> None:
         self.method = b""
@@ -143,7 +130,7 @@ class Request:
         self.head_size = 0  # target and header lines, as llhttp delivers them
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
-        self.chunked = False
+        self.framing = framing.NO_BODY  # as read, and so as forwarded
         self.body_done = False
 
 
@@ -263,24 +250,16 @@ class _HttpUpstream(asyncio.Protocol):
                 self.client.write(CONTINUE)
             self.headers = []
             return
+        try:
+            fr = framing.parse_response_framing(self.status, self.headers, self.head_only)
+        except ValueError as e:
+            raise _Refuse(502, f"upstream response framing: {e}") from None
         out = [b"HTTP/1.1 %d %s\r\n" % (self.status, _phrase(self.status))]
-        length_known = False
-        connection_tokens = _connection_tokens(self.headers)
-        self.chunked = False
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-                continue
-            if lower in HOP_BY_HOP or lower in connection_tokens:
-                continue
-            if lower == b"content-length":
-                length_known = True
+        for _, name, value in framing.forwarded_fields(self.headers):
             out.append(name + b": " + value + b"\r\n")
-        no_body = self.head_only or self.status in (204, 304)
-        self.close_delimited = not (no_body or length_known or self.chunked)
-        if self.chunked and not no_body:
-            out.append(b"Transfer-Encoding: chunked\r\n")
+        self.chunked = fr.kind is framing.Kind.CHUNKED
+        self.close_delimited = fr.kind is framing.Kind.CLOSE
+        out.append(framing.to_framing_fields(fr))
         out.append(self.client.via_header)
         if self.close_delimited:
             out.append(b"Connection: close\r\n")
@@ -313,19 +292,6 @@ _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 def _phrase(status: int) -> bytes:
     return _PHRASES.get(status, b"Unknown")
-
-
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(_tokens(value))
-    return frozenset(tokens)
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    """The header names a Connection header's value lists, lowercased."""
-    return [t.strip().lower() for t in value.split(b",")]
 
 
 class ClientConnection:
@@ -486,9 +452,10 @@ class ClientConnection:
             return  # the parser raises HttpParserUpgrade next
         if req.method not in FORWARDED_METHODS:
             raise _Refuse(405, f"method {req.method.decode('latin-1')} not supported")
-        req.chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in req.headers
-        )
+        try:
+            req.framing = framing.parse_request_framing(req.headers)
+        except ValueError as e:
+            raise _Refuse(400, f"request framing: {e}") from None
         self._push(req)
 
     def on_body(self, body: bytes) -> None:
@@ -905,6 +872,7 @@ class ClientConnection:
         done = upstream.begin(head_only=req.method == b"HEAD")
         assert upstream.transport is not None
         head = _request_head(req, path, flow, self.via_header)
+        chunked = req.framing.kind is framing.Kind.CHUNKED
         flow.bytes_out += len(head)
         upstream.transport.write(head)
         try:
@@ -914,10 +882,8 @@ class ClientConnection:
                     break
                 assert isinstance(item, bytes)
                 flow.bytes_out += len(item)
-                upstream.transport.write(
-                    b"%x\r\n%s\r\n" % (len(item), item) if req.chunked else item
-                )
-            if req.chunked:
+                upstream.transport.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            if chunked:
                 upstream.transport.write(b"0\r\n\r\n")
             reusable = await done
         except ConnectionError as e:
@@ -1018,33 +984,25 @@ def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
     return host, port, path, canonical
 
 
+# Request fields the gateway writes itself: Host from the target, Via extended (after the rest).
+_REPLACED_REQUEST_FIELDS = frozenset({b"host"})
+
+
 def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
     host = flow.host
     assert host is not None
     authority = host.authority(flow.port, 80)
     out = [req.method + b" " + path + b" HTTP/1.1\r\nHost: " + authority.encode() + b"\r\n"]
-    # One pass: headers a Connection header names are dropped too, so they wait until it is
-    # known (it may come after them).
-    kept: list[tuple[bytes, bytes, bytes]] = []
-    tokens: set[bytes] = set()
     incoming_via: list[bytes] = []
-    for name, value in req.headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
-                tokens.update(_tokens(value))
-        elif lower == b"via":
+    for lower, name, value in framing.forwarded_fields(req.headers, _REPLACED_REQUEST_FIELDS):
+        if lower == b"via":
             incoming_via.append(value)
         else:
-            kept.append((lower, name, value))
-    for lower, name, value in kept:
-        if lower not in tokens:
             out.append(name + b": " + value + b"\r\n")
     if incoming_via:
         out.append(b"Via: " + b", ".join(incoming_via) + b", " + via[5:])
     else:
         out.append(via)
-    if req.chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(framing.to_framing_fields(req.framing))
     out.append(b"\r\n")
     return b"".join(out)

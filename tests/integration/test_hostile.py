@@ -1,0 +1,143 @@
+"""Hostile clients and hostile upstreams, byte for byte, against the real gateway.
+
+The upstream here is a raw TCP server (tests.support.RawUpstream) on 127.0.0.40 that records
+every byte the gateway forwards and answers whatever a test scripts, including bytes no HTTP
+server would send. The gateway's policy allows the payments workload to reach it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import (
+    Dnsmasq,
+    Gateway,
+    RawConnection,
+    RawPeer,
+    RawUpstream,
+    end_of,
+    field,
+    free_port,
+    write_config,
+)
+from tests.support.rawupstream import Script
+
+from .testbed import CONTRACT_DIR, PAYMENTS
+
+pytestmark = pytest.mark.integration
+
+RAW_IP = "127.0.0.40"
+RAW_POLICY = f"""\
+# The payments workload may reach the raw upstream on any port.
+tiers:
+  - name: hostile
+    rules:
+      - name: payments-to-raw
+        action: allow
+        from: {{namespace: payments}}
+        to: {{cidrs: ["{RAW_IP}/32"]}}
+"""
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+SETTLE = 2.0
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of a request head, 0 without one."""
+    found = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    return int(found.group(1)) if found else 0
+
+
+def serve_requests(heads: list[bytes], response: bytes = OK_RESPONSE) -> Script:
+    """A script answering every request (framed by Content-Length) with `response`."""
+
+    def script(peer: RawPeer) -> None:
+        while True:
+            head = peer.read_head()
+            if not head:
+                return
+            heads.append(head)
+            peer.read_exact(content_length(head))
+            if not peer.send(response):
+                return
+
+    return script
+
+
+@pytest.fixture(scope="module")
+def raw_upstream() -> Iterator[RawUpstream]:
+    """The raw upstream on a free port of 127.0.0.40 (it answers nothing until a test scripts)."""
+    with RawUpstream(RAW_IP, free_port(RAW_IP), lambda peer: None) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, dns: Dnsmasq, raw_upstream: RawUpstream
+) -> Iterator[Gateway]:
+    """The contract gateway, plus a rule letting payments reach the raw upstream."""
+    path = write_config(
+        tmp_path_factory.mktemp("gw-hostile"),
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={"policy": {"files": ["policy.yaml", "raw-policy.yaml"]}},
+        extra_files={"raw-policy.yaml": RAW_POLICY},
+    )
+    with Gateway(path) as gw:
+        yield gw
+
+
+@pytest.fixture
+def upstream(raw_upstream: RawUpstream) -> RawUpstream:
+    """The raw upstream with nothing recorded yet."""
+    raw_upstream.clear()
+    return raw_upstream
+
+
+def client(gw: Gateway) -> RawConnection:
+    """A raw connection to the gateway from the payments workload."""
+    return RawConnection(gw.proxy_host, gw.proxy_port, source=PAYMENTS)
+
+
+def test_connection_cannot_remove_content_length_to_smuggle_a_request(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Connection: Content-Length` does not strip the length the body was framed with."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    hidden = f"GET /malware HTTP/1.1\r\nHost: {upstream.authority}\r\n\r\n".encode()
+    body = hidden.ljust(50, b"x")
+    request = (
+        f"POST http://{upstream.authority}/benign HTTP/1.1\r\nHost: {upstream.authority}\r\n"
+        f"Connection: Content-Length\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with client(gateway) as conn:
+        conn.send(request)
+        reply = conn.read_response()
+        port = conn.local_port
+    assert reply.status == 200, reply
+    assert upstream.wait_finished(0, SETTLE)
+    assert len(heads) == 1 and heads[0].startswith(b"POST /benign "), heads
+    assert content_length(heads[0]) == len(body)
+    assert bytes(upstream.received[0]).endswith(body)
+    end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert field(end, "url.path") in (None, "/benign")
+
+
+def test_connection_cannot_remove_a_response_content_length(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """A response's `Connection: Content-Length` keeps its length: framed, kept alive."""
+    heads: list[bytes] = []
+    response = b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
+    upstream.set_script(serve_requests(heads, response))
+    request = f"GET http://{upstream.authority}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with client(gateway) as conn:
+        first = conn.request(request)
+        second = conn.request(request)
+    assert first.headers.get("content-length") == "5" and first.body == b"hello", first
+    assert "close" not in first.headers.get("connection", ""), first
+    assert second.status == 200 and second.body == b"hello", second
+    assert len(heads) == 2, heads
