@@ -119,6 +119,15 @@ class _Refuse(Exception):
         self.reason = reason
 
 
+class UpstreamFailure(ConnectionError):
+    """An exchange with an upstream failed: the status to answer and the error kind to count."""
+
+    def __init__(self, status: int, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.kind = kind
+
+
 class Request:
     """One parsed request head waiting to be relayed."""
 
@@ -181,6 +190,8 @@ class _HttpUpstream(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
+        self.in_head = False  # a response head is expected or under way
+        self.raw_head = 0  # bytes received since that head began
         self.max_header_bytes = max_header_bytes
         self.closed = False
 
@@ -190,10 +201,30 @@ class _HttpUpstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.client.flow_bytes_in(len(data))
+        if self.in_head:
+            self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserError, _Refuse) as e:
-            self._finish_with_error(f"bad response from upstream: {e}")
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Refuse):
+                self._fail(cause.status, "bad_upstream_response", cause.reason)
+            else:
+                log.error("response parser callback failed", error=repr(cause))
+                self._fail(502, "internal", "internal error")
+            return
+        except httptools.HttpParserError as e:
+            self._fail(502, "bad_upstream_response", f"malformed response from upstream: {e}")
+            return
+        # A head still incomplete after this many bytes is too large: checked here, not only per
+        # complete header line, because the parser keeps concatenating a partial line (a header
+        # that never ends would otherwise cost memory and quadratic time without bound).
+        if self.in_head and self.raw_head > self.max_header_bytes:
+            self._fail(
+                502,
+                "upstream_head_too_large",
+                f"upstream response head larger than {self.max_header_bytes} bytes",
+            )
 
     def eof_received(self) -> bool:
         return False
@@ -205,7 +236,9 @@ class _HttpUpstream(asyncio.Protocol):
                 self.done.set_result(False)
             else:
                 self.done.set_exception(
-                    ConnectionError("upstream closed before the response ended")
+                    UpstreamFailure(
+                        502, "upstream_closed", "upstream closed before the response ended"
+                    )
                 )
         # Unlink the cycles (transport and parser point back here) for reference counting.
         self.transport = None
@@ -225,11 +258,14 @@ class _HttpUpstream(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self.head_size = 0
+        self.in_head = True
+        self.raw_head = 0
         return self.done
 
-    def _finish_with_error(self, reason: str) -> None:
+    def _fail(self, status: int, kind: str, reason: str) -> None:
+        """End the exchange with an error (answered ``status`` if no head went out) and close."""
         if self.done is not None and not self.done.done():
-            self.done.set_exception(ConnectionError(reason))
+            self.done.set_exception(UpstreamFailure(status, kind, reason))
         if self.transport is not None:
             self.transport.close()
 
@@ -249,7 +285,9 @@ class _HttpUpstream(asyncio.Protocol):
             if self.status == 100:
                 self.client.write(CONTINUE)
             self.headers = []
+            self.head_size = self.raw_head = 0
             return
+        self.in_head = False
         try:
             fr = framing.parse_response_framing(self.status, self.headers, self.head_only)
         except ValueError as e:
@@ -888,9 +926,13 @@ class ClientConnection:
             reusable = await done
         except ConnectionError as e:
             flow.error = str(e)
+            status = 502
+            if isinstance(e, UpstreamFailure):
+                self.hub.count_error(e.kind)
+                status = e.status
             if flow.status is None:
-                flow.status = 502
-                self.write(to_error_response(502, f"upstream: {e}", close=True))
+                flow.status = status
+                self.write(to_error_response(status, f"upstream: {e}", close=True))
             self._end_flow(flow)
             self._drop_upstream()
             return False

@@ -42,6 +42,7 @@ tiers:
 """
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SETTLE = 2.0
+ENDLESS_CHUNKS = 200  # 64 KiB each: 12.5 MiB of one header line
 
 
 def content_length(head: bytes) -> int:
@@ -141,3 +142,31 @@ def test_connection_cannot_remove_a_response_content_length(
     assert "close" not in first.headers.get("connection", ""), first
     assert second.status == 200 and second.body == b"hello", second
     assert len(heads) == 2, heads
+
+
+def test_a_response_header_that_never_ends_is_502_and_closed(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """An upstream head growing past the limit without a line end: 502 at once, upstream closed."""
+    outcome: dict[str, bool] = {}
+
+    def endless_header(peer: RawPeer) -> None:
+        peer.read_head()
+        peer.send(b"HTTP/1.1 200 OK\r\nX-Inf: ")
+        filler = b"a" * 65536
+        for _ in range(ENDLESS_CHUNKS):
+            if not peer.send(filler):
+                outcome["closed"] = True
+                return
+        outcome["closed"] = peer.closed_by_gateway(SETTLE)
+
+    upstream.set_script(endless_header)
+    with client(gateway) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/inf HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        port = conn.local_port
+    assert reply.status == 502 and "head larger than" in reply.reason, reply
+    assert upstream.wait_finished(0, SETTLE) and outcome.get("closed"), outcome
+    end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert "head larger than" in str(field(end, "event.reason")), end
