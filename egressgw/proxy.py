@@ -58,7 +58,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Request methods forwarded in absolute form; anything else is answered 405 (TRACE too: it
 # echoes request headers back, cookies and credentials included).
 FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-# Bytes of request body buffered while the flow is decided or the upstream is slow.
+# Bytes of a tunnel's first client bytes buffered while its flow is decided. (Absolute-form
+# requests have their own limits: proxy.max_pending_bytes and proxy.max_pipelined_requests.)
 MAX_PENDING_BODY = 256 * 1024
 
 
@@ -348,8 +349,11 @@ class ClientConnection:
     awaiting_head = True
     items: deque[Request | bytes | None] | None = None  # absolute-form requests and bodies
     items_waiter: asyncio.Future[None] | None = None
-    pending_body = 0
+    pending_bytes = 0  # of request heads and bodies read, not yet sent upstream
+    pending_requests = 0  # request heads read, not yet taken up
     reading_paused = False
+    peer_full = False  # the upstream's (or tunnel destination's) write buffer is full
+    client_full = False  # the client's write buffer is full: it is not reading its answers
     http_task: asyncio.Task[Any] | None = None
     upstream: _HttpUpstream | None = None
     upstream_key: tuple[IPAddress, int] | None = None
@@ -446,12 +450,20 @@ class ClientConnection:
     def pause_writing(self) -> None:
         if self.pipe is not None:
             self.pipe.pause_reading()
+            return
+        # A client that does not read its answers gets no more requests read either: every one
+        # would add an answer to the buffer it is not reading.
+        self.client_full = True
+        self._pause_reading()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.pipe is not None:
             self.pipe.resume_reading()
+            return
+        self.client_full = False
+        self._maybe_resume()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 
@@ -488,6 +500,8 @@ class ClientConnection:
         req.keep_alive = self.parser.should_keep_alive()
         if req.method == b"CONNECT":
             return  # the parser raises HttpParserUpgrade next
+        self.pending_requests += 1
+        self.pending_bytes += req.head_size
         if req.method not in FORWARDED_METHODS:
             raise _Refuse(405, f"method {req.method.decode('latin-1')} not supported")
         try:
@@ -495,12 +509,12 @@ class ClientConnection:
         except ValueError as e:
             raise _Refuse(400, f"request framing: {e}") from None
         self._push(req)
+        self._limit_pending()
 
     def on_body(self, body: bytes) -> None:
-        self.pending_body += len(body)
+        self.pending_bytes += len(body)
         self._push(body)
-        if self.pending_body > MAX_PENDING_BODY:
-            self.pause_client_reading()
+        self._limit_pending()
 
     def on_message_complete(self) -> None:
         if self.request is not None and self.request.method == b"CONNECT":
@@ -528,19 +542,44 @@ class ClientConnection:
 
     def pause_client_reading(self) -> None:
         """Stop reading the client (a peer's buffer is full)."""
+        self.peer_full = True
+        self._pause_reading()
+
+    def resume_client_reading(self) -> None:
+        """Read the client again, unless something else still holds it."""
+        if self.reading_paused:
+            self.peer_full = False
+            self._maybe_resume()
+
+    def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
 
-    def resume_client_reading(self) -> None:
-        """Read the client again."""
+    def _maybe_resume(self) -> None:
+        limits = self.limits
         if (
             self.reading_paused
             and self.transport is not None
-            and self.pending_body < MAX_PENDING_BODY
+            and not self.peer_full
+            and not self.client_full
+            and self.pending_bytes <= limits.max_pending_bytes // 2
+            and self.pending_requests < limits.max_pipelined_requests
         ):
             self.reading_paused = False
             self.transport.resume_reading()
+
+    def _limit_pending(self) -> None:
+        """Stop reading a client whose requests wait beyond the limits (backpressure).
+
+        What one read brings is parsed whole, so the queue may pass a limit by one read's worth.
+        """
+        limits = self.limits
+        if (
+            self.pending_bytes > limits.max_pending_bytes
+            or self.pending_requests >= limits.max_pipelined_requests
+        ):
+            self._pause_reading()
 
     def _new_flow(self) -> Flow:
         flow = Flow(self.peer[0], self.peer[1], time.time(), time.monotonic())
@@ -852,9 +891,12 @@ class ClientConnection:
             await self.items_waiter
         item = self.items.popleft()
         if isinstance(item, bytes):
-            self.pending_body -= len(item)
-            if self.reading_paused and self.pending_body < MAX_PENDING_BODY // 2:
-                self.resume_client_reading()
+            self.pending_bytes -= len(item)
+        elif item is not None:
+            self.pending_requests -= 1
+            self.pending_bytes -= item.head_size
+        if self.reading_paused:
+            self._maybe_resume()
         return item
 
     async def _serve_http(self) -> None:
@@ -971,6 +1013,8 @@ class ClientConnection:
             )
         self.upstream = upstream
         self.upstream_key = key
+        if self.client_full and upstream.transport is not None:
+            upstream.transport.pause_reading()  # the client still has earlier answers to read
         return upstream
 
 

@@ -7,7 +7,9 @@ server would send. The gateway's policy allows the payments workload to reach it
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -42,6 +44,10 @@ tiers:
 """
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SETTLE = 2.0
+PIPELINE_BATCH = 64 * 1024
+PIPELINE_BYTES = 60 * 1024 * 1024
+PIPELINE_STALL = 3.0
+PIPELINE_RSS_LIMIT = 24 * 1024 * 1024
 ENDLESS_CHUNKS = 200  # 64 KiB each: 12.5 MiB of one header line
 
 
@@ -170,3 +176,27 @@ def test_a_response_header_that_never_ends_is_502_and_closed(
     assert upstream.wait_finished(0, SETTLE) and outcome.get("closed"), outcome
     end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
     assert "head larger than" in str(field(end, "event.reason")), end
+
+
+def test_pipelined_requests_of_a_client_that_reads_nothing_are_not_buffered(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Megabytes of pipelined requests, no answer read: the gateway stops reading, memory stays."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    one = f"GET http://{upstream.authority}/p HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    batch = one * (PIPELINE_BATCH // len(one))
+    rss_before = gateway.rss_bytes()
+    sent = 0
+    with client(gateway) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.sock.settimeout(PIPELINE_STALL)
+        with contextlib.suppress(TimeoutError):
+            while sent < PIPELINE_BYTES:
+                conn.sock.sendall(batch)
+                sent += len(batch)
+        grown = gateway.rss_bytes() - rss_before
+    # Backpressure stalls the sender long before everything is in: the kernel's buffers hold
+    # some megabytes, the gateway a bounded queue, not tens of megabytes of parsed requests.
+    assert sent < PIPELINE_BYTES, sent
+    assert grown < PIPELINE_RSS_LIMIT, (grown, sent)
