@@ -29,6 +29,10 @@ from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, parse_size, resolve
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
 DEFAULT_MAX_CONNECTIONS = 10_000
+# A tenth of max_connections: one source (a pod, or a node's pods behind SNAT) cannot take the
+# gateway from the rest, while far above what ordinary clients keep open (browsers 6 per host,
+# HTTP client pools tens to a few hundred).
+DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 1_000
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_MAX_HEADERS = 100
 DEFAULT_MAX_PIPELINED_REQUESTS = 16
@@ -80,6 +84,7 @@ class ProxyConfig(_Model):
 
     listen: ListenAddress = DEFAULT_PROXY_LISTEN
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    max_connections_per_source: int = Field(DEFAULT_MAX_CONNECTIONS_PER_SOURCE, ge=1)
     max_header_bytes: int = Field(DEFAULT_MAX_HEADER_BYTES, ge=1024)
     max_headers: int = Field(DEFAULT_MAX_HEADERS, ge=4)
     # Per client connection: requests read ahead of the one being relayed, and the bytes of

@@ -92,8 +92,8 @@ class Hub(Protocol):
         """A tunnel stopped relaying."""
         ...
 
-    def connection_opened(self, conn: ClientConnection) -> bool:
-        """Register a client connection; False when the connection limit is reached."""
+    def connection_opened(self, conn: ClientConnection) -> str | None:
+        """Register a client connection (None), or refuse it: which limit it would pass."""
         ...
 
     def connection_closed(self, conn: ClientConnection) -> None:
@@ -364,6 +364,7 @@ class ClientConnection:
     peek_buffer = b""
     client_eof = False
     upstream_eof_seen = False
+    exchanging = False  # an absolute-form request is being relayed
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -380,8 +381,9 @@ class ClientConnection:
         if peer:
             ip, self.peer_text = _source_ip(peer[0])
             self.peer = (ip, peer[1])
-        if not self.hub.connection_opened(self):
-            self._refuse(503, f"more than {self.limits.max_connections} client connections")
+        refusal = self.hub.connection_opened(self)
+        if refusal is not None:
+            self._refuse(503, refusal)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.hub.clock
@@ -472,6 +474,8 @@ class ClientConnection:
         self.request = Request()
         self.awaiting_head = True
         self.raw_head = 0
+        # Every request head has head_timeout from its first byte, not only a connection's first.
+        self.head_deadline = self.hub.clock + self.limits.head_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.request
@@ -645,8 +649,15 @@ class ClientConnection:
 
     def expire(self, now: float) -> None:
         """Close the connection if its head or idle timeout passed (called by the sweeper)."""
-        if self.mode is Mode.HEAD and self.awaiting_head and now > self.head_deadline:
+        if (
+            self.awaiting_head
+            and now > self.head_deadline
+            and (self.mode is Mode.HEAD or (self.mode is Mode.HTTP and not self.exchanging))
+        ):
+            # (While an answer is being relayed a 408 would cut into it: it waits its turn.)
             self.hub.count_error("head_timeout")
+            if self.flow is not None:
+                self.flow.error = self.flow.error or "head timeout"
             self._refuse(408, "request head not received in time")
         elif now - self.last_active > self.limits.idle_timeout and self.mode is not Mode.CHECKING:
             if self.flow is not None:
@@ -905,7 +916,9 @@ class ClientConnection:
                 item = await self._next_item()
                 if not isinstance(item, Request):
                     continue  # body of a refused request already answered
+                self.exchanging = True
                 keep_going = await self._exchange(item)
+                self.exchanging = False
                 if not keep_going:
                     self.close()
                     return

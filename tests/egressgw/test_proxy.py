@@ -19,9 +19,9 @@ class FakeHub:
         self.open: set[ClientConnection] = set()
         self.closed: list[ClientConnection] = []
 
-    def connection_opened(self, conn: ClientConnection) -> bool:
+    def connection_opened(self, conn: ClientConnection) -> str | None:
         self.open.add(conn)
-        return True
+        return None
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.open.discard(conn)

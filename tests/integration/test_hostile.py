@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import socket
+import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -27,7 +30,7 @@ from tests.support import (
 )
 from tests.support.rawupstream import Script
 
-from .testbed import CONTRACT_DIR, PAYMENTS
+from .testbed import BATCH, CONTRACT_DIR, PAYMENTS
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +47,11 @@ tiers:
 """
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SETTLE = 2.0
+PER_SOURCE = 3
+SHORT = 1.0
+STRICT_LIMITS = {"head_timeout": SHORT, "max_connections_per_source": PER_SOURCE}
+DRIP_INTERVAL = 0.3
+DRIP_LIMIT = 6.0  # well past head_timeout and a sweep, far below idle_timeout
 PIPELINE_BATCH = 64 * 1024
 PIPELINE_BYTES = 60 * 1024 * 1024
 PIPELINE_STALL = 3.0
@@ -90,6 +98,25 @@ def gateway(
         CONTRACT_DIR,
         nameserver=dns.nameserver,
         overrides={"policy": {"files": ["policy.yaml", "raw-policy.yaml"]}},
+        extra_files={"raw-policy.yaml": RAW_POLICY},
+    )
+    with Gateway(path) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def strict(
+    tmp_path_factory: pytest.TempPathFactory, dns: Dnsmasq, raw_upstream: RawUpstream
+) -> Iterator[Gateway]:
+    """Like `gateway`, with 1 s timeouts and at most 3 connections per source."""
+    path = write_config(
+        tmp_path_factory.mktemp("gw-hostile-strict"),
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={
+            "policy": {"files": ["policy.yaml", "raw-policy.yaml"]},
+            "proxy": STRICT_LIMITS,
+        },
         extra_files={"raw-policy.yaml": RAW_POLICY},
     )
     with Gateway(path) as gw:
@@ -200,3 +227,47 @@ def test_pipelined_requests_of_a_client_that_reads_nothing_are_not_buffered(
     # some megabytes, the gateway a bounded queue, not tens of megabytes of parsed requests.
     assert sent < PIPELINE_BYTES, sent
     assert grown < PIPELINE_RSS_LIMIT, (grown, sent)
+
+
+def test_head_timeout_applies_to_every_request_of_a_connection(
+    strict: Gateway, upstream: RawUpstream
+) -> None:
+    """After one whole request, a second head dripped a byte at a time gets 408, closed."""
+    upstream.set_script(serve_requests([]))
+    request = f"GET http://{upstream.authority}/one HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with client(strict) as conn:
+        assert conn.request(request).status == 200
+        started = time.monotonic()
+        for byte in request:
+            readable, _, _ = select.select([conn.sock], [], [], DRIP_INTERVAL)
+            if readable or time.monotonic() - started > DRIP_LIMIT:
+                break
+            conn.send(bytes([byte]))
+        reply = conn.read_response()
+    assert reply.status == 408, reply
+    assert time.monotonic() - started < DRIP_LIMIT
+
+
+def test_connections_per_source_are_limited_with_a_503(strict: Gateway) -> None:
+    """Past proxy.max_connections_per_source one source gets 503; another source is served."""
+    with contextlib.ExitStack() as stack:
+        for _ in range(PER_SOURCE):
+            held = stack.enter_context(client(strict))
+            held.send(b"GET http://")
+        time.sleep(0.2)
+        with client(strict) as over:
+            refused = over.request(b"GET http://a.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        other = RawConnection(strict.proxy_host, strict.proxy_port, source=BATCH)
+        with other:
+            other.send(b"GET http://")
+            time.sleep(0.2)
+            assert not select.select([other.sock], [], [], 0)[0]  # admitted, waiting for more
+    assert refused.status == 503 and PAYMENTS in refused.reason, refused
+    assert 'egressgw_errors_total{kind="too_many_connections_per_source"}' in metrics_text(strict)
+
+
+def metrics_text(gw: Gateway) -> str:
+    """The gateway's /metrics text."""
+    with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=SETTLE) as resp:
+        text: str = resp.read().decode()
+    return text
