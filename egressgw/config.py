@@ -39,6 +39,9 @@ DEFAULT_MAX_PIPELINED_REQUESTS = 16
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_HEAD_TIMEOUT = 30.0
+# nginx's proxy_read_timeout is 60 s; twice that leaves room for long-poll APIs that hold their
+# response head, and stays well below idle_timeout.
+DEFAULT_RESPONSE_TIMEOUT = 120.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_RESOLVER_TIMEOUT = 5.0
@@ -93,6 +96,7 @@ class ProxyConfig(_Model):
     max_pending_bytes: Size = Field(DEFAULT_MAX_PENDING_BYTES, ge=16 * 1024, le=64 * 1024 * 1024)
     connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
     head_timeout: Duration = DEFAULT_HEAD_TIMEOUT
+    response_timeout: Duration = DEFAULT_RESPONSE_TIMEOUT
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT
     via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")

@@ -17,6 +17,9 @@ Rules:
 
 - A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 504) sent
   before any byte reaches a destination; after a tunnel is established a refusal closes it.
+- Every state has a time limit: a request head ``head_timeout`` (408), deciding the resolver's
+  timeout (502), connecting ``connect_timeout`` (504), the response head ``response_timeout``
+  (504), no traffic ``idle_timeout`` (closed); each counted by kind and recorded in the event.
 - Backpressure: each side's transport pauses the other side's reading when its write buffer is
   full, so a slow reader never makes the gateway buffer without bound.
 - One connection's trouble (malformed input, a slow peer, an unreachable upstream) ends that
@@ -192,6 +195,7 @@ class _HttpUpstream(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.in_head = False  # a response head is expected or under way
+        self.head_timer: asyncio.TimerHandle | None = None  # proxy.response_timeout
         self.raw_head = 0  # bytes received since that head began
         self.max_header_bytes = max_header_bytes
         self.closed = False
@@ -232,6 +236,7 @@ class _HttpUpstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         if self.done is not None and not self.done.done():
             if self.close_delimited and self.status:
                 self.done.set_result(False)
@@ -263,8 +268,25 @@ class _HttpUpstream(asyncio.Protocol):
         self.raw_head = 0
         return self.done
 
+    def expect_head_within(self, seconds: float) -> None:
+        """The request is sent: its response head must begin to end within ``seconds``."""
+        if self.in_head and self.head_timer is None and self.transport is not None:
+            self.head_timer = asyncio.get_running_loop().call_later(
+                seconds,
+                self._fail,
+                504,
+                "response_timeout",
+                f"no response head within {seconds:g}s",
+            )
+
+    def _stop_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
     def _fail(self, status: int, kind: str, reason: str) -> None:
         """End the exchange with an error (answered ``status`` if no head went out) and close."""
+        self._stop_timer()
         if self.done is not None and not self.done.done():
             self.done.set_exception(UpstreamFailure(status, kind, reason))
         if self.transport is not None:
@@ -289,6 +311,7 @@ class _HttpUpstream(asyncio.Protocol):
             self.head_size = self.raw_head = 0
             return
         self.in_head = False
+        self._stop_timer()
         try:
             fr = framing.parse_response_framing(self.status, self.headers, self.head_only)
         except ValueError as e:
@@ -978,6 +1001,7 @@ class ClientConnection:
                 upstream.transport.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
             if chunked:
                 upstream.transport.write(b"0\r\n\r\n")
+            upstream.expect_head_within(self.limits.response_timeout)
             reusable = await done
         except ConnectionError as e:
             flow.error = str(e)

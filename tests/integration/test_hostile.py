@@ -49,7 +49,11 @@ OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SETTLE = 2.0
 PER_SOURCE = 3
 SHORT = 1.0
-STRICT_LIMITS = {"head_timeout": SHORT, "max_connections_per_source": PER_SOURCE}
+STRICT_LIMITS = {
+    "head_timeout": SHORT,
+    "response_timeout": SHORT,
+    "max_connections_per_source": PER_SOURCE,
+}
 DRIP_INTERVAL = 0.3
 DRIP_LIMIT = 6.0  # well past head_timeout and a sweep, far below idle_timeout
 PIPELINE_BATCH = 64 * 1024
@@ -271,3 +275,28 @@ def metrics_text(gw: Gateway) -> str:
     with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=SETTLE) as resp:
         text: str = resp.read().decode()
     return text
+
+
+def test_an_upstream_that_never_answers_is_504_at_response_timeout(
+    strict: Gateway, upstream: RawUpstream
+) -> None:
+    """No response head within proxy.response_timeout: 504 with the reason, upstream closed."""
+    outcome: dict[str, bool] = {}
+
+    def silent(peer: RawPeer) -> None:
+        peer.read_head()
+        outcome["closed"] = peer.closed_by_gateway(DRIP_LIMIT)
+
+    upstream.set_script(silent)
+    started = time.monotonic()
+    with client(strict) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        port = conn.local_port
+    assert reply.status == 504 and "no response head" in reply.reason, reply
+    assert time.monotonic() - started < DRIP_LIMIT
+    assert upstream.wait_finished(0, SETTLE) and outcome.get("closed"), outcome
+    end = end_of(strict.flow_events(PAYMENTS, port, ended=True))
+    assert "no response head" in str(field(end, "event.reason")), end
+    assert 'egressgw_errors_total{kind="response_timeout"}' in metrics_text(strict)
