@@ -205,6 +205,12 @@ class _HttpUpstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self.done is None or (self.done.done() and not self.in_head):
+            # Nothing was asked: bytes now are not an answer to anything. Refuse the connection
+            # rather than relay them (or fold them into the next exchange's answer).
+            self.client.hub.count_error("bad_upstream_response")
+            self._fail(502, "bad_upstream_response", "unsolicited bytes from upstream")
+            return
         self.client.flow_bytes_in(len(data))
         if self.in_head:
             self.raw_head += len(data)
@@ -220,6 +226,9 @@ class _HttpUpstream(asyncio.Protocol):
             return
         except httptools.HttpParserError as e:
             self._fail(502, "bad_upstream_response", f"malformed response from upstream: {e}")
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(502, "bad_upstream_response", "upstream switched protocols unasked")
             return
         # A head still incomplete after this many bytes is too large: checked here, not only per
         # complete header line, because the parser keeps concatenating a partial line (a header
@@ -259,7 +268,10 @@ class _HttpUpstream(asyncio.Protocol):
     # -- an exchange
     def begin(self, head_only: bool) -> asyncio.Future[bool]:
         """Expect one response; the future says whether the connection stays reusable."""
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = done = asyncio.get_running_loop().create_future()
+        # An exchange the client abandoned no longer awaits its outcome: mark a failure read,
+        # so a later failure is not reported as "Future exception was never retrieved".
+        done.add_done_callback(_read_outcome)
         self.head_only = head_only
         self.status = 0
         self.headers = []
@@ -293,17 +305,26 @@ class _HttpUpstream(asyncio.Protocol):
             self.transport.close()
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.done is None or (self.done.done() and not self.in_head):
+            raise _Refuse(502, "unsolicited response from upstream")
+        self.headers = []
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.max_header_bytes:
             raise _Refuse(502, "upstream response head too large")
-        self.headers.append((name, value))
+        if self.in_head:
+            self.headers.append((name, value))
+        # else a trailer field: counted against the limit, never forwarded as a head field
 
     def on_status(self, status: bytes) -> None:
         pass
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.status == 101:
+            raise _Refuse(502, "upstream switched protocols (101) though no upgrade was asked")
         if 100 <= self.status < 200:
             if self.status == 100:
                 self.client.write(CONTINUE)
@@ -347,6 +368,11 @@ class _HttpUpstream(asyncio.Protocol):
             self.client.write(b"0\r\n\r\n")
         if self.done is not None and not self.done.done():
             self.done.set_result(self.parser.should_keep_alive() and not self.close_delimited)
+
+
+def _read_outcome(done: asyncio.Future[bool]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -511,8 +537,14 @@ class ClientConnection:
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.request
         assert req is not None
-        req.headers.append((name, value))
         req.head_size += len(name) + len(value) + 4
+        if not self.awaiting_head:
+            # A trailer field of a chunked body: dropped, never promoted into the head (which
+            # may not be written yet); still counted against the head limit.
+            if req.head_size > self.limits.max_header_bytes:
+                raise _Refuse(431, "request trailers too large")
+            return
+        req.headers.append((name, value))
         if len(req.headers) > self.limits.max_headers:
             raise _Refuse(431, f"more than {self.limits.max_headers} header fields")
 

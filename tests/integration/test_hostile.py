@@ -48,6 +48,9 @@ tiers:
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 SETTLE = 2.0
 PER_SOURCE = 3
+CLOSE_SETTLE = 0.3
+ABANDONED = 5
+ABANDON_AFTER = 0.2  # the request is upstream by then, its answer awaited
 SHORT = 1.0
 STRICT_LIMITS = {
     "head_timeout": SHORT,
@@ -300,3 +303,102 @@ def test_an_upstream_that_never_answers_is_504_at_response_timeout(
     end = end_of(strict.flow_events(PAYMENTS, port, ended=True))
     assert "no response head" in str(field(end, "event.reason")), end
     assert 'egressgw_errors_total{kind="response_timeout"}' in metrics_text(strict)
+
+
+def answer_once(response: bytes, heads: list[bytes] | None = None) -> Script:
+    """A script answering the first request head with `response`, then closing."""
+
+    def script(peer: RawPeer) -> None:
+        head = peer.read_head()
+        if heads is not None:
+            heads.append(head)
+        peer.send(response)
+
+    return script
+
+
+def get(authority: str, path: str = "/") -> bytes:
+    """A GET request for the raw upstream in absolute form."""
+    return f"GET http://{authority}{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def test_an_unsolicited_second_response_never_reaches_the_client(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Two responses to one request: the client gets the first; the second is refused."""
+    double = (
+        b"HTTP/1.1 200 OK\r\nX-First: 1\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 203 Extra\r\nContent-Length: 2\r\n\r\nzz"
+    )
+    upstream.set_script(serve_requests([], double))
+    with client(gateway) as conn:
+        first = conn.request(get(upstream.authority))
+        conn.sock.settimeout(SHORT)
+        later = conn._buf
+        with contextlib.suppress(TimeoutError):
+            later += conn.sock.recv(65536)
+        assert b"203" not in later and b"zz" not in later, later
+    assert first.status == 200 and first.body == b"ok", first
+
+
+def test_an_unasked_101_is_a_clean_502(gateway: Gateway, upstream: RawUpstream) -> None:
+    """An upstream 101 is answered 502 and logs no parser traceback."""
+    upstream.set_script(
+        answer_once(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
+    )
+    with client(gateway) as conn:
+        reply = conn.request(get(upstream.authority))
+    assert reply.status == 502 and "101" in reply.reason, reply
+    time.sleep(CLOSE_SETTLE)
+    assert "HttpParserUpgrade" not in gateway.logs()
+    assert "Traceback" not in gateway.logs()
+
+
+def test_an_abandoned_exchange_leaves_no_unretrieved_future(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """An upstream failing while the body is awaited, then the client gone: nothing unretrieved."""
+    upstream.set_script(answer_once(b""))  # reads the head, closes
+    request = (
+        f"POST http://{upstream.authority}/b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    for _ in range(ABANDONED):
+        with client(gateway) as conn:
+            conn.send(request + b"partial")
+            time.sleep(ABANDON_AFTER)
+    time.sleep(CLOSE_SETTLE)
+    assert "never retrieved" not in gateway.logs(), gateway.logs()
+
+
+def test_request_trailers_are_not_promoted_into_the_head(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Trailers arriving with the head are dropped, never forwarded as head fields."""
+    heads: list[bytes] = []
+    upstream.set_script(answer_once(OK_RESPONSE, heads))
+    request = (
+        f"POST http://{upstream.authority}/t HTTP/1.1\r\nHost: x\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: smuggled\r\n\r\n"
+    ).encode()
+    with client(gateway) as conn:
+        reply = conn.request(request)
+    assert reply.status == 200, reply
+    assert heads and b"x-trailer" not in heads[0].lower(), heads
+
+
+def test_a_response_whose_final_coding_is_not_chunked_is_close_delimited(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Transfer-Encoding: chunked, gzip` runs to the close: relayed as is, not re-chunked."""
+    payload = b"\x1f\x8b not really gzip, but to the close"
+    upstream.set_script(
+        answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n" + payload)
+    )
+    with client(gateway) as conn:
+        conn.send(get(upstream.authority))
+        raw = conn.read_until_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head, head
+    assert body == payload, raw
