@@ -1131,7 +1131,9 @@ def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
     if ":" in host_text and not host_text.startswith("["):
         host_text = f"[{host_text}]"
     host = parse_host(host_text)
-    port = parsed.port or 80
+    port = 80 if parsed.port is None else parsed.port
+    if port == 0:
+        raise ValueError("port 0 is not a destination")  # as CONNECT refuses it
     path = parsed.path or b"/"
     if parsed.query:
         path += b"?" + parsed.query

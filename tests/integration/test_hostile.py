@@ -402,3 +402,10 @@ def test_a_response_whose_final_coding_is_not_chunked_is_close_delimited(
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"Connection: close" in head, head
     assert body == payload, raw
+
+
+def test_absolute_form_port_0_is_400(gateway: Gateway, upstream: RawUpstream) -> None:
+    """http://host:0/ is refused with 400, as CONNECT host:0 is, never sent to port 80."""
+    with client(gateway) as conn:
+        reply = conn.request(b"GET http://127.0.0.40:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.status == 400 and "port 0" in reply.reason, reply
