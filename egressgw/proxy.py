@@ -58,9 +58,10 @@ log = structlog.get_logger("egressgw.proxy")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Request methods forwarded in absolute form; anything else is answered 405 (TRACE too: it
-# echoes request headers back, cookies and credentials included).
-FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
+# Any method the parser knows is forwarded in absolute form (WebDAV's PROPFIND and the like
+# included), except these, answered 405: TRACE echoes the request back, cookies and credentials
+# included, to whatever script can read the answer.
+REFUSED_METHODS = frozenset({b"TRACE"})
 # Bytes of a tunnel's first client bytes buffered while its flow is decided. (Absolute-form
 # requests have their own limits: proxy.max_pending_bytes and proxy.max_pipelined_requests.)
 MAX_PENDING_BODY = 256 * 1024
@@ -561,8 +562,8 @@ class ClientConnection:
             return  # the parser raises HttpParserUpgrade next
         self.pending_requests += 1
         self.pending_bytes += req.head_size
-        if req.method not in FORWARDED_METHODS:
-            raise _Refuse(405, f"method {req.method.decode('latin-1')} not supported")
+        if req.method in REFUSED_METHODS:
+            raise _Refuse(405, f"method {req.method.decode('latin-1')} not forwarded")
         try:
             req.framing = framing.parse_request_framing(req.headers)
         except ValueError as e:
