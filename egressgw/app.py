@@ -122,6 +122,7 @@ class Gateway:
         self.config_path = config_path
         self.limits = cfg.proxy
         self.connections: set[ClientConnection] = set()
+        self.per_source: dict[str, int] = {}  # open client connections by source address
         self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
         base = config_path.parent if config_path else Path.cwd()
         self.base_dir = base
@@ -184,18 +185,32 @@ class Gateway:
         """A tunnel ended."""
         self.metrics.tunnels -= 1
 
-    def connection_opened(self, conn: ClientConnection) -> bool:
-        """Admit a connection unless the limit is reached."""
-        if len(self.connections) >= self.limits.max_connections:
+    def connection_opened(self, conn: ClientConnection) -> str | None:
+        """Admit a connection (None), or say which connection limit refuses it."""
+        limits = self.limits
+        if len(self.connections) >= limits.max_connections:
             self.metrics.count_error("too_many_connections")
-            return False
+            return f"more than {limits.max_connections} client connections"
+        # Counted by the address's text: an IP address object hashes in Python code, a str not.
+        per_source, source = self.per_source, conn.peer_text
+        open_now = per_source.get(source, 0)
+        if open_now >= limits.max_connections_per_source:
+            self.metrics.count_error("too_many_connections_per_source")
+            return f"more than {limits.max_connections_per_source} connections from {source}"
+        per_source[source] = open_now + 1
         self.connections.add(conn)
-        return True
+        return None
 
     def connection_closed(self, conn: ClientConnection) -> None:
         """Forget a connection."""
         if conn in self.connections:
             self.connections.discard(conn)
+            per_source, source = self.per_source, conn.peer_text
+            left = per_source[source] - 1
+            if left:
+                per_source[source] = left
+            else:
+                del per_source[source]
             if not self.connections and self._drained is not None:
                 self._drained.set()
 

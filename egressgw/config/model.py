@@ -24,15 +24,24 @@ from egressgw.config.source import ConfigError, YamlDocument
 from egressgw.decision import policy
 from egressgw.decision.names import normalise_name, parse_ip_port
 from egressgw.identity.workload import StaticInventory, Workload
-from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, resolve_paths
+from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, parse_size, resolve_paths
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
 DEFAULT_MAX_CONNECTIONS = 10_000
+# A tenth of max_connections: one source (a pod, or a node's pods behind SNAT) cannot take the
+# gateway from the rest, while far above what ordinary clients keep open (browsers 6 per host,
+# HTTP client pools tens to a few hundred).
+DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 1_000
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_MAX_HEADERS = 100
+DEFAULT_MAX_PIPELINED_REQUESTS = 16
+DEFAULT_MAX_PENDING_BYTES = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_HEAD_TIMEOUT = 30.0
+# nginx's proxy_read_timeout is 60 s; twice that leaves room for long-poll APIs that hold their
+# response head, and stays well below idle_timeout.
+DEFAULT_RESPONSE_TIMEOUT = 120.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_RESOLVER_TIMEOUT = 5.0
@@ -42,6 +51,7 @@ DEFAULT_MAX_TTL = 3600.0
 DEFAULT_WATCH_INTERVAL = 2.0
 
 Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 def _listen(value: str) -> str:
@@ -76,10 +86,16 @@ class ProxyConfig(_Model):
 
     listen: ListenAddress = DEFAULT_PROXY_LISTEN
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    max_connections_per_source: int = Field(DEFAULT_MAX_CONNECTIONS_PER_SOURCE, ge=1)
     max_header_bytes: int = Field(DEFAULT_MAX_HEADER_BYTES, ge=1024)
     max_headers: int = Field(DEFAULT_MAX_HEADERS, ge=4)
+    # Per client connection: requests read ahead of the one being relayed, and the bytes of
+    # heads and bodies read but not yet sent on; past either the client is not read.
+    max_pipelined_requests: int = Field(DEFAULT_MAX_PIPELINED_REQUESTS, ge=1, le=10_000)
+    max_pending_bytes: Size = Field(DEFAULT_MAX_PENDING_BYTES, ge=16 * 1024, le=64 * 1024 * 1024)
     connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
     head_timeout: Duration = DEFAULT_HEAD_TIMEOUT
+    response_timeout: Duration = DEFAULT_RESPONSE_TIMEOUT
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT
     via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")

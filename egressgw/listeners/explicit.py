@@ -17,6 +17,9 @@ Rules:
 
 - A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 504) sent
   before any byte reaches a destination; after a tunnel is established a refusal closes it.
+- Every state has a time limit: a request head ``head_timeout`` (408), deciding the resolver's
+  timeout (502), connecting ``connect_timeout`` (504), the response head ``response_timeout``
+  (504), no traffic ``idle_timeout`` (closed); each counted by kind and recorded in the event.
 - Backpressure: each side's transport pauses the other side's reading when its write buffer is
   full, so a slow reader never makes the gateway buffer without bound.
 - One connection's trouble (malformed input, a slow peer, an unreachable upstream) ends that
@@ -47,6 +50,7 @@ from egressgw.decision.path import Runtime, Verdict, check_flow, check_flow_now,
 from egressgw.flow import Flow, ip_text
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.tasks import spawn
+from egressgw.wire import framing
 from egressgw.wire.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
 from egressgw.wire.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_hello
 
@@ -54,24 +58,12 @@ log = structlog.get_logger("egressgw.listeners.explicit")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Request methods forwarded in absolute form; anything else is answered 405 (TRACE too: it
-# echoes request headers back, cookies and credentials included).
-FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-    }
-)
-# Bytes of request body buffered while the flow is decided or the upstream is slow.
+# Any method the parser knows is forwarded in absolute form (WebDAV's PROPFIND and the like
+# included), except these, answered 405: TRACE echoes the request back, cookies and credentials
+# included, to whatever script can read the answer.
+REFUSED_METHODS = frozenset({b"TRACE"})
+# Bytes of a tunnel's first client bytes buffered while its flow is decided. (Absolute-form
+# requests have their own limits: proxy.max_pending_bytes and proxy.max_pipelined_requests.)
 MAX_PENDING_BODY = 256 * 1024
 
 
@@ -104,8 +96,8 @@ class Hub(Protocol):
         """A tunnel stopped relaying."""
         ...
 
-    def connection_opened(self, conn: ClientConnection) -> bool:
-        """Register a client connection; False when the connection limit is reached."""
+    def connection_opened(self, conn: ClientConnection) -> str | None:
+        """Register a client connection (None), or refuse it: which limit it would pass."""
         ...
 
     def connection_closed(self, conn: ClientConnection) -> None:
@@ -132,10 +124,19 @@ class _Refuse(Exception):
         self.reason = reason
 
 
+class UpstreamFailure(ConnectionError):
+    """An exchange with an upstream failed: the status to answer and the error kind to count."""
+
+    def __init__(self, status: int, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.kind = kind
+
+
 class Request:
     """One parsed request head waiting to be relayed."""
 
-    __slots__ = ("body_done", "chunked", "head_size", "headers", "keep_alive", "method", "url")
+    __slots__ = ("body_done", "framing", "head_size", "headers", "keep_alive", "method", "url")
 
     def __init__(self) -> None:
         self.method = b""
@@ -143,7 +144,7 @@ class Request:
         self.head_size = 0  # target and header lines, as llhttp delivers them
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
-        self.chunked = False
+        self.framing = framing.NO_BODY  # as read, and so as forwarded
         self.body_done = False
 
 
@@ -194,6 +195,9 @@ class _HttpUpstream(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
+        self.in_head = False  # a response head is expected or under way
+        self.head_timer: asyncio.TimerHandle | None = None  # proxy.response_timeout
+        self.raw_head = 0  # bytes received since that head began
         self.max_header_bytes = max_header_bytes
         self.closed = False
 
@@ -202,23 +206,55 @@ class _HttpUpstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self.done is None or (self.done.done() and not self.in_head):
+            # Nothing was asked: bytes now are not an answer to anything. Refuse the connection
+            # rather than relay them (or fold them into the next exchange's answer).
+            self.client.hub.count_error("bad_upstream_response")
+            self._fail(502, "bad_upstream_response", "unsolicited bytes from upstream")
+            return
         self.client.flow_bytes_in(len(data))
+        if self.in_head:
+            self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserError, _Refuse) as e:
-            self._finish_with_error(f"bad response from upstream: {e}")
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Refuse):
+                self._fail(cause.status, "bad_upstream_response", cause.reason)
+            else:
+                log.error("response parser callback failed", error=repr(cause))
+                self._fail(502, "internal", "internal error")
+            return
+        except httptools.HttpParserError as e:
+            self._fail(502, "bad_upstream_response", f"malformed response from upstream: {e}")
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(502, "bad_upstream_response", "upstream switched protocols unasked")
+            return
+        # A head still incomplete after this many bytes is too large: checked here, not only per
+        # complete header line, because the parser keeps concatenating a partial line (a header
+        # that never ends would otherwise cost memory and quadratic time without bound).
+        if self.in_head and self.raw_head > self.max_header_bytes:
+            self._fail(
+                502,
+                "upstream_head_too_large",
+                f"upstream response head larger than {self.max_header_bytes} bytes",
+            )
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         if self.done is not None and not self.done.done():
             if self.close_delimited and self.status:
                 self.done.set_result(False)
             else:
                 self.done.set_exception(
-                    ConnectionError("upstream closed before the response ended")
+                    UpstreamFailure(
+                        502, "upstream_closed", "upstream closed before the response ended"
+                    )
                 )
         # Unlink the cycles (transport and parser point back here) for reference counting.
         self.transport = None
@@ -233,54 +269,81 @@ class _HttpUpstream(asyncio.Protocol):
     # -- an exchange
     def begin(self, head_only: bool) -> asyncio.Future[bool]:
         """Expect one response; the future says whether the connection stays reusable."""
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = done = asyncio.get_running_loop().create_future()
+        # An exchange the client abandoned no longer awaits its outcome: mark a failure read,
+        # so a later failure is not reported as "Future exception was never retrieved".
+        done.add_done_callback(_read_outcome)
         self.head_only = head_only
         self.status = 0
         self.headers = []
         self.head_size = 0
+        self.in_head = True
+        self.raw_head = 0
         return self.done
 
-    def _finish_with_error(self, reason: str) -> None:
+    def expect_head_within(self, seconds: float) -> None:
+        """The request is sent: its response head must begin to end within ``seconds``."""
+        if self.in_head and self.head_timer is None and self.transport is not None:
+            self.head_timer = asyncio.get_running_loop().call_later(
+                seconds,
+                self._fail,
+                504,
+                "response_timeout",
+                f"no response head within {seconds:g}s",
+            )
+
+    def _stop_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _fail(self, status: int, kind: str, reason: str) -> None:
+        """End the exchange with an error (answered ``status`` if no head went out) and close."""
+        self._stop_timer()
         if self.done is not None and not self.done.done():
-            self.done.set_exception(ConnectionError(reason))
+            self.done.set_exception(UpstreamFailure(status, kind, reason))
         if self.transport is not None:
             self.transport.close()
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.done is None or (self.done.done() and not self.in_head):
+            raise _Refuse(502, "unsolicited response from upstream")
+        self.headers = []
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.max_header_bytes:
             raise _Refuse(502, "upstream response head too large")
-        self.headers.append((name, value))
+        if self.in_head:
+            self.headers.append((name, value))
+        # else a trailer field: counted against the limit, never forwarded as a head field
 
     def on_status(self, status: bytes) -> None:
         pass
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.status == 101:
+            raise _Refuse(502, "upstream switched protocols (101) though no upgrade was asked")
         if 100 <= self.status < 200:
             if self.status == 100:
                 self.client.write(CONTINUE)
             self.headers = []
+            self.head_size = self.raw_head = 0
             return
+        self.in_head = False
+        self._stop_timer()
+        try:
+            fr = framing.parse_response_framing(self.status, self.headers, self.head_only)
+        except ValueError as e:
+            raise _Refuse(502, f"upstream response framing: {e}") from None
         out = [b"HTTP/1.1 %d %s\r\n" % (self.status, _phrase(self.status))]
-        length_known = False
-        connection_tokens = _connection_tokens(self.headers)
-        self.chunked = False
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-                continue
-            if lower in HOP_BY_HOP or lower in connection_tokens:
-                continue
-            if lower == b"content-length":
-                length_known = True
+        for _, name, value in framing.forwarded_fields(self.headers):
             out.append(name + b": " + value + b"\r\n")
-        no_body = self.head_only or self.status in (204, 304)
-        self.close_delimited = not (no_body or length_known or self.chunked)
-        if self.chunked and not no_body:
-            out.append(b"Transfer-Encoding: chunked\r\n")
+        self.chunked = fr.kind is framing.Kind.CHUNKED
+        self.close_delimited = fr.kind is framing.Kind.CLOSE
+        out.append(framing.to_framing_fields(fr))
         out.append(self.client.via_header)
         if self.close_delimited:
             out.append(b"Connection: close\r\n")
@@ -308,24 +371,16 @@ class _HttpUpstream(asyncio.Protocol):
             self.done.set_result(self.parser.should_keep_alive() and not self.close_delimited)
 
 
+def _read_outcome(done: asyncio.Future[bool]) -> None:
+    if not done.cancelled():
+        done.exception()
+
+
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 def _phrase(status: int) -> bytes:
     return _PHRASES.get(status, b"Unknown")
-
-
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(_tokens(value))
-    return frozenset(tokens)
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    """The header names a Connection header's value lists, lowercased."""
-    return [t.strip().lower() for t in value.split(b",")]
 
 
 class ClientConnection:
@@ -344,8 +399,11 @@ class ClientConnection:
     awaiting_head = True
     items: deque[Request | bytes | None] | None = None  # absolute-form requests and bodies
     items_waiter: asyncio.Future[None] | None = None
-    pending_body = 0
+    pending_bytes = 0  # of request heads and bodies read, not yet sent upstream
+    pending_requests = 0  # request heads read, not yet taken up
     reading_paused = False
+    peer_full = False  # the upstream's (or tunnel destination's) write buffer is full
+    client_full = False  # the client's write buffer is full: it is not reading its answers
     http_task: asyncio.Task[Any] | None = None
     upstream: _HttpUpstream | None = None
     upstream_key: tuple[IPAddress, int] | None = None
@@ -356,6 +414,7 @@ class ClientConnection:
     peek_buffer = b""
     client_eof = False
     upstream_eof_seen = False
+    exchanging = False  # an absolute-form request is being relayed
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -372,8 +431,9 @@ class ClientConnection:
         if peer:
             ip, self.peer_text = _source_ip(peer[0])
             self.peer = (ip, peer[1])
-        if not self.hub.connection_opened(self):
-            self._refuse(503, f"more than {self.limits.max_connections} client connections")
+        refusal = self.hub.connection_opened(self)
+        if refusal is not None:
+            self._refuse(503, refusal)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.hub.clock
@@ -442,12 +502,20 @@ class ClientConnection:
     def pause_writing(self) -> None:
         if self.pipe is not None:
             self.pipe.pause_reading()
+            return
+        # A client that does not read its answers gets no more requests read either: every one
+        # would add an answer to the buffer it is not reading.
+        self.client_full = True
+        self._pause_reading()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.pipe is not None:
             self.pipe.resume_reading()
+            return
+        self.client_full = False
+        self._maybe_resume()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 
@@ -456,6 +524,8 @@ class ClientConnection:
         self.request = Request()
         self.awaiting_head = True
         self.raw_head = 0
+        # Every request head has head_timeout from its first byte, not only a connection's first.
+        self.head_deadline = self.hub.clock + self.limits.head_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.request
@@ -468,8 +538,14 @@ class ClientConnection:
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.request
         assert req is not None
-        req.headers.append((name, value))
         req.head_size += len(name) + len(value) + 4
+        if not self.awaiting_head:
+            # A trailer field of a chunked body: dropped, never promoted into the head (which
+            # may not be written yet); still counted against the head limit.
+            if req.head_size > self.limits.max_header_bytes:
+                raise _Refuse(431, "request trailers too large")
+            return
+        req.headers.append((name, value))
         if len(req.headers) > self.limits.max_headers:
             raise _Refuse(431, f"more than {self.limits.max_headers} header fields")
 
@@ -484,18 +560,21 @@ class ClientConnection:
         req.keep_alive = self.parser.should_keep_alive()
         if req.method == b"CONNECT":
             return  # the parser raises HttpParserUpgrade next
-        if req.method not in FORWARDED_METHODS:
-            raise _Refuse(405, f"method {req.method.decode('latin-1')} not supported")
-        req.chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in req.headers
-        )
+        self.pending_requests += 1
+        self.pending_bytes += req.head_size
+        if req.method in REFUSED_METHODS:
+            raise _Refuse(405, f"method {req.method.decode('latin-1')} not forwarded")
+        try:
+            req.framing = framing.parse_request_framing(req.headers)
+        except ValueError as e:
+            raise _Refuse(400, f"request framing: {e}") from None
         self._push(req)
+        self._limit_pending()
 
     def on_body(self, body: bytes) -> None:
-        self.pending_body += len(body)
+        self.pending_bytes += len(body)
         self._push(body)
-        if self.pending_body > MAX_PENDING_BODY:
-            self.pause_client_reading()
+        self._limit_pending()
 
     def on_message_complete(self) -> None:
         if self.request is not None and self.request.method == b"CONNECT":
@@ -523,19 +602,44 @@ class ClientConnection:
 
     def pause_client_reading(self) -> None:
         """Stop reading the client (a peer's buffer is full)."""
+        self.peer_full = True
+        self._pause_reading()
+
+    def resume_client_reading(self) -> None:
+        """Read the client again, unless something else still holds it."""
+        if self.reading_paused:
+            self.peer_full = False
+            self._maybe_resume()
+
+    def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
 
-    def resume_client_reading(self) -> None:
-        """Read the client again."""
+    def _maybe_resume(self) -> None:
+        limits = self.limits
         if (
             self.reading_paused
             and self.transport is not None
-            and self.pending_body < MAX_PENDING_BODY
+            and not self.peer_full
+            and not self.client_full
+            and self.pending_bytes <= limits.max_pending_bytes // 2
+            and self.pending_requests < limits.max_pipelined_requests
         ):
             self.reading_paused = False
             self.transport.resume_reading()
+
+    def _limit_pending(self) -> None:
+        """Stop reading a client whose requests wait beyond the limits (backpressure).
+
+        What one read brings is parsed whole, so the queue may pass a limit by one read's worth.
+        """
+        limits = self.limits
+        if (
+            self.pending_bytes > limits.max_pending_bytes
+            or self.pending_requests >= limits.max_pipelined_requests
+        ):
+            self._pause_reading()
 
     def _new_flow(self) -> Flow:
         flow = Flow(self.peer[0], self.peer[1], time.time(), time.monotonic())
@@ -601,8 +705,15 @@ class ClientConnection:
 
     def expire(self, now: float) -> None:
         """Close the connection if its head or idle timeout passed (called by the sweeper)."""
-        if self.mode is Mode.HEAD and self.awaiting_head and now > self.head_deadline:
+        if (
+            self.awaiting_head
+            and now > self.head_deadline
+            and (self.mode is Mode.HEAD or (self.mode is Mode.HTTP and not self.exchanging))
+        ):
+            # (While an answer is being relayed a 408 would cut into it: it waits its turn.)
             self.hub.count_error("head_timeout")
+            if self.flow is not None:
+                self.flow.error = self.flow.error or "head timeout"
             self._refuse(408, "request head not received in time")
         elif now - self.last_active > self.limits.idle_timeout and self.mode is not Mode.CHECKING:
             if self.flow is not None:
@@ -847,9 +958,12 @@ class ClientConnection:
             await self.items_waiter
         item = self.items.popleft()
         if isinstance(item, bytes):
-            self.pending_body -= len(item)
-            if self.reading_paused and self.pending_body < MAX_PENDING_BODY // 2:
-                self.resume_client_reading()
+            self.pending_bytes -= len(item)
+        elif item is not None:
+            self.pending_requests -= 1
+            self.pending_bytes -= item.head_size
+        if self.reading_paused:
+            self._maybe_resume()
         return item
 
     async def _serve_http(self) -> None:
@@ -858,7 +972,9 @@ class ClientConnection:
                 item = await self._next_item()
                 if not isinstance(item, Request):
                     continue  # body of a refused request already answered
+                self.exchanging = True
                 keep_going = await self._exchange(item)
+                self.exchanging = False
                 if not keep_going:
                     self.close()
                     return
@@ -905,6 +1021,7 @@ class ClientConnection:
         done = upstream.begin(head_only=req.method == b"HEAD")
         assert upstream.transport is not None
         head = _request_head(req, path, flow, self.via_header)
+        chunked = req.framing.kind is framing.Kind.CHUNKED
         flow.bytes_out += len(head)
         upstream.transport.write(head)
         try:
@@ -914,17 +1031,20 @@ class ClientConnection:
                     break
                 assert isinstance(item, bytes)
                 flow.bytes_out += len(item)
-                upstream.transport.write(
-                    b"%x\r\n%s\r\n" % (len(item), item) if req.chunked else item
-                )
-            if req.chunked:
+                upstream.transport.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            if chunked:
                 upstream.transport.write(b"0\r\n\r\n")
+            upstream.expect_head_within(self.limits.response_timeout)
             reusable = await done
         except ConnectionError as e:
             flow.error = str(e)
+            status = 502
+            if isinstance(e, UpstreamFailure):
+                self.hub.count_error(e.kind)
+                status = e.status
             if flow.status is None:
-                flow.status = 502
-                self.write(to_error_response(502, f"upstream: {e}", close=True))
+                flow.status = status
+                self.write(to_error_response(status, f"upstream: {e}", close=True))
             self._end_flow(flow)
             self._drop_upstream()
             return False
@@ -963,6 +1083,8 @@ class ClientConnection:
             )
         self.upstream = upstream
         self.upstream_key = key
+        if self.client_full and upstream.transport is not None:
+            upstream.transport.pause_reading()  # the client still has earlier answers to read
         return upstream
 
 
@@ -1010,7 +1132,9 @@ def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
     if ":" in host_text and not host_text.startswith("["):
         host_text = f"[{host_text}]"
     host = parse_host(host_text)
-    port = parsed.port or 80
+    port = 80 if parsed.port is None else parsed.port
+    if port == 0:
+        raise ValueError("port 0 is not a destination")  # as CONNECT refuses it
     path = parsed.path or b"/"
     if parsed.query:
         path += b"?" + parsed.query
@@ -1018,33 +1142,25 @@ def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
     return host, port, path, canonical
 
 
+# Request fields the gateway writes itself: Host from the target, Via extended (after the rest).
+_REPLACED_REQUEST_FIELDS = frozenset({b"host"})
+
+
 def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
     host = flow.host
     assert host is not None
     authority = host.authority(flow.port, 80)
     out = [req.method + b" " + path + b" HTTP/1.1\r\nHost: " + authority.encode() + b"\r\n"]
-    # One pass: headers a Connection header names are dropped too, so they wait until it is
-    # known (it may come after them).
-    kept: list[tuple[bytes, bytes, bytes]] = []
-    tokens: set[bytes] = set()
     incoming_via: list[bytes] = []
-    for name, value in req.headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
-                tokens.update(_tokens(value))
-        elif lower == b"via":
+    for lower, name, value in framing.forwarded_fields(req.headers, _REPLACED_REQUEST_FIELDS):
+        if lower == b"via":
             incoming_via.append(value)
         else:
-            kept.append((lower, name, value))
-    for lower, name, value in kept:
-        if lower not in tokens:
             out.append(name + b": " + value + b"\r\n")
     if incoming_via:
         out.append(b"Via: " + b", ".join(incoming_via) + b", " + via[5:])
     else:
         out.append(via)
-    if req.chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(framing.to_framing_fields(req.framing))
     out.append(b"\r\n")
     return b"".join(out)

@@ -1,1 +1,1 @@
-"""Wire formats, sans-IO: the TLS ClientHello reader and the gateway's own HTTP answers."""
+"""Wire formats, sans-IO: HTTP/1.1 framing rules, the TLS ClientHello reader, our HTTP answers."""

@@ -14,6 +14,7 @@ PURE = [
     "egressgw.record.events",
     "egressgw.identity.workload",
     "egressgw.wire.responses",
+    "egressgw.wire.framing",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiohttp", "httptools", "uvloop", "dns.asyncresolver"}
 

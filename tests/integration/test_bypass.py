@@ -354,13 +354,18 @@ def test_oversized_header_is_431(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "SEARCH"])
-def test_method_the_proxy_does_not_forward_is_405(
-    gateway: Gateway, upstream: Upstream, method: str
-) -> None:
-    """A well-formed method outside the forwarded set is answered 405, never relayed."""
+def test_extension_methods_are_forwarded(gateway: Gateway, upstream: Upstream, method: str) -> None:
+    """A well-formed extension method (WebDAV and the like) is judged and relayed like GET."""
+    reply = raw(gateway, f"{method} http://allowed.test:{HTTP_PORT}/dav HTTP/1.1\nHost: a")
+    assert reply.status == 200, reply
+    assert f'"method": "{method}"' in reply.body.decode()
+
+
+def test_trace_is_405(gateway: Gateway, upstream: Upstream) -> None:
+    """TRACE (which echoes credentials back) is answered 405 with the reason, never relayed."""
     before = len(upstream.requests_to(ALLOWED_IP))
-    reply = raw(gateway, f"{method} http://allowed.test:{HTTP_PORT}/ HTTP/1.1\nHost: a")
-    assert reply.status == 405, reply
+    reply = raw(gateway, f"TRACE http://allowed.test:{HTTP_PORT}/ HTTP/1.1\nHost: a")
+    assert reply.status == 405 and "TRACE" in reply.reason, reply
     assert len(upstream.requests_to(ALLOWED_IP)) == before
 
 

@@ -7,6 +7,7 @@ from .gateway import Gateway, GatewayError, decision_of, end_of, field, write_co
 from .lock import machine_lock
 from .net import free_port, wait_for_port, wait_http_ok
 from .pki import TlsFiles, make_test_pki
+from .rawupstream import RawPeer, RawUpstream
 from .scripted_dns import ScriptedDns
 from .upstream import Listener, Upstream, header_names, header_value
 
@@ -18,7 +19,9 @@ __all__ = [
     "GatewayError",
     "Listener",
     "RawConnection",
+    "RawPeer",
     "RawResponse",
+    "RawUpstream",
     "ScriptedDns",
     "TlsFiles",
     "Upstream",

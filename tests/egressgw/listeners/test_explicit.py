@@ -7,6 +7,7 @@ from egressgw.config.model import ProxyConfig
 from egressgw.decision.names import Host
 from egressgw.flow import Flow
 from egressgw.listeners.explicit import ClientConnection, Mode, Request, _request_head
+from egressgw.wire.framing import parse_request_framing
 
 
 class FakeHub:
@@ -18,9 +19,9 @@ class FakeHub:
         self.open: set[ClientConnection] = set()
         self.closed: list[ClientConnection] = []
 
-    def connection_opened(self, conn: ClientConnection) -> bool:
+    def connection_opened(self, conn: ClientConnection) -> str | None:
         self.open.add(conn)
-        return True
+        return None
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.open.discard(conn)
@@ -94,5 +95,25 @@ def test_request_head_drops_hop_by_hop_and_named_headers_and_chains_via() -> Non
         b"GET /x?y=1 HTTP/1.1\r\nHost: allowed.test:8080\r\n"
         b"Accept: */*\r\n"
         b"Via: 1.1 first, 1.1 egressgw\r\n"
+        b"\r\n"
+    )
+
+
+def test_request_head_forwards_the_length_the_body_was_read_with() -> None:
+    """`Connection: Content-Length` cannot remove the length: the body's framing goes along."""
+    req = Request()
+    req.method = b"POST"
+    req.headers = [
+        (b"Connection", b"Content-Length, Transfer-Encoding, Host"),
+        (b"Content-Length", b"50"),
+    ]
+    req.framing = parse_request_framing(req.headers)
+    flow = Flow(ipaddress.ip_address("127.0.0.9"), 50000, 0.0, 0.0)
+    flow.host, flow.port = Host("allowed.test", None), 8080
+    head = _request_head(req, b"/benign", flow, b"Via: 1.1 egressgw\r\n")
+    assert head == (
+        b"POST /benign HTTP/1.1\r\nHost: allowed.test:8080\r\n"
+        b"Via: 1.1 egressgw\r\n"
+        b"Content-Length: 50\r\n"
         b"\r\n"
     )

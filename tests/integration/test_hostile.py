@@ -1,0 +1,420 @@
+"""Hostile clients and hostile upstreams, byte for byte, against the real gateway.
+
+The upstream here is a raw TCP server (tests.support.RawUpstream) on 127.0.0.40 that records
+every byte the gateway forwards and answers whatever a test scripts, including bytes no HTTP
+server would send. The gateway's policy allows the payments workload to reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import select
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import (
+    Dnsmasq,
+    Gateway,
+    RawConnection,
+    RawPeer,
+    RawUpstream,
+    end_of,
+    field,
+    free_port,
+    write_config,
+)
+from tests.support.rawupstream import Script
+
+from .testbed import BATCH, CONTRACT_DIR, PAYMENTS
+
+pytestmark = pytest.mark.integration
+
+RAW_IP = "127.0.0.40"
+RAW_POLICY = f"""\
+# The payments workload may reach the raw upstream on any port.
+tiers:
+  - name: hostile
+    rules:
+      - name: payments-to-raw
+        action: allow
+        from: {{namespace: payments}}
+        to: {{cidrs: ["{RAW_IP}/32"]}}
+"""
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+SETTLE = 2.0
+PER_SOURCE = 3
+CLOSE_SETTLE = 0.3
+ABANDONED = 5
+ABANDON_AFTER = 0.2  # the request is upstream by then, its answer awaited
+SHORT = 1.0
+STRICT_LIMITS = {
+    "head_timeout": SHORT,
+    "response_timeout": SHORT,
+    "max_connections_per_source": PER_SOURCE,
+}
+DRIP_INTERVAL = 0.3
+DRIP_LIMIT = 6.0  # well past head_timeout and a sweep, far below idle_timeout
+PIPELINE_BATCH = 64 * 1024
+PIPELINE_BYTES = 60 * 1024 * 1024
+PIPELINE_STALL = 3.0
+PIPELINE_RSS_LIMIT = 24 * 1024 * 1024
+ENDLESS_CHUNKS = 200  # 64 KiB each: 12.5 MiB of one header line
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of a request head, 0 without one."""
+    found = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    return int(found.group(1)) if found else 0
+
+
+def serve_requests(heads: list[bytes], response: bytes = OK_RESPONSE) -> Script:
+    """A script answering every request (framed by Content-Length) with `response`."""
+
+    def script(peer: RawPeer) -> None:
+        while True:
+            head = peer.read_head()
+            if not head:
+                return
+            heads.append(head)
+            peer.read_exact(content_length(head))
+            if not peer.send(response):
+                return
+
+    return script
+
+
+@pytest.fixture(scope="module")
+def raw_upstream() -> Iterator[RawUpstream]:
+    """The raw upstream on a free port of 127.0.0.40 (it answers nothing until a test scripts)."""
+    with RawUpstream(RAW_IP, free_port(RAW_IP), lambda peer: None) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, dns: Dnsmasq, raw_upstream: RawUpstream
+) -> Iterator[Gateway]:
+    """The contract gateway, plus a rule letting payments reach the raw upstream."""
+    path = write_config(
+        tmp_path_factory.mktemp("gw-hostile"),
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={"policy": {"files": ["policy.yaml", "raw-policy.yaml"]}},
+        extra_files={"raw-policy.yaml": RAW_POLICY},
+    )
+    with Gateway(path) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def strict(
+    tmp_path_factory: pytest.TempPathFactory, dns: Dnsmasq, raw_upstream: RawUpstream
+) -> Iterator[Gateway]:
+    """Like `gateway`, with 1 s timeouts and at most 3 connections per source."""
+    path = write_config(
+        tmp_path_factory.mktemp("gw-hostile-strict"),
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={
+            "policy": {"files": ["policy.yaml", "raw-policy.yaml"]},
+            "proxy": STRICT_LIMITS,
+        },
+        extra_files={"raw-policy.yaml": RAW_POLICY},
+    )
+    with Gateway(path) as gw:
+        yield gw
+
+
+@pytest.fixture
+def upstream(raw_upstream: RawUpstream) -> RawUpstream:
+    """The raw upstream with nothing recorded yet."""
+    raw_upstream.clear()
+    return raw_upstream
+
+
+def client(gw: Gateway) -> RawConnection:
+    """A raw connection to the gateway from the payments workload."""
+    return RawConnection(gw.proxy_host, gw.proxy_port, source=PAYMENTS)
+
+
+def test_connection_cannot_remove_content_length_to_smuggle_a_request(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Connection: Content-Length` does not strip the length the body was framed with."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    hidden = f"GET /malware HTTP/1.1\r\nHost: {upstream.authority}\r\n\r\n".encode()
+    body = hidden.ljust(50, b"x")
+    request = (
+        f"POST http://{upstream.authority}/benign HTTP/1.1\r\nHost: {upstream.authority}\r\n"
+        f"Connection: Content-Length\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with client(gateway) as conn:
+        conn.send(request)
+        reply = conn.read_response()
+        port = conn.local_port
+    assert reply.status == 200, reply
+    assert upstream.wait_finished(0, SETTLE)
+    assert len(heads) == 1 and heads[0].startswith(b"POST /benign "), heads
+    assert content_length(heads[0]) == len(body)
+    assert bytes(upstream.received[0]).endswith(body)
+    end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert field(end, "url.path") in (None, "/benign")
+
+
+def test_connection_cannot_remove_a_response_content_length(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """A response's `Connection: Content-Length` keeps its length: framed, kept alive."""
+    heads: list[bytes] = []
+    response = b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
+    upstream.set_script(serve_requests(heads, response))
+    request = f"GET http://{upstream.authority}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with client(gateway) as conn:
+        first = conn.request(request)
+        second = conn.request(request)
+    assert first.headers.get("content-length") == "5" and first.body == b"hello", first
+    assert "close" not in first.headers.get("connection", ""), first
+    assert second.status == 200 and second.body == b"hello", second
+    assert len(heads) == 2, heads
+
+
+def test_a_response_header_that_never_ends_is_502_and_closed(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """An upstream head growing past the limit without a line end: 502 at once, upstream closed."""
+    outcome: dict[str, bool] = {}
+
+    def endless_header(peer: RawPeer) -> None:
+        peer.read_head()
+        peer.send(b"HTTP/1.1 200 OK\r\nX-Inf: ")
+        filler = b"a" * 65536
+        for _ in range(ENDLESS_CHUNKS):
+            if not peer.send(filler):
+                outcome["closed"] = True
+                return
+        outcome["closed"] = peer.closed_by_gateway(SETTLE)
+
+    upstream.set_script(endless_header)
+    with client(gateway) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/inf HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        port = conn.local_port
+    assert reply.status == 502 and "head larger than" in reply.reason, reply
+    assert upstream.wait_finished(0, SETTLE) and outcome.get("closed"), outcome
+    end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert "head larger than" in str(field(end, "event.reason")), end
+
+
+def test_pipelined_requests_of_a_client_that_reads_nothing_are_not_buffered(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Megabytes of pipelined requests, no answer read: the gateway stops reading, memory stays."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    one = f"GET http://{upstream.authority}/p HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    batch = one * (PIPELINE_BATCH // len(one))
+    rss_before = gateway.rss_bytes()
+    sent = 0
+    with client(gateway) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.sock.settimeout(PIPELINE_STALL)
+        with contextlib.suppress(TimeoutError):
+            while sent < PIPELINE_BYTES:
+                conn.sock.sendall(batch)
+                sent += len(batch)
+        grown = gateway.rss_bytes() - rss_before
+    # Backpressure stalls the sender long before everything is in: the kernel's buffers hold
+    # some megabytes, the gateway a bounded queue, not tens of megabytes of parsed requests.
+    assert sent < PIPELINE_BYTES, sent
+    assert grown < PIPELINE_RSS_LIMIT, (grown, sent)
+
+
+def test_head_timeout_applies_to_every_request_of_a_connection(
+    strict: Gateway, upstream: RawUpstream
+) -> None:
+    """After one whole request, a second head dripped a byte at a time gets 408, closed."""
+    upstream.set_script(serve_requests([]))
+    request = f"GET http://{upstream.authority}/one HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with client(strict) as conn:
+        assert conn.request(request).status == 200
+        started = time.monotonic()
+        for byte in request:
+            readable, _, _ = select.select([conn.sock], [], [], DRIP_INTERVAL)
+            if readable or time.monotonic() - started > DRIP_LIMIT:
+                break
+            conn.send(bytes([byte]))
+        reply = conn.read_response()
+    assert reply.status == 408, reply
+    assert time.monotonic() - started < DRIP_LIMIT
+
+
+def test_connections_per_source_are_limited_with_a_503(strict: Gateway) -> None:
+    """Past proxy.max_connections_per_source one source gets 503; another source is served."""
+    with contextlib.ExitStack() as stack:
+        for _ in range(PER_SOURCE):
+            held = stack.enter_context(client(strict))
+            held.send(b"GET http://")
+        time.sleep(0.2)
+        with client(strict) as over:
+            refused = over.request(b"GET http://a.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        other = RawConnection(strict.proxy_host, strict.proxy_port, source=BATCH)
+        with other:
+            other.send(b"GET http://")
+            time.sleep(0.2)
+            assert not select.select([other.sock], [], [], 0)[0]  # admitted, waiting for more
+    assert refused.status == 503 and PAYMENTS in refused.reason, refused
+    assert 'egressgw_errors_total{kind="too_many_connections_per_source"}' in metrics_text(strict)
+
+
+def metrics_text(gw: Gateway) -> str:
+    """The gateway's /metrics text."""
+    with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=SETTLE) as resp:
+        text: str = resp.read().decode()
+    return text
+
+
+def test_an_upstream_that_never_answers_is_504_at_response_timeout(
+    strict: Gateway, upstream: RawUpstream
+) -> None:
+    """No response head within proxy.response_timeout: 504 with the reason, upstream closed."""
+    outcome: dict[str, bool] = {}
+
+    def silent(peer: RawPeer) -> None:
+        peer.read_head()
+        outcome["closed"] = peer.closed_by_gateway(DRIP_LIMIT)
+
+    upstream.set_script(silent)
+    started = time.monotonic()
+    with client(strict) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        port = conn.local_port
+    assert reply.status == 504 and "no response head" in reply.reason, reply
+    assert time.monotonic() - started < DRIP_LIMIT
+    assert upstream.wait_finished(0, SETTLE) and outcome.get("closed"), outcome
+    end = end_of(strict.flow_events(PAYMENTS, port, ended=True))
+    assert "no response head" in str(field(end, "event.reason")), end
+    assert 'egressgw_errors_total{kind="response_timeout"}' in metrics_text(strict)
+
+
+def answer_once(response: bytes, heads: list[bytes] | None = None) -> Script:
+    """A script answering the first request head with `response`, then closing."""
+
+    def script(peer: RawPeer) -> None:
+        head = peer.read_head()
+        if heads is not None:
+            heads.append(head)
+        peer.send(response)
+
+    return script
+
+
+def get(authority: str, path: str = "/") -> bytes:
+    """A GET request for the raw upstream in absolute form."""
+    return f"GET http://{authority}{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def test_an_unsolicited_second_response_never_reaches_the_client(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Two responses to one request: the client gets the first; the second is refused."""
+    double = (
+        b"HTTP/1.1 200 OK\r\nX-First: 1\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 203 Extra\r\nContent-Length: 2\r\n\r\nzz"
+    )
+    upstream.set_script(serve_requests([], double))
+    with client(gateway) as conn:
+        first = conn.request(get(upstream.authority))
+        conn.sock.settimeout(SHORT)
+        later = conn._buf
+        with contextlib.suppress(TimeoutError):
+            later += conn.sock.recv(65536)
+        assert b"203" not in later and b"zz" not in later, later
+    assert first.status == 200 and first.body == b"ok", first
+
+
+def test_an_unasked_101_is_a_clean_502(gateway: Gateway, upstream: RawUpstream) -> None:
+    """An upstream 101 is answered 502 and logs no parser traceback."""
+    upstream.set_script(
+        answer_once(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
+    )
+    with client(gateway) as conn:
+        reply = conn.request(get(upstream.authority))
+    assert reply.status == 502 and "101" in reply.reason, reply
+    time.sleep(CLOSE_SETTLE)
+    assert "HttpParserUpgrade" not in gateway.logs()
+    assert "Traceback" not in gateway.logs()
+
+
+def test_an_abandoned_exchange_leaves_no_unretrieved_future(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """An upstream failing while the body is awaited, then the client gone: nothing unretrieved."""
+    upstream.set_script(answer_once(b""))  # reads the head, closes
+    request = (
+        f"POST http://{upstream.authority}/b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    for _ in range(ABANDONED):
+        with client(gateway) as conn:
+            conn.send(request + b"partial")
+            time.sleep(ABANDON_AFTER)
+    time.sleep(CLOSE_SETTLE)
+    assert "never retrieved" not in gateway.logs(), gateway.logs()
+
+
+def test_request_trailers_are_not_promoted_into_the_head(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Trailers arriving with the head are dropped, never forwarded as head fields."""
+    received: list[bytes] = []
+    body = b"3\r\nabc\r\n0\r\n\r\n"  # the chunked body as forwarded, trailers dropped
+
+    def script(peer: RawPeer) -> None:
+        # The whole request is read before the answer: an upstream that answers and closes
+        # while the body is still on its way makes the gateway's send fail (a 502, not this test).
+        received.append(peer.read_head() + peer.read_exact(len(body)))
+        peer.send(OK_RESPONSE)
+
+    upstream.set_script(script)
+    request = (
+        f"POST http://{upstream.authority}/t HTTP/1.1\r\nHost: x\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: smuggled\r\n\r\n"
+    ).encode()
+    with client(gateway) as conn:
+        reply = conn.request(request)
+    assert reply.status == 200, reply
+    assert received and received[0].endswith(b"\r\n\r\n" + body), received
+    assert b"x-trailer" not in received[0].lower(), received
+
+
+def test_a_response_whose_final_coding_is_not_chunked_is_close_delimited(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Transfer-Encoding: chunked, gzip` runs to the close: relayed as is, not re-chunked."""
+    payload = b"\x1f\x8b not really gzip, but to the close"
+    upstream.set_script(
+        answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n" + payload)
+    )
+    with client(gateway) as conn:
+        conn.send(get(upstream.authority))
+        raw = conn.read_until_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head, head
+    assert body == payload, raw
+
+
+def test_absolute_form_port_0_is_400(gateway: Gateway, upstream: RawUpstream) -> None:
+    """http://host:0/ is refused with 400, as CONNECT host:0 is, never sent to port 80."""
+    with client(gateway) as conn:
+        reply = conn.request(b"GET http://127.0.0.40:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.status == 400 and "port 0" in reply.reason, reply
