@@ -132,8 +132,8 @@ async def _explain(
         lines.append(f"cname chain: {' -> '.join(flow.cnames)}")
     for t in flow.threats:
         lines.append(f"feed match:  {t['feed']}: {t['matched']['atomic']}")
-    if flow.decision is not None:
-        d = flow.decision
+    d = verdict.decision
+    if d is not None:
         ip = effective_ip(flow.ip) if flow.ip is not None else None
         feeds = frozenset(t["feed"] for t in flow.threats)
         traced = rt.policy.decide(
@@ -145,7 +145,7 @@ async def _explain(
             lines.append(f"audit:       {'; '.join(d.audits)}")
     lines.append(
         f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
-        f"({flow.decision.rule_ref if flow.decision else 'no rule'}): {verdict.reason}"
+        f"({d.rule_ref if d is not None else 'no rule'}): {verdict.reason}"
     )
     return lines
 

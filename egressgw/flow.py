@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 from egressgw.decision.names import Host
-from egressgw.decision.policy import Decision, Protocol
+from egressgw.decision.policy import Protocol
+from egressgw.decision.verdict import Verdict
 from egressgw.identity.workload import UNKNOWN, Workload
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -44,13 +45,16 @@ def ip_text(ip: IPAddress) -> str:
 
 
 class Flow:
-    """Mutable record of one flow; the proxy fills it in as the flow goes.
+    """The facts of one flow, filled in as they become known, and its one ``verdict``.
+
+    Who (source, workload), where (host, port, protocol, SNI, URL, resolved addresses), what the
+    feeds said, the verdict, what happened (status, bytes, error, end). Nothing here is derived
+    from other fields: the event builder computes what it needs.
 
     Fields start as class attributes: a flow is created per connection or request and most of
     its fields keep their initial value, so creating one stores five values, not thirty.
     """
 
-    started_text = ""  # ``started`` in ISO 8601, formatted once for both events
     source_text = ""  # ``source_ip`` as the socket reported it (cache key, event field)
     workload: Workload = UNKNOWN
     host: Host | None = None
@@ -63,9 +67,7 @@ class Flow:
     ip_str = ""  # ``ip`` as text, once known (the socket and both events need it)
     resolved: tuple[IPAddress, ...] = ()
     cnames: tuple[str, ...] = ()
-    decision: Decision | None = None
-    action = ""  # connection_allowed | connection_denied | would_deny
-    reason = ""
+    verdict: Verdict | None = None  # None until decided
     name_threats: tuple[Any, ...] = ()  # feed matches of the names (host, CNAMEs, SNI, URL)
     threats: tuple[Any, ...] = ()  # every feed match: names and addresses
     status: int | None = None  # the HTTP status the gateway answered or forwarded
@@ -73,7 +75,9 @@ class Flow:
     bytes_in = 0  # destination -> client
     ended_mono: float | None = None
     error: str | None = None
-    common: dict[str, Any] | None = None  # event fields shared by both events (see events.py)
+    # What the events consumer recorded of the decision (record.events.to_common): the end event
+    # reuses the parts that do not change instead of building them twice.
+    event_common: dict[str, Any] | None = None
 
     def __init__(
         self,

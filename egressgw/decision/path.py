@@ -50,6 +50,7 @@ from typing import Any, Protocol
 from egressgw.decision.guard import Guard, effective_ip
 from egressgw.decision.policy import Decision, Destination, Policy
 from egressgw.decision.policy import Protocol as FlowProtocol
+from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow, ip_text
 from egressgw.identity.workload import Inventory, Workload
 from egressgw.resolver import Resolution, ResolveError, Resolver
@@ -94,16 +95,6 @@ class NoThreats:
     def match_url(self, url: str) -> tuple[dict[str, Any], ...]:
         """Nothing is listed."""
         return ()
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the proxy does with a flow: connect to ``ip``, or answer ``status`` with ``reason``."""
-
-    allowed: bool
-    status: int
-    reason: str
-    ip: IPAddress | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,9 +166,6 @@ class Outcome:
     cnames: tuple[str, ...]
     name_threats: tuple[Any, ...]
     threats: tuple[Any, ...]
-    decision: Decision | None
-    action: str
-    reason: str
     ip: IPAddress | None
     ip_str: str
 
@@ -192,9 +180,6 @@ class Outcome:
             flow.cnames,
             flow.name_threats,
             flow.threats,
-            flow.decision,
-            flow.action,
-            flow.reason,
             flow.ip,
             ip_text(flow.ip) if flow.ip is not None else "",
         )
@@ -206,12 +191,10 @@ class Outcome:
         flow.cnames = self.cnames
         flow.name_threats = self.name_threats
         flow.threats = self.threats
-        flow.decision = self.decision
-        flow.action = self.action
-        flow.reason = self.reason
+        flow.verdict = verdict = self.verdict
         flow.ip = self.ip
         flow.ip_str = self.ip_str
-        return self.verdict
+        return verdict
 
 
 def _feed_names(threats: Sequence[dict[str, Any]]) -> frozenset[str]:
@@ -219,10 +202,8 @@ def _feed_names(threats: Sequence[dict[str, Any]]) -> frozenset[str]:
 
 
 def _deny(flow: Flow, decision: Decision | None, reason: str, status: int = 403) -> Verdict:
-    flow.decision = decision
-    flow.action = "connection_denied"
-    flow.reason = reason
-    return Verdict(False, status, reason)
+    flow.verdict = verdict = Verdict.deny(reason, status, decision)
+    return verdict
 
 
 def _who(flow: Flow) -> str:
@@ -284,16 +265,11 @@ def decide_addresses(
             flow.workload, Destination(name, effective_ip(ip), flow.port, flow.protocol, feeds)
         )
         if decision.action == "allow":
-            flow.decision = decision
             flow.ip = ip
-            reason = _policy_reason(decision, flow, name)
-            if decision.audits:
-                flow.action = "would_deny"
-                flow.reason = f"{'; '.join(decision.audits)}; {reason}"
-            else:
-                flow.action = "connection_allowed"
-                flow.reason = reason
-            return Verdict(True, 200, flow.reason, ip)
+            flow.verdict = verdict = Verdict.allow(
+                ip, _policy_reason(decision, flow, name), decision
+            )
+            return verdict
         first = first or decision
     assert first is not None  # ips is never empty
     flow.ip = ips[0]
@@ -402,11 +378,11 @@ def recheck_tunnel(rt: Runtime, flow: Flow, protocol: FlowProtocol, sni: str | N
     the same address (so an SNI can refuse a tunnel, never unlock one: CONNECT to an address with
     the SNI of an allowed name gets nothing the address alone would not get).
     """
-    assert flow.ip is not None
+    assert flow.ip is not None and flow.verdict is not None
     flow.protocol = protocol
     other_sni = sni is not None and (flow.host is None or sni != flow.host.name)
     if not other_sni and not rt.policy.protocol_sensitive:
-        return Verdict(True, 200, flow.reason, flow.ip)  # nothing the peek showed can matter
+        return flow.verdict  # nothing the peek showed can matter
     if sni is not None:
         flow.sni = sni
         if other_sni:
@@ -414,7 +390,6 @@ def recheck_tunnel(rt: Runtime, flow: Flow, protocol: FlowProtocol, sni: str | N
     if other_sni:
         sni_verdict = decide_addresses(rt, flow, (flow.ip,), name=sni)
         if not sni_verdict.allowed:
-            flow.reason = f"TLS server name {sni}: {sni_verdict.reason}"
-            return Verdict(False, 403, flow.reason)
+            return _deny(flow, sni_verdict.decision, f"TLS server name {sni}: {sni_verdict.reason}")
     # Decided last so the flow records the requested name's rule.
     return decide_addresses(rt, flow, (flow.ip,))

@@ -46,7 +46,8 @@ import structlog
 
 from egressgw.config.model import ProxyConfig
 from egressgw.decision.names import Host, parse_authority, parse_host
-from egressgw.decision.path import Runtime, Verdict, check_flow, check_flow_now, recheck_tunnel
+from egressgw.decision.path import Runtime, check_flow, check_flow_now, recheck_tunnel
+from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow, ip_text
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.tasks import spawn
@@ -829,7 +830,8 @@ class ClientConnection:
 
     def _upstream_failed(self, flow: Flow, status: int, reason: str) -> None:
         self.hub.count_error("upstream_timeout" if status == 504 else "upstream_unreachable")
-        flow.action = "connection_denied" if flow.action != "would_deny" else flow.action
+        if flow.verdict is not None:
+            flow.verdict = flow.verdict.unreachable(status)
         flow.error = reason
         flow.status = status
         self.hub.flow_decided(flow)
@@ -909,8 +911,7 @@ class ClientConnection:
         flow = self.flow
         assert flow is not None
         if not decided:
-            flow.action = "connection_denied"
-            flow.reason = reason
+            flow.verdict = Verdict.deny(reason)
             self.hub.flow_decided(flow)
         self.peek_buffer = b""
         self.close()

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from egressgw.decision.verdict import UNDECIDED
 from egressgw.flow import Flow
-from egressgw.record.events import to_decision_event, to_end_event
+from egressgw.record.events import to_common, to_decision_event, to_end_event
 
 
 class FlowConsumer(Protocol):
@@ -46,10 +47,11 @@ class FlowMetrics:
 
     def flow_decided(self, flow: Flow) -> None:
         """Count the decision and the time it took."""
-        decision = flow.decision
+        verdict = flow.verdict or UNDECIDED
+        decision = verdict.decision
         tier = (decision.tier or "default") if decision is not None else "none"
         elapsed = time.monotonic() - flow.started_mono
-        self.metrics.count_flow(flow.action or "connection_denied", tier, elapsed)
+        self.metrics.count_flow(verdict.action, tier, elapsed)
 
     def flow_ended(self, flow: Flow) -> None:
         """Add the flow's bytes."""
@@ -65,9 +67,10 @@ class FlowEvents:
         self.observer = observer
 
     def flow_decided(self, flow: Flow) -> None:
-        """Submit the decision event."""
-        self.submit(to_decision_event(flow, self.observer))
+        """Submit the decision event, keeping its shared part on the flow for the end event."""
+        flow.event_common = common = to_common(flow, self.observer)
+        self.submit(to_decision_event(flow, self.observer, common))
 
     def flow_ended(self, flow: Flow) -> None:
         """Submit the end event."""
-        self.submit(to_end_event(flow, self.observer, time.time()))
+        self.submit(to_end_event(flow, self.observer, time.time(), flow.event_common))

@@ -1,4 +1,4 @@
-"""ECS 8.x events of a flow. Pure: a Flow and the observer in, a plain dict out.
+"""ECS 8.x events of a flow. Pure: a Flow and the observer in, a plain dict out; nothing written.
 
 Two documents per flow share ``flow.id``: one when the flow is decided (``event.type``
 ``["connection", "start"]`` for allowed flows, ``["connection", "denied"]`` for refused ones)
@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from egressgw.decision.verdict import UNDECIDED
 from egressgw.flow import Flow, ip_text
 
 ECS_VERSION = "8.11.0"
@@ -44,18 +45,13 @@ def _timestamp(epoch: float) -> str:
     return f"{prefix}.{micros:06d}Z"
 
 
-def _start(flow: Flow) -> str:
-    # Both events of a flow carry its start time: format it once.
-    if not flow.started_text:
-        flow.started_text = _timestamp(flow.started)
-    return flow.started_text
-
-
-def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
+def to_common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
+    """The fields both events of a flow share (who, where, the rule); build once, pass to both."""
     network = _NETWORK.get(flow.protocol)
     if network is None:
         network = {"transport": "tcp", "protocol": flow.protocol, "direction": "egress"}
     doc: dict[str, Any] = {
+        "@timestamp": _timestamp(flow.started),  # the decision event's; the end event's is later
         "ecs": _ECS,
         "flow": {"id": flow.id},
         "source": {"ip": flow.source_text or ip_text(flow.source_ip), "port": flow.source_port},
@@ -89,34 +85,40 @@ def _common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
             "domain": dest.get("domain", dest.get("ip")),
             "port": flow.port,
         }
-    if flow.decision is not None:
-        doc["rule"] = {"name": flow.decision.rule, "ruleset": flow.decision.tier or "default"}
+    verdict = flow.verdict
+    decision = verdict.decision if verdict is not None else None
+    if decision is not None:
+        doc["rule"] = {"name": decision.rule, "ruleset": decision.tier or "default"}
     return doc
 
 
-def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
-    """The event written when a flow is decided (allowed, denied, or would be denied)."""
-    common = _common(flow, observer)
-    flow.common = common
+def to_decision_event(
+    flow: Flow, observer: dict[str, Any], common: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The event written when a flow is decided (allowed, denied, or would be denied).
+
+    ``common`` is ``to_common(flow, observer)`` when the caller keeps it for the end event.
+    """
+    if common is None:
+        common = to_common(flow, observer)
     doc = dict(common)
-    denied = flow.action == "connection_denied"
-    start = flow.started_text or _start(flow)
+    verdict = flow.verdict or UNDECIDED
+    denied = verdict.action == "connection_denied"
+    start = common["@timestamp"]
+    reason = verdict.reason
     event: dict[str, Any] = {
         "id": f"{flow.id}.1",
         "kind": "alert" if flow.threats and denied else "event",
         "category": _CATEGORY,
         "type": _TYPE_DENIED if denied else _TYPE_START,
-        "action": flow.action,
+        "action": verdict.action,
         "outcome": "failure" if denied else "success",
-        "reason": flow.reason,
+        "reason": f"{reason}: {flow.error}" if flow.error else reason,
         "start": start,
     }
-    decision = flow.decision
+    decision = verdict.decision
     if decision is not None and decision.audits:
         doc["egressgw"] = {"audit": list(decision.audits)}
-    if flow.error:
-        event["reason"] = f"{flow.reason}: {flow.error}" if flow.reason else flow.error
-    doc["@timestamp"] = start
     doc["event"] = event
     if flow.threats:
         doc["threat"] = to_threat(flow.threats)
@@ -128,17 +130,21 @@ def to_decision_event(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str, Any]:
-    """The event written when a relayed flow ends: bytes each way and duration."""
-    shared = flow.common
-    if shared is None or flow.method is not None:
-        shared = _common(flow, observer)
-    # A tunnel's fields do not change after its decision: its decision event's are reused. The
-    # objects that get bytes are copied (the decision event may not be serialised yet).
-    doc = dict(shared)
-    doc["source"] = {**shared["source"], "bytes": flow.bytes_out}
-    doc["destination"] = {**shared["destination"], "bytes": flow.bytes_in}
-    doc["network"] = {**shared["network"], "bytes": flow.bytes_out + flow.bytes_in}
+def to_end_event(
+    flow: Flow, observer: dict[str, Any], ended: float, common: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The event written when a relayed flow ends: bytes each way and duration.
+
+    ``common`` is the decision event's shared part: a tunnel's fields do not change after its
+    decision, so they are reused (a request's status does: it is built again).
+    """
+    if common is None or flow.method is not None:
+        common = to_common(flow, observer)
+    # The objects that get bytes are copied (the decision event may not be serialised yet).
+    doc = dict(common)
+    doc["source"] = {**common["source"], "bytes": flow.bytes_out}
+    doc["destination"] = {**common["destination"], "bytes": flow.bytes_in}
+    doc["network"] = {**common["network"], "bytes": flow.bytes_out + flow.bytes_in}
     duration = (flow.ended_mono or flow.started_mono) - flow.started_mono
     ended_text = doc["@timestamp"] = _timestamp(ended)
     doc["event"] = {
@@ -149,7 +155,7 @@ def to_end_event(flow: Flow, observer: dict[str, Any], ended: float) -> dict[str
         "action": "connection_ended",
         "outcome": "failure" if flow.error else "success",
         "reason": flow.error or "closed",
-        "start": flow.started_text or _start(flow),
+        "start": common["@timestamp"],
         "end": ended_text,
         "duration": int(duration * 1e9),
     }

@@ -198,7 +198,7 @@ async def test_every_consumer_hears_of_each_flow(gateway: Gateway) -> None:
 
     class Recorder:
         def flow_decided(self, flow: Flow) -> None:
-            heard.append(("decided", flow.action))
+            heard.append(("decided", flow.verdict.action if flow.verdict else "undecided"))
 
         def flow_ended(self, flow: Flow) -> None:
             heard.append(("ended", str(flow.bytes_out)))

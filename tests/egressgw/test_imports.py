@@ -8,6 +8,7 @@ import pytest
 
 PURE = [
     "egressgw.decision.policy",
+    "egressgw.decision.verdict",
     "egressgw.decision.guard",
     "egressgw.decision.names",
     "egressgw.wire.tlshello",

@@ -117,8 +117,8 @@ async def test_allowed_name_connects_to_its_address(rt: Runtime) -> None:
     f = flow_to("web.test")
     v = await check_flow(rt, f)
     assert v.allowed and str(v.ip) == "192.0.2.10"
-    assert f.workload.namespace == "ns" and f.decision is not None
-    assert f.decision.rule_ref == "apps/web"
+    assert f.workload.namespace == "ns" and f.verdict.decision is not None
+    assert f.verdict.decision.rule_ref == "apps/web"
 
 
 async def test_policy_picks_an_allowed_address(rt: Runtime) -> None:
@@ -171,7 +171,11 @@ async def test_sni_of_an_allowed_name_does_not_unlock_an_address(rt: Runtime) ->
     f2 = flow_to("203.0.113.9")
     assert (await check_flow(rt, f2)).allowed
     v = recheck_tunnel(rt, f2, "tls", "web.test")
-    assert v.allowed and f2.decision is not None and f2.decision.rule_ref == "apps/by-address"
+    assert (
+        v.allowed
+        and f2.verdict.decision is not None
+        and f2.verdict.decision.rule_ref == "apps/by-address"
+    )
 
 
 async def test_plain_tcp_tunnel_is_decided_again(rt: Runtime) -> None:
@@ -183,7 +187,7 @@ async def test_plain_tcp_tunnel_is_decided_again(rt: Runtime) -> None:
 
 
 def _outcome(f: Flow) -> tuple[object, ...]:
-    return (f.workload, f.decision, f.action, f.reason, f.ip, f.threats, f.resolved, f.cnames)
+    return (f.workload, f.verdict, f.ip, f.threats, f.resolved, f.cnames)
 
 
 @pytest.mark.parametrize(
@@ -226,7 +230,7 @@ async def test_outcomes_are_kept_per_source_port_and_protocol(rt: Runtime) -> No
         f.source_text = str(f.source_ip)
         await check_flow(rt, f)
     assert len(rt._outcomes) == 4
-    assert flows[2].action == "connection_denied"  # raw TCP to web.test is refused
+    assert flows[2].verdict.action == "connection_denied"  # raw TCP to web.test is refused
     assert stranger.workload.namespace is None and flows[0].workload.namespace == "ns"
 
 
@@ -249,7 +253,10 @@ async def test_requests_share_their_hosts_outcome_unless_the_url_is_listed(rt: R
     assert [v.allowed for v, _ in verdicts] == [True, True, False]
     assert len(rt._outcomes) == 1
     denied = verdicts[2][1]
-    assert denied.decision is not None and denied.decision.rule_ref == "security/block-feeds"
+    assert (
+        denied.verdict.decision is not None
+        and denied.verdict.decision.rule_ref == "security/block-feeds"
+    )
     assert denied.threats and denied.threats[0]["matched"]["atomic"] == "http://web.test/bad"
 
 
@@ -289,7 +296,7 @@ async def test_a_feed_listing_a_cached_address_refuses_the_very_next_flow(rt: Ru
     assert not v.allowed and v.reason == (
         "denied by security/block-feeds: 203.0.113.9 listed by feed intel (ns -> 203.0.113.9:8443)"
     )
-    assert f.decision is not None and f.decision.rule_ref == "security/block-feeds"
+    assert f.verdict.decision is not None and f.verdict.decision.rule_ref == "security/block-feeds"
 
 
 async def test_outcomes_are_kept_while_no_input_changes(rt: Runtime, tmp_path: Path) -> None:

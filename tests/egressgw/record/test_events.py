@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 from egressgw.decision.names import Host
 from egressgw.decision.policy import Decision
+from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow
 from egressgw.identity.workload import UNKNOWN, Workload
-from egressgw.record.events import _timestamp, to_decision_event, to_end_event
+from egressgw.record.events import _timestamp, to_common, to_decision_event, to_end_event
 
 OBSERVER = {"vendor": "egressgw", "product": "egressgw", "type": "proxy"}
 
@@ -24,11 +25,11 @@ def make_flow(**kw: object) -> Flow:
     flow.protocol = "tls"
     flow.sni = "allowed.test"
     flow.ip = ipaddress.ip_address("127.0.0.30")
-    flow.decision = Decision(
-        "allow", "platform", "payments-to-psp", "allow by platform/payments-to-psp"
+    flow.verdict = Verdict.allow(
+        flow.ip,
+        "allowed by platform/payments-to-psp (payments/api -> allowed.test:8443)",
+        Decision("allow", "platform", "payments-to-psp", "allow by platform/payments-to-psp"),
     )
-    flow.action = "connection_allowed"
-    flow.reason = "policy platform/payments-to-psp"
     for k, v in kw.items():
         setattr(flow, k, v)
     return flow
@@ -84,8 +85,9 @@ def test_denied_unknown_source_with_threat() -> None:
     }
     flow = make_flow(
         workload=UNKNOWN,
-        action="connection_denied",
-        reason="policy security/block-threat-feeds: sub.evil.test listed by feed local-domains",
+        verdict=Verdict.deny(
+            "denied by security/block-threat-feeds: sub.evil.test listed by feed local-domains"
+        ),
         threats=(threat,),
     )
     doc = to_decision_event(flow, OBSERVER)
@@ -123,9 +125,10 @@ def test_timestamp_matches_datetime(epoch: float) -> None:
 def test_end_event_after_the_decision_equals_one_built_alone() -> None:
     """The end event reuses the decision's fields and leaves the decision event untouched."""
     decided = make_flow(bytes_out=10, bytes_in=20, ended_mono=101.5)
-    decision = to_decision_event(decided, OBSERVER)
+    common = to_common(decided, OBSERVER)
+    decision = to_decision_event(decided, OBSERVER, common)
     before = repr(decision)
-    reused = to_end_event(decided, OBSERVER, 1_700_000_001.5)
+    reused = to_end_event(decided, OBSERVER, 1_700_000_001.5, common)
     alone = to_end_event(
         make_flow(bytes_out=10, bytes_in=20, ended_mono=101.5, id=decided.id),
         OBSERVER,
@@ -134,3 +137,27 @@ def test_end_event_after_the_decision_equals_one_built_alone() -> None:
     assert reused == alone
     assert reused["source"]["bytes"] == 10 and reused["network"]["bytes"] == 30
     assert repr(decision) == before and "bytes" not in decision["source"]
+
+
+def test_the_builder_writes_nothing_into_the_flow() -> None:
+    """Building both events leaves every field of the flow as it was (the builder is pure)."""
+    flow = make_flow(bytes_out=10, bytes_in=20, ended_mono=101.5)
+    before = dict(vars(flow))
+    to_decision_event(flow, OBSERVER)
+    to_end_event(flow, OBSERVER, 1_700_000_001.5, to_common(flow, OBSERVER))
+    assert vars(flow) == before
+
+
+def test_an_unreachable_audited_flow_keeps_its_audit() -> None:
+    """An allowed flow whose destination fails is refused, unless audited (still would_deny)."""
+    flow = make_flow()
+    assert flow.verdict is not None
+    refused = flow.verdict.unreachable(502)
+    assert (refused.allowed, refused.action, refused.status) == (False, "connection_denied", 502)
+    audited = Verdict.allow(
+        ipaddress.ip_address("127.0.0.30"),
+        "allowed by apps/x (ns -> a:1)",
+        Decision("allow", "apps", "x", "r", audits=("would deny by security/y",)),
+    )
+    assert audited.action == "would_deny"
+    assert audited.unreachable(504).action == "would_deny"
