@@ -10,7 +10,7 @@ from typing import Any
 from egressgw.decision.names import Host
 from egressgw.decision.policy import Protocol
 from egressgw.decision.verdict import Verdict
-from egressgw.identity.workload import UNKNOWN, Workload
+from egressgw.identity.workload import UNKNOWN, Credential, Workload
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -56,6 +56,7 @@ class Flow:
     """
 
     source_text = ""  # ``source_ip`` as the socket reported it (cache key, event field)
+    credential: Credential | None = None  # what the client presented (Proxy-Authorization)
     workload: Workload = UNKNOWN
     host: Host | None = None
     port = 0

@@ -23,7 +23,8 @@ import feeds.spec as feeds_spec
 from egressgw.config.source import ConfigError, YamlDocument
 from egressgw.decision import policy
 from egressgw.decision.names import normalise_name, parse_ip_port
-from egressgw.identity.workload import StaticInventory, Workload
+from egressgw.identity.static import StaticInventory
+from egressgw.identity.workload import Workload
 from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, parse_size, resolve_paths
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"

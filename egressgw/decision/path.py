@@ -52,7 +52,7 @@ from egressgw.decision.policy import Decision, Destination, Policy
 from egressgw.decision.policy import Protocol as FlowProtocol
 from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow, ip_text
-from egressgw.identity.workload import Inventory, Workload
+from egressgw.identity.workload import Inventory, Peer, Workload
 from egressgw.resolver import Resolution, ResolveError, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -319,7 +319,9 @@ def _decide_replayed(
         # A feed or identity change since these outcomes were decided: none may be replayed.
         rt._outcomes = {}
         rt._inputs = (rt.threats.generation, rt.inventory.generation)
-    key = (flow.source_text, flow.host, flow.port, flow.protocol, id(resolution))
+    key: tuple[Any, ...] = (flow.source_text, flow.host, flow.port, flow.protocol, id(resolution))
+    if flow.credential is not None:
+        key += (flow.credential,)  # another credential may be another workload
     found = rt._outcomes.get(key)
     if found is not None:
         return found.replay(flow)
@@ -334,7 +336,7 @@ def _decide_resolved(
     rt: Runtime, flow: Flow, resolution: Resolution | ResolveError | None
 ) -> Verdict:
     """Decide once the name's answer is known (None for an address literal)."""
-    flow.workload = rt.inventory.lookup(flow.source_ip)
+    flow.workload = rt.inventory.lookup(Peer(flow.source_ip, flow.credential))
     host = flow.host
     assert host is not None
     threats: list[dict[str, Any]] = []

@@ -1,9 +1,14 @@
-"""Who is talking: source address -> workload.
+"""Who is talking: a peer (address, and the credential it presented, if any) -> workload.
 
-An inventory answers ``lookup(ip) -> Workload``; a source it does not know is ``UNKNOWN`` (a
+An inventory answers ``lookup(peer) -> Workload``; a source it does not know is ``UNKNOWN`` (a
 workload with no namespace), which policy can select with ``from: {unknown: true}``. The static
-inventory maps CIDRs to workloads, longest prefix first; the Kubernetes watcher of a later issue
-implements the same ``Inventory`` protocol.
+inventory (``identity.static``) maps CIDRs to workloads by address; the Kubernetes watcher and a
+verifier of client certificates or service-account tokens implement the same ``Inventory``
+protocol and may use the peer's credential.
+
+A credential is what the client presented, unverified until an inventory verifies it: the
+``Proxy-Authorization`` header (read by the listener, never forwarded), later a TLS client
+certificate. Its value is a secret: it is never logged or put in an event.
 
 An inventory lives as long as the process and changes in place (a reload with other static
 entries, a watch event): its ``generation`` changes with every change of what ``lookup`` may
@@ -13,7 +18,7 @@ answer, and the decision path's outcome cache holds only while it stays the same
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,60 +70,39 @@ class Workload:
 UNKNOWN = Workload()
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A credential a client presented: ``scheme`` (lowercase, e.g. ``bearer``) and its value."""
+
+    scheme: str
+    value: str = field(repr=False)  # a secret: kept out of reprs and logs
+
+
+def parse_credential(header: bytes) -> Credential:
+    """A ``Proxy-Authorization`` value -> Credential, or ValueError (RFC 9110 section 11.4)."""
+    scheme, _, value = header.strip().partition(b" ")
+    if not scheme or not value.strip():
+        raise ValueError("Proxy-Authorization needs a scheme and credentials")
+    try:
+        return Credential(scheme.decode("ascii").lower(), value.strip().decode("ascii"))
+    except UnicodeDecodeError as e:
+        raise ValueError("Proxy-Authorization is not ASCII") from e
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The other end of a client connection, as an inventory judges it."""
+
+    ip: IPAddress
+    credential: Credential | None = None
+
+
 class Inventory(Protocol):
     """What identity sources provide to the proxy."""
 
-    # Changes whenever ``lookup`` may answer differently for some address.
+    # Changes whenever ``lookup`` may answer differently for some peer.
     generation: int
 
-    def lookup(self, ip: IPAddress) -> Workload:
-        """Return the workload behind a source address, or UNKNOWN."""
+    def lookup(self, peer: Peer) -> Workload:
+        """Return the workload behind a peer, or UNKNOWN."""
         ...
-
-
-class StaticInventory:
-    """CIDR -> workload from the configuration; the most specific CIDR wins."""
-
-    entries: tuple[tuple[IPNetwork, Workload], ...]
-    _by_prefix: list[tuple[int, int, dict[int, Workload]]]
-    _cache: dict[IPAddress, Workload]
-
-    def __init__(self, entries: Iterable[tuple[IPNetwork, Workload]]) -> None:
-        self.generation = 0
-        self._load(entries)
-
-    def update(self, entries: Iterable[tuple[IPNetwork, Workload]]) -> None:
-        """Replace every entry (a reload's static list; later, a watch's view) and say so."""
-        self._load(entries)
-        self.generation += 1
-
-    def _load(self, entries: Iterable[tuple[IPNetwork, Workload]]) -> None:
-        self.entries = tuple(entries)
-        by_prefix: list[tuple[int, int, dict[int, Workload]]] = []
-        tables: dict[tuple[int, int], dict[int, Workload]] = {}
-        for net, workload in self.entries:
-            tables.setdefault((net.version, net.prefixlen), {})[int(net.network_address)] = workload
-        for (version, prefixlen), table in sorted(tables.items(), key=lambda kv: -kv[0][1]):
-            by_prefix.append((version, prefixlen, table))
-        # Both swapped at once: a lookup never mixes the old table with the new cache.
-        self._by_prefix, self._cache = by_prefix, {}
-
-    def lookup(self, ip: IPAddress) -> Workload:
-        """Return the workload of the longest matching CIDR, or UNKNOWN."""
-        found = self._cache.get(ip)
-        if found is not None:
-            return found
-        value = int(ip)
-        bits = 32 if ip.version == 4 else 128
-        result = UNKNOWN
-        for version, prefixlen, table in self._by_prefix:
-            if version != ip.version:
-                continue
-            key = value >> (bits - prefixlen) << (bits - prefixlen) if prefixlen else 0
-            hit = table.get(key)
-            if hit is not None:
-                result = hit
-                break
-        if len(self._cache) < 65536:
-            self._cache[ip] = result
-        return result

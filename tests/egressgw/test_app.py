@@ -13,6 +13,7 @@ import pytest
 from egressgw.app import Gateway
 from egressgw.config.model import load_config
 from egressgw.flow import Flow
+from egressgw.identity.workload import Peer
 
 ALLOW_ECHO = """\
 default: deny
@@ -307,5 +308,5 @@ async def test_reload_keeps_the_services_and_renews_only_what_changed(
     renewed = feed_gateway.runtime
     assert renewed.resolver is not before.resolver and renewed.inventory is before.inventory
     assert feed_gateway.inventory.generation == generation + 1
-    local = renewed.inventory.lookup(ipaddress.ip_address("127.0.0.1"))
+    local = renewed.inventory.lookup(Peer(ipaddress.ip_address("127.0.0.1")))
     assert local.namespace == "local"

@@ -14,6 +14,7 @@ PURE = [
     "egressgw.wire.tlshello",
     "egressgw.record.events",
     "egressgw.identity.workload",
+    "egressgw.identity.static",
     "egressgw.wire.responses",
     "egressgw.wire.framing",
 ]

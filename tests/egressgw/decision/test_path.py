@@ -11,7 +11,8 @@ from egressgw.decision.guard import Guard
 from egressgw.decision.names import parse_host
 from egressgw.decision.path import Runtime, check_flow, recheck_tunnel
 from egressgw.flow import Flow
-from egressgw.identity.workload import StaticInventory, Workload
+from egressgw.identity.static import StaticInventory
+from egressgw.identity.workload import Credential, Peer, Workload
 from egressgw.resolver import Resolution, ResolveError, Resolver
 
 POLICY = """\
@@ -332,9 +333,36 @@ class WatchedInventory:
         self.workloads[ip] = workload
         self.generation += 1
 
-    def lookup(self, ip: Any) -> Workload:
-        """The workload at ``ip``, or UNKNOWN."""
-        return self.workloads.get(str(ip), Workload())
+    def lookup(self, peer: Peer) -> Workload:
+        """The workload at the peer's address, or UNKNOWN."""
+        return self.workloads.get(str(peer.ip), Workload())
+
+
+class TokenInventory:
+    """An inventory that knows workloads by the token they present (verified identity)."""
+
+    generation = 0
+
+    def lookup(self, peer: Peer) -> Workload:
+        """The workload whose token the peer presented, else UNKNOWN."""
+        if peer.credential is not None and peer.credential.value == "payments-token":
+            return Workload.make("payments")
+        return Workload()
+
+
+async def test_a_credential_decides_the_workload_and_keys_the_outcome(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    """Two flows from one address with other credentials are different workloads, never replayed."""
+    (tmp_path / "p.yaml").write_text(PER_NAMESPACE)
+    rt = Runtime(load_policy((tmp_path / "p.yaml",), set()), Guard(), TokenInventory(), rt.resolver)
+    with_token = from_cached_source("web.test")
+    with_token.credential = Credential("bearer", "payments-token")
+    assert (await check_flow(rt, with_token)).allowed
+    assert with_token.workload.namespace == "payments"
+    without = from_cached_source("web.test")
+    assert not (await check_flow(rt, without)).allowed
+    assert not without.workload.known
 
 
 @pytest.mark.parametrize("kind", ["watched", "static"])
@@ -366,11 +394,11 @@ def test_static_inventory_update_replaces_entries_and_moves_the_generation() -> 
     """update() answers from the new entries only (no stale lookup cache) and bumps generation."""
     inv = StaticInventory([(HERE, Workload.make("a"))])
     ip = ipaddress.ip_address("10.0.0.5")
-    assert inv.lookup(ip).namespace == "a" and inv.generation == 0
+    assert inv.lookup(Peer(ip)).namespace == "a" and inv.generation == 0
     inv.update([(ipaddress.ip_network("10.0.0.0/25"), Workload.make("b"))])
-    assert inv.lookup(ip).namespace == "b" and inv.generation == 1
+    assert inv.lookup(Peer(ip)).namespace == "b" and inv.generation == 1
     inv.update([])
-    assert not inv.lookup(ip).known and inv.generation == 2
+    assert not inv.lookup(Peer(ip)).known and inv.generation == 2
 
 
 async def test_a_reloaded_policy_decides_the_very_next_flow(rt: Runtime, tmp_path: Path) -> None:
