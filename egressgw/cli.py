@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TextIO
 
 import uvloop
-from prometheus_client import CollectorRegistry
 
 from egressgw import __version__
 from egressgw.app import Gateway, build_runtime, build_services
@@ -31,8 +30,10 @@ from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
-from feeds.refresh import FeedManager
+from feeds.refresh import MissingFeedData
 from siem.firewall import to_nft_set
+
+EXIT_DENY = 3
 
 
 def _load(path: Path | None) -> cfgmod.Config:
@@ -105,19 +106,42 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 1
 
 
+def _feed_lines(data: Sequence[feeds_cli.FeedData]) -> list[str]:
+    if not data:
+        return ["feed data:   no feeds configured"]
+    return [f"{'feed data:' if i == 0 else '':<13}{d.describe()}" for i, d in enumerate(data)]
+
+
+def _no_data_message(data: Sequence[feeds_cli.FeedData], what: str) -> str | None:
+    """Why a tool must not answer, when a feed it judges with has no data; else None."""
+    missing = [d.feed for d in data if not d.has_data]
+    if not missing:
+        return None
+    return (
+        f"egressgw: cannot {what}: no data for feed(s) {', '.join(missing)} (its matches would "
+        "be missing from the answer); fix the source and run `egressgw feeds update`"
+    )
+
+
 async def _explain(
-    cfg: cfgmod.Config, base: Path, source: str, target: str, protocol: str
-) -> list[str]:
-    # Feeds as the running gateway would have them at start: their last good data on disk.
-    matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
-    rt = build_runtime(cfg, build_services(cfg, MatcherThreats(lambda: matcher)))
+    cfg: cfgmod.Config, base: Path, source: str, target: str, protocol: str, fetch: bool
+) -> tuple[int, list[str]]:
     src = ipaddress.ip_address(source)
     host, port = parse_authority(target)
+    # The feed data the running gateway serves: stored, refreshed where it would have been.
+    manager, data = await feeds_cli.current_data(
+        cfg.feeds, base, cfg.state_dir / "feeds", fetch=fetch
+    )
+    lines = _feed_lines(data)
+    refusal = _no_data_message(data, "explain")
+    if refusal is not None:
+        return feeds_cli.EXIT_NO_DATA, [*lines, refusal]
+    rt = build_runtime(cfg, build_services(cfg, MatcherThreats(lambda: manager.matcher)))
     flow = Flow(src, 0, 0.0, 0.0)
     flow.host, flow.port, flow.protocol = host, port, protocol  # type: ignore[assignment]
     verdict = await check_flow(rt, flow)
     w = flow.workload
-    lines = [
+    lines += [
         f"source:      {src} -> "
         + (
             f"namespace {w.namespace}, pod {w.pod}, labels {dict(w.labels)}"
@@ -147,15 +171,17 @@ async def _explain(
         f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
         f"({flow.decision.rule_ref if flow.decision else 'no rule'}): {verdict.reason}"
     )
-    return lines
+    return (0 if verdict.allowed else EXIT_DENY), lines
 
 
 def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Print how policy decides one flow, step by step."""
+    """Print how policy decides one flow, step by step, and which feed data it used."""
     out = out or sys.stdout
     try:
         cfg, base = _feeds_context(args)
-        lines = uvloop.run(_explain(cfg, base, args.source, args.to, args.protocol))
+        code, lines = uvloop.run(
+            _explain(cfg, base, args.source, args.to, args.protocol, not args.offline)
+        )
     except ConfigError as e:
         for line in e.errors:
             print(line, file=out)
@@ -164,7 +190,7 @@ def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"egressgw: {e}", file=out)
         return 2
     print("\n".join(lines), file=out)
-    return 0 if lines[-1].startswith("decision:    ALLOW") else 3
+    return code
 
 
 def _feeds_context(args: argparse.Namespace) -> tuple[cfgmod.Config, Path]:
@@ -187,26 +213,73 @@ def cmd_feeds_check(args: argparse.Namespace) -> int:
     return feeds_cli.check_file(args.file, args.format, options, sys.stdout)
 
 
+def _warn_stale(data: Sequence[feeds_cli.FeedData]) -> None:
+    for d in data:
+        if d.stale or d.error:
+            print(f"egressgw: warning: feed {d.describe()}", file=sys.stderr)
+
+
 def cmd_feeds_lookup(args: argparse.Namespace) -> int:
-    """Say which configured feeds list a value (from their last good data)."""
+    """Say which configured feeds list a value, from the data the gateway would serve."""
     cfg, base = _feeds_context(args)
-    matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
-    return feeds_cli.lookup(args.value, matcher, sys.stdout)
+    if not cfg.feeds:
+        hint = "" if args.config is not None else " (no --config given)"
+        print(f"egressgw: no feeds configured{hint}: nothing to look up in", file=sys.stderr)
+        return feeds_cli.EXIT_USAGE
+    manager, data = uvloop.run(
+        feeds_cli.current_data(cfg.feeds, base, cfg.state_dir / "feeds", fetch=not args.offline)
+    )
+    refusal = _no_data_message(data, f"look up {args.value}")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return feeds_cli.EXIT_NO_DATA
+    _warn_stale(data)
+    return feeds_cli.lookup(args.value, manager.matcher, sys.stdout)
 
 
 def cmd_firewall_nft(args: argparse.Namespace) -> int:
     """Render (or load) an nftables set of the IPs and CIDRs the blocklists serve."""
     cfg, base = _feeds_context(args)
-    manager = FeedManager(
-        list(cfg.feeds), base, cfg.state_dir / "feeds", registry=CollectorRegistry()
-    )
-    manager.load_state()
     try:
-        values = manager.blocklist_values("ip", args.feed or None)
-        script = to_nft_set(args.table, args.set, values)
+        to_nft_set(args.table, args.set, [])  # bad names are refused before any fetch
     except ValueError as e:
         print(f"egressgw: {e}", file=sys.stderr)
         return 2
+    manager, data = uvloop.run(
+        feeds_cli.current_data(cfg.feeds, base, cfg.state_dir / "feeds", fetch=not args.offline)
+    )
+    try:
+        values = manager.blocklist_values("ip", args.feed or None)
+    except MissingFeedData as e:
+        for d in data:
+            if d.feed in e.feeds:
+                print(f"egressgw: feed {d.describe()}", file=sys.stderr)
+        print(
+            f"egressgw: refusing to render the set: {e}; the firewall would lose their "
+            "addresses (fix the source and run `egressgw feeds update`, or leave them out "
+            "with --feed)",
+            file=sys.stderr,
+        )
+        return feeds_cli.EXIT_NO_DATA
+    except ValueError as e:
+        print(f"egressgw: {e}", file=sys.stderr)
+        return 2
+    _warn_stale(data)
+    target = f"{args.table} {args.set}_v4/_v6"
+    if not values and not args.allow_empty:
+        if args.config is None:
+            why = "no --config given, so no feeds"
+        elif not any(f.kind == "blocklist" and f.enabled for f in cfg.feeds):
+            why = "no enabled blocklist feed is configured"
+        else:
+            why = "the blocklists hold no IP addresses or networks"
+        print(
+            f"egressgw: refusing an empty set: {why}; loading it would remove every address "
+            f"from {target} (--allow-empty to do it anyway)",
+            file=sys.stderr,
+        )
+        return 1
+    script = to_nft_set(args.table, args.set, values)
     if not args.apply:
         sys.stdout.write(script)
         return 0
@@ -218,7 +291,7 @@ def cmd_firewall_nft(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         print(f"egressgw: nft refused the set: {done.stderr.strip()}", file=sys.stderr)
         return 1
-    print(f"loaded {len(values)} addresses and networks into {args.table} {args.set}_v4/_v6")
+    print(f"loaded {len(values)} addresses and networks into {target}")
     return 0
 
 
@@ -227,6 +300,13 @@ def _option(text: str) -> tuple[str, str]:
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+OFFLINE_HELP = (
+    "use only the feed data stored by the gateway or `feeds update`; refuse when a feed has "
+    "none (default: fetch feeds whose data is missing or older than their period, re-read "
+    "local files)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--from", dest="source", required=True, help="source IP address")
     explain.add_argument("--to", required=True, help="destination HOST:PORT")
     explain.add_argument("--protocol", choices=["tls", "tcp", "http"], default="tls")
+    explain.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     explain.set_defaults(func=cmd_explain)
     feeds = sub.add_parser("feeds", help="threat feeds: update, check a file, look up a value")
     feeds_sub = feeds.add_subparsers(dest="feeds_command", required=True)
@@ -262,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup = feeds_sub.add_parser("lookup", help="which feeds list a domain, IP or URL, and why")
     lookup.add_argument("value")
     lookup.add_argument("--config", type=Path, help="configuration file")
+    lookup.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     lookup.set_defaults(func=cmd_feeds_lookup)
     firewall = sub.add_parser("firewall", help="blocklists for firewalls")
     fw_sub = firewall.add_subparsers(dest="firewall_command", required=True)
@@ -271,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     nft.add_argument("--set", default="blocked", help="set name prefix (default blocked)")
     nft.add_argument("--feed", action="append", help="only this feed (repeatable)")
     nft.add_argument("--apply", action="store_true", help="load the sets with nft -f")
+    nft.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="render or load an empty set (refused by default: it empties the firewall's)",
+    )
+    nft.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     nft.set_defaults(func=cmd_firewall_nft)
     return parser
 
