@@ -206,7 +206,7 @@ class Gateway:
         await self.exporter.start()
         await self.feeds.start()
         self.threats.refresh()  # the feeds' stored data, loaded by start()
-        missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+        missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
         if missing:
             # Feeds with no stored data are fetched now rather than after the startup spread,
             # so /readyz turns ready as soon as they are in.
@@ -348,12 +348,12 @@ class Gateway:
         if not self.ready:
             return "starting"
         if not self.feeds.ready:
-            waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+            waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
             return f"feeds without data: {', '.join(waiting)}"
         return None
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
-        """The feeds' blocked values of one kind (blocking: reads feed state)."""
+        """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
         return self.feeds.blocklist_values(kind, feeds)
 
     def _feed_report(self, report: UpdateReport) -> None:

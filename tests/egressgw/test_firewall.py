@@ -69,6 +69,26 @@ async def test_edl_endpoints(gateway: Gateway) -> None:
             assert r.status == 404
 
 
+async def test_edl_is_unavailable_while_a_feed_has_no_data(tmp_path: Path) -> None:
+    """Before a blocklist has data, its EDL is a 503 with Retry-After, not an empty list."""
+    path = write_config(tmp_path)
+    (tmp_path / "ips.txt").unlink()  # its first fetch fails: nothing to serve yet
+    gw = Gateway(load_config(path), path)
+    await gw.start()
+    try:
+        await gw.feeds.update_now()
+        assert gw.admin_address is not None
+        base = "http://{}:{}/edl".format(*gw.admin_address)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/ips") as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "30"
+                assert "no data yet for feed(s): ips" in await r.text()
+            async with http.get(f"{base}/domains?feed=names") as r:
+                assert r.status == 200 and (await r.text()) == "evil.example\n"
+    finally:
+        await gw.stop()
+
+
 def test_firewall_nft_refuses_an_empty_set_without_config(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
