@@ -82,16 +82,21 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     errors: list[str] = []
     cfg = None
-    try:
-        cfg = _load(args.config)
-    except ConfigError as e:
-        errors.extend(e.errors)
+    if args.config is None:
+        cfg = cfgmod.default_config()
+    else:
+        try:
+            cfg, errors = cfgmod.read_config(args.config)
+        except ConfigError as e:
+            errors = list(e.errors)
+        if cfg is not None:
+            errors.extend(cfgmod.feed_file_errors(args.config, cfg))
     if cfg is not None:
         try:
             rt = build_runtime(cfg, build_services(cfg))
         except ConfigError as e:
             errors.extend(e.errors)
-        else:
+        if not errors:
             rules = sum(len(t.rules) for t in rt.policy.tiers)
             print(
                 f"ok: {args.config or '(embedded defaults)'}: {len(rt.policy.tiers)} tiers, "
