@@ -213,9 +213,11 @@ def cmd_feeds_update(args: argparse.Namespace) -> int:
 
 
 def cmd_feeds_check(args: argparse.Namespace) -> int:
-    """Parse a local feed file and report what was found and rejected."""
+    """Parse a local feed file and report what was found, what was rejected, and the verdict."""
     options = ParseOptions.model_validate(dict(args.option or []))
-    return feeds_cli.check_file(args.file, args.format, options, sys.stdout)
+    return feeds_cli.check_file(
+        args.file, args.format, options, sys.stdout, allow_empty=args.allow_empty
+    )
 
 
 def _warn_stale(data: Sequence[feeds_cli.FeedData]) -> None:
@@ -343,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     fcheck.add_argument("--format", required=True, help="lines, hosts, csv, json, spamhaus, stix")
     fcheck.add_argument(
         "--option", action="append", type=_option, help="format option KEY=VALUE (repeatable)"
+    )
+    fcheck.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="judge it as a feed with allow_empty: true (an empty list is accepted)",
     )
     fcheck.set_defaults(func=cmd_feeds_check)
     lookup = feeds_sub.add_parser("lookup", help="which feeds list a domain, IP or URL, and why")

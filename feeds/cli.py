@@ -27,12 +27,17 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from feeds.fetch import FetchError, gunzip_limited
-from feeds.guard import classify_body
+from feeds.guard import classify_body, classify_result
 from feeds.matcher import Matcher
 from feeds.options import ParseOptions
 from feeds.parsers import parse
 from feeds.refresh import FeedManager, UpdateReport
-from feeds.spec import DEFAULT_MAX_BYTES, FeedSpec
+from feeds.spec import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REJECTED_RATIO,
+    DEFAULT_MAX_SHRINK,
+    FeedSpec,
+)
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -202,8 +207,15 @@ def update(
     return asyncio.run(update_async(specs, base_dir, state_dir, names, out))
 
 
-def check_file(path: Path, fmt: str, options: ParseOptions | None, out: TextIO) -> int:
-    """Parse a local feed file and report what was found and rejected."""
+def check_file(
+    path: Path,
+    fmt: str,
+    options: ParseOptions | None,
+    out: TextIO,
+    *,
+    allow_empty: bool = False,
+) -> int:
+    """Parse a local feed file, report what was found and rejected, and the guard's verdict."""
     try:
         body = Path(path).read_bytes()
     except OSError as e:
@@ -212,7 +224,7 @@ def check_file(path: Path, fmt: str, options: ParseOptions | None, out: TextIO) 
     try:
         if body.startswith(b"\x1f\x8b"):
             body = gunzip_limited(body, DEFAULT_MAX_BYTES)
-        problem = classify_body(body)
+        problem = classify_body(body, allow_empty=allow_empty)
         if problem is not None:
             out.write(f"{path}: {problem}\n")
             return EXIT_NO
@@ -237,8 +249,19 @@ def check_file(path: Path, fmt: str, options: ParseOptions | None, out: TextIO) 
     if result.expected is not None:
         verdict = "TRUNCATED" if result.truncated else "ok"
         out.write(f"  trailer: {result.expected} entries announced, {verdict}\n")
-    bad = result.truncated or (result.records > 0 and result.rejected * 2 > result.records)
-    return EXIT_NO if bad else EXIT_OK
+    # The verdict the gateway's guard gives a first update (no previous data to shrink from).
+    refused = classify_result(
+        result,
+        None,
+        max_shrink=DEFAULT_MAX_SHRINK,
+        max_rejected_ratio=DEFAULT_MAX_REJECTED_RATIO,
+        allow_empty=allow_empty,
+    )
+    if refused is not None:
+        out.write(f"  verdict: the gateway would refuse this update: {refused}\n")
+        return EXIT_NO
+    out.write("  verdict: the gateway would accept it\n")
+    return EXIT_OK
 
 
 def lookup(value: str, matcher: Matcher, out: TextIO) -> int:

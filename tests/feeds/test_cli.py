@@ -138,3 +138,15 @@ async def test_current_data_reports_missing_and_stale_data(
     )
     _, data = await current_data(specs, tmp_path, tmp_path / "st", fetch=False)
     assert data[0].stale and feed_server.hits["/ips"] == 2
+
+
+def test_check_file_gives_the_guards_verdict_on_an_empty_list(tmp_path: Path) -> None:
+    """A file with no indicators is refused as the gateway would, unless empty is allowed."""
+    path = tmp_path / "empty.txt"
+    path.write_text("# nothing listed today\n")
+    out = io.StringIO()
+    assert check_file(path, "lines", None, out) == 1
+    assert "verdict: the gateway would refuse this update: no indicators" in out.getvalue()
+    out = io.StringIO()
+    assert check_file(path, "lines", None, out, allow_empty=True) == 0
+    assert "verdict: the gateway would accept it" in out.getvalue()
