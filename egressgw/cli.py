@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 import uvloop
+from pydantic import ValidationError
 
 from egressgw import __version__
 from egressgw.app import Gateway, build_runtime, build_services
@@ -214,7 +215,17 @@ def cmd_feeds_update(args: argparse.Namespace) -> int:
 
 def cmd_feeds_check(args: argparse.Namespace) -> int:
     """Parse a local feed file and report what was found, what was rejected, and the verdict."""
-    options = ParseOptions.model_validate(dict(args.option or []))
+    try:
+        options = ParseOptions.model_validate(dict(args.option or []))
+    except ValidationError as e:
+        known = ", ".join(ParseOptions.model_fields)
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown option; known: {known}"
+            print(f"egressgw: --option {key}: {msg}", file=sys.stderr)
+        return feeds_cli.EXIT_USAGE
     return feeds_cli.check_file(
         args.file, args.format, options, sys.stdout, allow_empty=args.allow_empty
     )

@@ -149,3 +149,17 @@ def test_tools_refuse_to_answer_without_feed_data(
     captured = capsys.readouterr()
     assert "not listed" not in captured.out
     assert "cannot look up 203.0.113.7: no data for feed(s) remote" in captured.err
+
+
+def test_feeds_check_reports_bad_options_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt or ill-typed ``--option`` is a usage error (exit 2) naming the option."""
+    path = tmp_path / "list.csv"
+    path.write_text("url\nhttp://evil.example/x\n")
+    args = ["feeds", "check", str(path), "--format", "csv"]
+    assert main([*args, "--option", "colum=url", "--option", "max_samples=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--option colum: unknown option; known: column, delimiter" in err
+    assert "--option max_samples: Input should be a valid integer" in err
+    assert "Traceback" not in err and "ValidationError" not in err
