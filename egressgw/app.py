@@ -2,9 +2,11 @@
 
 Lifecycle:
 
-1. ``Gateway.start()``: open the event exporter (its spool is recovered first), the admin
-   server, then the proxy listener; ``/readyz`` turns ready once config, policy, identity and
-   feeds are loaded and the listener accepts.
+1. ``Gateway.start()``: bind the proxy's socket and start the admin server first, so a taken
+   address fails before anything else runs and the error names it (``proxy.listen ...``); then
+   open the event exporter (its spool is recovered first) and the feeds, and accept. A failure
+   closes whatever had started. ``/readyz`` turns ready once config, policy, identity and feeds
+   are loaded and the listener accepts.
 2. ``reload()`` (SIGHUP, or a changed configuration or policy file): load and validate
    everything into a new Runtime off the event loop, then swap it in whole; on any error keep the
    running one and log every error with file, line and key. A reload replaces policy and guard;
@@ -109,6 +111,11 @@ def listen_socket(listen: str) -> socket.socket:
     return sock
 
 
+def _reason(e: OSError) -> str:
+    # The event loop's bind error repeats the address in its own words: the errno says it all.
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 def _split(listen: str) -> tuple[str, int]:
     ip, port = parse_ip_port(listen)
     return str(ip), port
@@ -201,23 +208,33 @@ class Gateway:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start exporter, admin server and proxy listener."""
+        """Bind proxy and admin listeners, start exporter and feeds, then accept."""
         loop = self.loop = asyncio.get_running_loop()
-        await self.exporter.start()
-        await self.feeds.start()
+        proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
+        try:
+            sock = listen_socket(proxy_listen)
+        except OSError as e:
+            raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
+        try:
+            try:
+                await self.admin.start(admin_listen)
+            except OSError as e:
+                raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            await self.exporter.start()
+            await self.feeds.start()
+        except BaseException:
+            sock.close()
+            await self._close_services()
+            raise
         self.threats.refresh()  # the feeds' stored data, loaded by start()
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
         if missing:
             # Feeds with no stored data are fetched now rather than after the startup spread,
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
-        await self.admin.start(self.config.admin.listen)
         self.reactor = Reactor(loop)
         self.server = Listener(
-            self.reactor,
-            listen_socket(self.config.proxy.listen),
-            lambda: ClientConnection(self),
-            on_error=self.metrics.count_error,
+            self.reactor, sock, lambda: ClientConnection(self), on_error=self.metrics.count_error
         )
         self.server.start()
         self.proxy_address = self.server.address
@@ -250,12 +267,16 @@ class Gateway:
         await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
         if self.server is not None:
             self.reactor.close()
+        await self._close_services()
+        log.info("gateway stopped")
+
+    async def _close_services(self) -> None:
+        """Stop background tasks, feeds, admin server and exporter (each only if started)."""
         for task in self._tasks:
             task.cancel()
         await self.feeds.stop()
         await self.admin.stop()
         await self.exporter.aclose()
-        log.info("gateway stopped")
 
     async def reload(self) -> bool:
         """Load configuration and policy again; swap them in whole, or keep the running ones."""
