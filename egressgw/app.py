@@ -9,9 +9,13 @@ Lifecycle:
    are loaded and the listener accepts.
 2. ``reload()`` (SIGHUP, or a changed configuration or policy file): load and validate
    everything into a new Runtime off the event loop, then swap it in whole; on any error keep the
-   running one and log every error with file, line and key. A reload replaces policy and guard;
-   the long-lived services stay (the resolver and its cache unless its settings changed; the
-   inventory, updated in place when the static identities changed; the feeds).
+   running one and log every error with file, line and key. Requests go through
+   ``request_reload``, which logs each and runs one reload at a time: requests arriving during a
+   reload make one more run after it, and the file watcher asks for none when the files are as
+   the last reload read them (a SIGHUP after an edit reloads once, not once per trigger). A
+   reload replaces policy and guard; the long-lived services stay (the resolver and its cache
+   unless its settings changed; the inventory, updated in place when the static identities
+   changed; the feeds).
 3. ``stop()`` (SIGTERM/SIGINT): stop accepting, let open connections finish for up to
    ``proxy.drain_timeout``, close the rest, flush events, close the exporter.
 """
@@ -162,6 +166,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
         self._watched = self._mtimes()
+        self._reload_lock = asyncio.Lock()
+        self._reload_requests: set[str] = set()
+        self._reloader: asyncio.Task[None] | None = None
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -274,14 +281,39 @@ class Gateway:
         """Stop background tasks, feeds, admin server and exporter (each only if started)."""
         for task in self._tasks:
             task.cancel()
+        if self._reloader is not None:
+            self._reloader.cancel()
         await self.feeds.stop()
         await self.admin.stop()
         await self.exporter.aclose()
+
+    def request_reload(self, by: str) -> None:
+        """Ask for a reload (``by``: ``SIGHUP``, ``watch``); coalesced with any already asked."""
+        log.info("reload requested", by=by)
+        self._reload_requests.add(by)
+        if self._reloader is None or self._reloader.done():
+            self._reloader = spawn(self._run_reloads(), name="reload")
+
+    async def _run_reloads(self) -> None:
+        while self._reload_requests:
+            by, self._reload_requests = self._reload_requests, set()
+            # What this reload reads: the watcher compares the files with it, not with the last
+            # time it looked, so it does not ask again for an edit a SIGHUP already applied.
+            current = await asyncio.to_thread(self._mtimes)
+            if by == {"watch"} and current == self._watched:
+                continue
+            self._watched = current
+            await self.reload()
 
     async def reload(self) -> bool:
         """Load configuration and policy again; swap them in whole, or keep the running ones."""
         if self.config_path is None:
             return False
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        assert self.config_path is not None
         try:
             cfg, runtime, identities = await asyncio.to_thread(
                 self._load, self.config_path, self.config, self.runtime.services
@@ -349,12 +381,14 @@ class Gateway:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.reload.interval)
-            current = await asyncio.to_thread(self._mtimes)
-            if current != self._watched:
-                self._watched = current
-                log.info("configuration files changed: reloading")
-                await self.reload()
-                self._watched = await asyncio.to_thread(self._mtimes)
+            await self._check_files()
+
+    async def _check_files(self) -> None:
+        """Ask for a reload when the watched files differ from what the last reload read."""
+        current = await asyncio.to_thread(self._mtimes)
+        if current != self._watched and "watch" not in self._reload_requests:
+            log.info("configuration files changed")
+            self.request_reload("watch")
 
     async def _sweep(self) -> None:
         while True:

@@ -27,7 +27,6 @@ from egressgw.decision.path import check_flow
 from egressgw.decision.policy import Destination
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
-from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
@@ -51,7 +50,7 @@ async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(gateway.reload(), name="reload"))
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload, "SIGHUP")
     await stop.wait()
     await gateway.stop()
 
