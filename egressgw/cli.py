@@ -1,4 +1,4 @@
-"""The ``egressgw`` command: run, check, explain."""
+"""The ``egressgw`` command: run, check, explain, feeds, firewall."""
 
 from __future__ import annotations
 
@@ -60,7 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args.config)
     except ConfigError as e:
-        print(f"egressgw: configuration refused ({len(e.errors)} errors):", file=sys.stderr)
+        n = len(e.errors)
+        print(
+            f"egressgw: configuration refused ({n} error{'s' if n != 1 else ''}):", file=sys.stderr
+        )
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
@@ -319,6 +322,10 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
+DESCRIPTION = (
+    "egressgw, an egress gateway: run it, check its configuration, explain a decision, "
+    "work with threat feeds and export blocklists to firewalls."
+)
 OFFLINE_HELP = (
     "use only the feed data stored by the gateway or `feeds update`; refuse when a feed has "
     "none (default: fetch feeds whose data is missing or older than their period, re-read "
@@ -328,7 +335,7 @@ OFFLINE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the egressgw command."""
-    parser = argparse.ArgumentParser(prog="egressgw", description=__doc__)
+    parser = argparse.ArgumentParser(prog="egressgw", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"egressgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")
@@ -341,7 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, help="configuration file")
     explain.add_argument("--from", dest="source", required=True, help="source IP address")
     explain.add_argument("--to", required=True, help="destination HOST:PORT")
-    explain.add_argument("--protocol", choices=["tls", "tcp", "http"], default="tls")
+    explain.add_argument(
+        "--protocol",
+        choices=["tls", "tcp", "http"],
+        default="tls",
+        help="what the flow carries, as policy protocols select it (default tls)",
+    )
     explain.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     explain.set_defaults(func=cmd_explain)
     feeds = sub.add_parser("feeds", help="threat feeds: update, check a file, look up a value")
@@ -351,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("names", nargs="*", help="feed names (default: every enabled feed)")
     update.set_defaults(func=cmd_feeds_update)
     fcheck = feeds_sub.add_parser("check", help="parse a local feed file and report")
-    fcheck.add_argument("file", type=Path)
+    fcheck.add_argument("file", type=Path, help="feed file to parse (gzip is decompressed)")
     fcheck.add_argument("--format", required=True, help="lines, hosts, csv, json, spamhaus, stix")
     fcheck.add_argument(
         "--option", action="append", type=_option, help="format option KEY=VALUE (repeatable)"

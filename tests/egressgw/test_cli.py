@@ -163,3 +163,35 @@ def test_feeds_check_reports_bad_options_without_a_traceback(
     assert "--option colum: unknown option; known: column, delimiter" in err
     assert "--option max_samples: Input should be a valid integer" in err
     assert "Traceback" not in err and "ValidationError" not in err
+
+
+def help_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The help the command prints for argv (argparse exits 0 after printing it)."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_plain_text_and_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Top-level help has no docstring markup and its description names feeds and firewall."""
+    text = help_text(["--help"], capsys)
+    description = text.split("\n\n")[1]
+    assert "``" not in text
+    assert "threat feeds" in description and "firewalls" in description
+
+
+def test_every_argument_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``explain --protocol`` and the ``file`` of ``feeds check`` say what they are."""
+    assert "what the flow carries" in help_text(["explain", "--help"], capsys)
+    assert "feed file to parse" in help_text(["feeds", "check", "--help"], capsys)
+
+
+def test_run_counts_one_error_in_the_singular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A configuration with one error is "refused (1 error)", not "(1 errors)"."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("proxy: {listen: nowhere}\n")
+    assert main(["run", "--config", str(path)]) == 1
+    assert "egressgw: configuration refused (1 error):" in capsys.readouterr().err
