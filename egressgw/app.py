@@ -2,14 +2,20 @@
 
 Lifecycle:
 
-1. ``Gateway.start()``: open the event exporter (its spool is recovered first), the admin
-   server, then the proxy listener; ``/readyz`` turns ready once config, policy, identity and
-   feeds are loaded and the listener accepts.
+1. ``Gateway.start()``: bind the proxy's socket and start the admin server first, so a taken
+   address fails before anything else runs and the error names it (``proxy.listen ...``); then
+   open the event exporter (its spool is recovered first) and the feeds, and accept. A failure
+   closes whatever had started. ``/readyz`` turns ready once config, policy, identity and feeds
+   are loaded and the listener accepts.
 2. ``reload()`` (SIGHUP, or a changed configuration or policy file): load and validate
    everything into a new Runtime off the event loop, then swap it in whole; on any error keep the
-   running one and log every error with file, line and key. A reload replaces policy and guard;
-   the long-lived services stay (the resolver and its cache unless its settings changed; the
-   inventory, updated in place when the static identities changed; the feeds).
+   running one and log every error with file, line and key. Requests go through
+   ``request_reload``, which logs each and runs one reload at a time: requests arriving during a
+   reload make one more run after it, and the file watcher asks for none when the files are as
+   the last reload read them (a SIGHUP after an edit reloads once, not once per trigger). A
+   reload replaces policy and guard; the long-lived services stay (the resolver and its cache
+   unless its settings changed; the inventory, updated in place when the static identities
+   changed; the feeds).
 3. ``stop()`` (SIGTERM/SIGINT): stop accepting, let open connections finish for up to
    ``proxy.drain_timeout``, close the rest, flush events, close the exporter.
 """
@@ -109,6 +115,11 @@ def listen_socket(listen: str) -> socket.socket:
     return sock
 
 
+def _reason(e: OSError) -> str:
+    # The event loop's bind error repeats the address in its own words: the errno says it all.
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 def _split(listen: str) -> tuple[str, int]:
     ip, port = parse_ip_port(listen)
     return str(ip), port
@@ -156,6 +167,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
         self._watched = self._mtimes()
+        self._reload_lock = asyncio.Lock()
+        self._reload_requests: set[str] = set()
+        self._reloader: asyncio.Task[None] | None = None
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -216,23 +230,33 @@ class Gateway:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start exporter, admin server and proxy listener."""
+        """Bind proxy and admin listeners, start exporter and feeds, then accept."""
         loop = self.loop = asyncio.get_running_loop()
-        await self.exporter.start()
-        await self.feeds.start()
+        proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
+        try:
+            sock = listen_socket(proxy_listen)
+        except OSError as e:
+            raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
+        try:
+            try:
+                await self.admin.start(admin_listen)
+            except OSError as e:
+                raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            await self.exporter.start()
+            await self.feeds.start()
+        except BaseException:
+            sock.close()
+            await self._close_services()
+            raise
         self.threats.refresh()  # the feeds' stored data, loaded by start()
-        missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+        missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
         if missing:
             # Feeds with no stored data are fetched now rather than after the startup spread,
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
-        await self.admin.start(self.config.admin.listen)
         self.reactor = Reactor(loop)
         self.server = Listener(
-            self.reactor,
-            listen_socket(self.config.proxy.listen),
-            lambda: ClientConnection(self),
-            on_error=self.metrics.count_error,
+            self.reactor, sock, lambda: ClientConnection(self), on_error=self.metrics.count_error
         )
         self.server.start()
         self.proxy_address = self.server.address
@@ -265,17 +289,46 @@ class Gateway:
         await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
         if self.server is not None:
             self.reactor.close()
+        await self._close_services()
+        log.info("gateway stopped")
+
+    async def _close_services(self) -> None:
+        """Stop background tasks, feeds, admin server and exporter (each only if started)."""
         for task in self._tasks:
             task.cancel()
+        if self._reloader is not None:
+            self._reloader.cancel()
         await self.feeds.stop()
         await self.admin.stop()
         await self.exporter.aclose()
-        log.info("gateway stopped")
+
+    def request_reload(self, by: str) -> None:
+        """Ask for a reload (``by``: ``SIGHUP``, ``watch``); coalesced with any already asked."""
+        log.info("reload requested", by=by)
+        self._reload_requests.add(by)
+        if self._reloader is None or self._reloader.done():
+            self._reloader = spawn(self._run_reloads(), name="reload")
+
+    async def _run_reloads(self) -> None:
+        while self._reload_requests:
+            by, self._reload_requests = self._reload_requests, set()
+            # What this reload reads: the watcher compares the files with it, not with the last
+            # time it looked, so it does not ask again for an edit a SIGHUP already applied.
+            current = await asyncio.to_thread(self._mtimes)
+            if by == {"watch"} and current == self._watched:
+                continue
+            self._watched = current
+            await self.reload()
 
     async def reload(self) -> bool:
         """Load configuration and policy again; swap them in whole, or keep the running ones."""
         if self.config_path is None:
             return False
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        assert self.config_path is not None
         try:
             cfg, runtime, identities = await asyncio.to_thread(
                 self._load, self.config_path, self.config, self.runtime.services
@@ -343,12 +396,14 @@ class Gateway:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.reload.interval)
-            current = await asyncio.to_thread(self._mtimes)
-            if current != self._watched:
-                self._watched = current
-                log.info("configuration files changed: reloading")
-                await self.reload()
-                self._watched = await asyncio.to_thread(self._mtimes)
+            await self._check_files()
+
+    async def _check_files(self) -> None:
+        """Ask for a reload when the watched files differ from what the last reload read."""
+        current = await asyncio.to_thread(self._mtimes)
+        if current != self._watched and "watch" not in self._reload_requests:
+            log.info("configuration files changed")
+            self.request_reload("watch")
 
     async def _sweep(self) -> None:
         while True:
@@ -363,12 +418,12 @@ class Gateway:
         if not self.ready:
             return "starting"
         if not self.feeds.ready:
-            waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.entries]
+            waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
             return f"feeds without data: {', '.join(waiting)}"
         return None
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
-        """The feeds' blocked values of one kind (blocking: reads feed state)."""
+        """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
         return self.feeds.blocklist_values(kind, feeds)
 
     def _feed_report(self, report: UpdateReport) -> None:

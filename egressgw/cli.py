@@ -1,4 +1,4 @@
-"""The ``egressgw`` command: run, check, explain."""
+"""The ``egressgw`` command: run, check, explain, feeds, firewall."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 import uvloop
-from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from egressgw import __version__
 from egressgw.app import Gateway, build_runtime, build_services
@@ -27,12 +27,13 @@ from egressgw.decision.path import check_flow
 from egressgw.decision.policy import Destination
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
-from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
-from feeds.refresh import FeedManager
+from feeds.refresh import MissingFeedData
 from siem.firewall import to_nft_set
+
+EXIT_DENY = 3
 
 
 def _load(path: Path | None) -> cfgmod.Config:
@@ -49,7 +50,7 @@ async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(gateway.reload(), name="reload"))
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload, "SIGHUP")
     await stop.wait()
     await gateway.stop()
 
@@ -59,7 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args.config)
     except ConfigError as e:
-        print(f"egressgw: configuration refused ({len(e.errors)} errors):", file=sys.stderr)
+        n = len(e.errors)
+        print(
+            f"egressgw: configuration refused ({n} error{'s' if n != 1 else ''}):", file=sys.stderr
+        )
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
@@ -81,16 +85,21 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     errors: list[str] = []
     cfg = None
-    try:
-        cfg = _load(args.config)
-    except ConfigError as e:
-        errors.extend(e.errors)
+    if args.config is None:
+        cfg = cfgmod.default_config()
+    else:
+        try:
+            cfg, errors = cfgmod.read_config(args.config)
+        except ConfigError as e:
+            errors = list(e.errors)
+        if cfg is not None:
+            errors.extend(cfgmod.feed_file_errors(args.config, cfg))
     if cfg is not None:
         try:
             rt = build_runtime(cfg, build_services(cfg))
         except ConfigError as e:
             errors.extend(e.errors)
-        else:
+        if not errors:
             rules = sum(len(t.rules) for t in rt.policy.tiers)
             print(
                 f"ok: {args.config or '(embedded defaults)'}: {len(rt.policy.tiers)} tiers, "
@@ -105,19 +114,42 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 1
 
 
+def _feed_lines(data: Sequence[feeds_cli.FeedData]) -> list[str]:
+    if not data:
+        return ["feed data:   no feeds configured"]
+    return [f"{'feed data:' if i == 0 else '':<13}{d.describe()}" for i, d in enumerate(data)]
+
+
+def _no_data_message(data: Sequence[feeds_cli.FeedData], what: str) -> str | None:
+    """Why a tool must not answer, when a feed it judges with has no data; else None."""
+    missing = [d.feed for d in data if not d.has_data]
+    if not missing:
+        return None
+    return (
+        f"egressgw: cannot {what}: no data for feed(s) {', '.join(missing)} (its matches would "
+        "be missing from the answer); fix the source and run `egressgw feeds update`"
+    )
+
+
 async def _explain(
-    cfg: cfgmod.Config, base: Path, source: str, target: str, protocol: str
-) -> list[str]:
-    # Feeds as the running gateway would have them at start: their last good data on disk.
-    matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
-    rt = build_runtime(cfg, build_services(cfg, MatcherThreats(lambda: matcher)))
+    cfg: cfgmod.Config, base: Path, source: str, target: str, protocol: str, fetch: bool
+) -> tuple[int, list[str]]:
     src = ipaddress.ip_address(source)
     host, port = parse_authority(target)
+    # The feed data the running gateway serves: stored, refreshed where it would have been.
+    manager, data = await feeds_cli.current_data(
+        cfg.feeds, base, cfg.state_dir / "feeds", fetch=fetch
+    )
+    lines = _feed_lines(data)
+    refusal = _no_data_message(data, "explain")
+    if refusal is not None:
+        return feeds_cli.EXIT_NO_DATA, [*lines, refusal]
+    rt = build_runtime(cfg, build_services(cfg, MatcherThreats(lambda: manager.matcher)))
     flow = Flow(src, 0, 0.0, 0.0)
     flow.host, flow.port, flow.protocol = host, port, protocol  # type: ignore[assignment]
     verdict = await check_flow(rt, flow)
     w = flow.workload
-    lines = [
+    lines += [
         f"source:      {src} -> "
         + (
             f"namespace {w.namespace}, pod {w.pod}, labels {dict(w.labels)}"
@@ -147,15 +179,17 @@ async def _explain(
         f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
         f"({d.rule_ref if d is not None else 'no rule'}): {verdict.reason}"
     )
-    return lines
+    return (0 if verdict.allowed else EXIT_DENY), lines
 
 
 def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Print how policy decides one flow, step by step."""
+    """Print how policy decides one flow, step by step, and which feed data it used."""
     out = out or sys.stdout
     try:
         cfg, base = _feeds_context(args)
-        lines = uvloop.run(_explain(cfg, base, args.source, args.to, args.protocol))
+        code, lines = uvloop.run(
+            _explain(cfg, base, args.source, args.to, args.protocol, not args.offline)
+        )
     except ConfigError as e:
         for line in e.errors:
             print(line, file=out)
@@ -164,7 +198,7 @@ def cmd_explain(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"egressgw: {e}", file=out)
         return 2
     print("\n".join(lines), file=out)
-    return 0 if lines[-1].startswith("decision:    ALLOW") else 3
+    return code
 
 
 def _feeds_context(args: argparse.Namespace) -> tuple[cfgmod.Config, Path]:
@@ -182,31 +216,90 @@ def cmd_feeds_update(args: argparse.Namespace) -> int:
 
 
 def cmd_feeds_check(args: argparse.Namespace) -> int:
-    """Parse a local feed file and report what was found and rejected."""
-    options = ParseOptions.model_validate(dict(args.option or []))
-    return feeds_cli.check_file(args.file, args.format, options, sys.stdout)
+    """Parse a local feed file and report what was found, what was rejected, and the verdict."""
+    try:
+        options = ParseOptions.model_validate(dict(args.option or []))
+    except ValidationError as e:
+        known = ", ".join(ParseOptions.model_fields)
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown option; known: {known}"
+            print(f"egressgw: --option {key}: {msg}", file=sys.stderr)
+        return feeds_cli.EXIT_USAGE
+    return feeds_cli.check_file(
+        args.file, args.format, options, sys.stdout, allow_empty=args.allow_empty
+    )
+
+
+def _warn_stale(data: Sequence[feeds_cli.FeedData]) -> None:
+    for d in data:
+        if d.stale or d.error:
+            print(f"egressgw: warning: feed {d.describe()}", file=sys.stderr)
 
 
 def cmd_feeds_lookup(args: argparse.Namespace) -> int:
-    """Say which configured feeds list a value (from their last good data)."""
+    """Say which configured feeds list a value, from the data the gateway would serve."""
     cfg, base = _feeds_context(args)
-    matcher = feeds_cli.load_matcher(cfg.feeds, base, cfg.state_dir / "feeds")
-    return feeds_cli.lookup(args.value, matcher, sys.stdout)
+    if not cfg.feeds:
+        hint = "" if args.config is not None else " (no --config given)"
+        print(f"egressgw: no feeds configured{hint}: nothing to look up in", file=sys.stderr)
+        return feeds_cli.EXIT_USAGE
+    manager, data = uvloop.run(
+        feeds_cli.current_data(cfg.feeds, base, cfg.state_dir / "feeds", fetch=not args.offline)
+    )
+    refusal = _no_data_message(data, f"look up {args.value}")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return feeds_cli.EXIT_NO_DATA
+    _warn_stale(data)
+    return feeds_cli.lookup(args.value, manager.matcher, sys.stdout)
 
 
 def cmd_firewall_nft(args: argparse.Namespace) -> int:
     """Render (or load) an nftables set of the IPs and CIDRs the blocklists serve."""
     cfg, base = _feeds_context(args)
-    manager = FeedManager(
-        list(cfg.feeds), base, cfg.state_dir / "feeds", registry=CollectorRegistry()
-    )
-    manager.load_state()
     try:
-        values = manager.blocklist_values("ip", args.feed or None)
-        script = to_nft_set(args.table, args.set, values)
+        to_nft_set(args.table, args.set, [])  # bad names are refused before any fetch
     except ValueError as e:
         print(f"egressgw: {e}", file=sys.stderr)
         return 2
+    manager, data = uvloop.run(
+        feeds_cli.current_data(cfg.feeds, base, cfg.state_dir / "feeds", fetch=not args.offline)
+    )
+    try:
+        values = manager.blocklist_values("ip", args.feed or None)
+    except MissingFeedData as e:
+        for d in data:
+            if d.feed in e.feeds:
+                print(f"egressgw: feed {d.describe()}", file=sys.stderr)
+        print(
+            f"egressgw: refusing to render the set: {e}; the firewall would lose their "
+            "addresses (fix the source and run `egressgw feeds update`, or leave them out "
+            "with --feed)",
+            file=sys.stderr,
+        )
+        return feeds_cli.EXIT_NO_DATA
+    except ValueError as e:
+        print(f"egressgw: {e}", file=sys.stderr)
+        return 2
+    _warn_stale(data)
+    target = f"{args.table} {args.set}_v4/_v6"
+    if not values and not args.allow_empty:
+        if args.config is None:
+            why = "no --config given, so no feeds"
+        elif not any(f.kind == "blocklist" and f.enabled for f in cfg.feeds):
+            why = "no enabled blocklist feed is configured"
+        else:
+            why = "the blocklists hold no IP addresses or networks"
+        print(
+            f"egressgw: refusing an empty set: {why}; loading it would remove every address "
+            f"from {target} (--allow-empty to do it anyway)",
+            file=sys.stderr,
+        )
+        return 1
+    script = to_nft_set(args.table, args.set, values)
     if not args.apply:
         sys.stdout.write(script)
         return 0
@@ -218,7 +311,7 @@ def cmd_firewall_nft(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         print(f"egressgw: nft refused the set: {done.stderr.strip()}", file=sys.stderr)
         return 1
-    print(f"loaded {len(values)} addresses and networks into {args.table} {args.set}_v4/_v6")
+    print(f"loaded {len(values)} addresses and networks into {target}")
     return 0
 
 
@@ -229,9 +322,20 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
+DESCRIPTION = (
+    "egressgw, an egress gateway: run it, check its configuration, explain a decision, "
+    "work with threat feeds and export blocklists to firewalls."
+)
+OFFLINE_HELP = (
+    "use only the feed data stored by the gateway or `feeds update`; refuse when a feed has "
+    "none (default: fetch feeds whose data is missing or older than their period, re-read "
+    "local files)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the egressgw command."""
-    parser = argparse.ArgumentParser(prog="egressgw", description=__doc__)
+    parser = argparse.ArgumentParser(prog="egressgw", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"egressgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")
@@ -244,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, help="configuration file")
     explain.add_argument("--from", dest="source", required=True, help="source IP address")
     explain.add_argument("--to", required=True, help="destination HOST:PORT")
-    explain.add_argument("--protocol", choices=["tls", "tcp", "http"], default="tls")
+    explain.add_argument(
+        "--protocol",
+        choices=["tls", "tcp", "http"],
+        default="tls",
+        help="what the flow carries, as policy protocols select it (default tls)",
+    )
+    explain.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     explain.set_defaults(func=cmd_explain)
     feeds = sub.add_parser("feeds", help="threat feeds: update, check a file, look up a value")
     feeds_sub = feeds.add_subparsers(dest="feeds_command", required=True)
@@ -253,15 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("names", nargs="*", help="feed names (default: every enabled feed)")
     update.set_defaults(func=cmd_feeds_update)
     fcheck = feeds_sub.add_parser("check", help="parse a local feed file and report")
-    fcheck.add_argument("file", type=Path)
+    fcheck.add_argument("file", type=Path, help="feed file to parse (gzip is decompressed)")
     fcheck.add_argument("--format", required=True, help="lines, hosts, csv, json, spamhaus, stix")
     fcheck.add_argument(
         "--option", action="append", type=_option, help="format option KEY=VALUE (repeatable)"
+    )
+    fcheck.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="judge it as a feed with allow_empty: true (an empty list is accepted)",
     )
     fcheck.set_defaults(func=cmd_feeds_check)
     lookup = feeds_sub.add_parser("lookup", help="which feeds list a domain, IP or URL, and why")
     lookup.add_argument("value")
     lookup.add_argument("--config", type=Path, help="configuration file")
+    lookup.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     lookup.set_defaults(func=cmd_feeds_lookup)
     firewall = sub.add_parser("firewall", help="blocklists for firewalls")
     fw_sub = firewall.add_subparsers(dest="firewall_command", required=True)
@@ -271,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     nft.add_argument("--set", default="blocked", help="set name prefix (default blocked)")
     nft.add_argument("--feed", action="append", help="only this feed (repeatable)")
     nft.add_argument("--apply", action="store_true", help="load the sets with nft -f")
+    nft.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="render or load an empty set (refused by default: it empties the firewall's)",
+    )
+    nft.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     nft.set_defaults(func=cmd_firewall_nft)
     return parser
 

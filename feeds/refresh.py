@@ -76,6 +76,14 @@ class UpdateReport:
         return self.status in ("updated", "unchanged", "disabled")
 
 
+class MissingFeedData(LookupError):
+    """Feeds asked for have no data yet: an empty answer would be a lie, not "nothing listed"."""
+
+    def __init__(self, feeds: Sequence[str]) -> None:
+        self.feeds = tuple(feeds)
+        super().__init__(f"no data yet for feed(s): {', '.join(self.feeds)}")
+
+
 @dataclass(frozen=True, slots=True)
 class FeedStatus:
     """What is known about one feed right now."""
@@ -89,6 +97,7 @@ class FeedStatus:
     rejected_lines: int
     last_error: str | None
     age: float | None
+    has_data: bool = False  # fetched or stored data is served (an allowed empty list counts)
 
 
 @dataclass(slots=True)
@@ -215,6 +224,7 @@ class FeedManager:
                 rejected_lines=f.rejected_lines,
                 last_error=f.last_error,
                 age=None if f.last_success is None else max(0.0, now - f.last_success),
+                has_data=f.has_data,
             )
             for name, f in self._feeds.items()
         }
@@ -491,6 +501,9 @@ class FeedManager:
     def blocklist_values(self, kind: str, feeds: Iterable[str] | None = None) -> list[str]:
         """Every value the blocklists serve of a kind (``ip``: addresses and networks,
         ``domain``, ``url``), sorted, from the named feeds or all; for firewall exports.
+
+        Raises ``MissingFeedData`` when an enabled blocklist among them has no data yet: a
+        firewall loading the answer would otherwise drop every entry it had.
         """
         types = _EXPORT_TYPES.get(kind)
         if types is None:
@@ -498,12 +511,16 @@ class FeedManager:
         wanted = None if feeds is None else set(feeds)
         if wanted is not None and (unknown := wanted - set(self._feeds)):
             raise ValueError(f"unknown feed(s): {', '.join(sorted(unknown))}")
+        chosen = [
+            f
+            for name, f in self._feeds.items()
+            if f.spec.kind == "blocklist" and f.spec.enabled and (wanted is None or name in wanted)
+        ]
+        if missing := [f.spec.name for f in chosen if not f.has_data]:
+            raise MissingFeedData(missing)
         values: set[str] = set()
-        for name, f in self._feeds.items():
-            if f.spec.kind != "blocklist" or not f.has_data or not f.spec.enabled:
-                continue
-            if wanted is None or name in wanted:
-                values.update(v for t, v, _ in f.indicators.triples() if t in types)
+        for f in chosen:
+            values.update(v for t, v, _ in f.indicators.triples() if t in types)
         return sorted(values)
 
     def _publish(self, f: _FeedState) -> None:

@@ -2,6 +2,10 @@
 
 It reads the gateway through the small ``AdminSource`` protocol below and never changes it, so
 new pages (the egress map) are added here without touching the proxy.
+
+An EDL asked for while one of its feeds has no data yet (before the first fetch succeeded) is
+answered ``503`` with ``Retry-After``, never an empty list: a firewall polling it would drop
+every entry it holds, while on an error it keeps its last list.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from egressgw.decision.names import parse_ip_port
+from feeds.refresh import MissingFeedData
 from siem.firewall import to_edl
 
 EDL_KINDS = {"ips": "ip", "domains": "domain", "urls": "url"}
+EDL_RETRY_AFTER = 30  # seconds a firewall is told to wait while feeds have no data yet
 
 
 class AdminSource(Protocol):
@@ -26,7 +32,10 @@ class AdminSource(Protocol):
         ...
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
-        """The blocked values of one kind (``ip``, ``domain``, ``url``); blocking: file reads."""
+        """The blocked values of one kind (``ip``, ``domain``, ``url``); blocking: file reads.
+
+        Raises ``MissingFeedData`` when a blocklist among them has no data yet.
+        """
         ...
 
 
@@ -79,6 +88,10 @@ class AdminServer:
         names = [n for n in feed.split(",") if n] if feed else None
         try:
             values = await asyncio.to_thread(self.source.blocklist_values, kind, names)
+        except MissingFeedData as e:
+            raise web.HTTPServiceUnavailable(
+                text=f"{e}\n", headers={"Retry-After": str(EDL_RETRY_AFTER)}
+            ) from e
         except ValueError as e:
             raise web.HTTPBadRequest(text=f"{e}\n") from e
         return web.Response(body=to_edl(values), content_type="text/plain", charset="utf-8")

@@ -5,7 +5,8 @@ Rules:
 1. ``load_config(path)`` reads the gateway configuration and every policy file it names; relative
    paths are relative to the configuration file.
 2. Every error is collected, not only the first, and each names file, line and key path;
-   ``ConfigError.errors`` lists them (``egressgw check`` prints them all).
+   ``ConfigError.errors`` lists them (``egressgw check`` prints them all). A sink's TLS files
+   must exist and load (a CA certificate, a certificate with its unencrypted key).
 3. The result is immutable. A reload builds a new one and swaps it in whole, or keeps the old one.
 4. Without a file, ``default_config()`` is the embedded default: proxy on 127.0.0.1:3128, admin on
    127.0.0.1:9090, events to stdout, the guard on, everything else allowed.
@@ -25,7 +26,15 @@ from egressgw.decision import policy
 from egressgw.decision.names import normalise_name, parse_ip_port
 from egressgw.identity.static import StaticInventory
 from egressgw.identity.workload import Workload
-from siem.config import SinkSpec, SpoolSpec, StdoutSinkSpec, parse_size, resolve_paths
+from feeds.fetch import FetchError, resolve_local
+from siem.config import (
+    SinkSpec,
+    SpoolSpec,
+    StdoutSinkSpec,
+    parse_size,
+    resolve_paths,
+    tls_file_problems,
+)
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
@@ -323,6 +332,49 @@ def _unknown_feeds(doc: YamlDocument, feed_names: set[str]) -> list[str]:
     return out
 
 
+def _by_line(doc: YamlDocument, errors: list[str]) -> list[str]:
+    """One file's errors in the order of their lines (each starts ``file:line:``)."""
+    prefix = f"{doc.path}:"
+
+    def line(error: str) -> int:
+        number = error.removeprefix(prefix).partition(":")[0]
+        return int(number) if number.isdigit() else 0
+
+    return sorted(errors, key=line)
+
+
+def _duplicate_names(doc: YamlDocument, seen_tiers: dict[str, str]) -> list[str]:
+    """Tiers named twice (in any file) and rules named twice in a tier, from the raw file.
+
+    ``seen_tiers`` maps each tier name met so far to ``file:line`` and is updated.
+    """
+    out = []
+    tiers = doc.data.get("tiers") if isinstance(doc.data, dict) else None
+    for ti, tier in enumerate(tiers if isinstance(tiers, list) else []):
+        name = tier.get("name") if isinstance(tier, dict) else None
+        if not isinstance(name, str):
+            continue
+        where = f"{doc.path}:{doc.line_of(['tiers', ti, 'name'])}"
+        if name in seen_tiers:
+            out.append(f"{where}: tiers[{ti}].name: tier {name!r} also in {seen_tiers[name]}")
+        else:
+            seen_tiers[name] = where
+        rules = tier.get("rules")
+        names: set[str] = set()
+        for ri, rule in enumerate(rules if isinstance(rules, list) else []):
+            rule_name = rule.get("name") if isinstance(rule, dict) else None
+            if not isinstance(rule_name, str):
+                continue
+            if rule_name in names:
+                line = doc.line_of(["tiers", ti, "rules", ri, "name"])
+                out.append(
+                    f"{doc.path}:{line}: tiers[{ti}].rules[{ri}].name: "
+                    f"duplicate rule {rule_name!r} in tier {name!r}"
+                )
+            names.add(rule_name)
+    return out
+
+
 def _check_expressions(spec: RuleSpec) -> list[tuple[list[str | int], str]]:
     problems: list[tuple[list[str | int], str]] = []
     for i, e in enumerate(spec.from_.matchExpressions):
@@ -349,32 +401,33 @@ def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
         except ConfigError as e:
             errors.extend(e.errors)
             continue
+        found: list[str] = []
+        # Names and the default are checked on the file as written: schema errors hide none.
+        found.extend(_duplicate_names(doc, seen_tiers))
+        raw_default = doc.data.get("default") if isinstance(doc.data, dict) else None
+        if raw_default is not None:
+            if default is not None:
+                found.append(f"{path}:{doc.line_of(['default'])}: default: set in two files")
+            if raw_default in ("allow", "deny"):
+                default = raw_default
         try:
             spec = PolicyFile.model_validate(doc.data)
         except ValidationError as e:
-            errors.extend(doc.errors_from(e))
+            found.extend(doc.errors_from(e))
             # Schema errors stop the compile, not the other checks: report those too.
-            errors.extend(_unknown_feeds(doc, feed_names))
+            found.extend(_unknown_feeds(doc, feed_names))
+            errors.extend(_by_line(doc, found))
             continue
-        if spec.default is not None:
-            if default is not None:
-                errors.append(f"{path}:{doc.line_of(['default'])}: default: set in two files")
-            default = spec.default
 
-        def err(loc: list[str | int], msg: str, doc: YamlDocument = doc) -> None:
+        def err(
+            loc: list[str | int], msg: str, doc: YamlDocument = doc, found: list[str] = found
+        ) -> None:
             key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".")
-            errors.append(f"{doc.path}:{doc.line_of(loc)}: {key}: {msg}")
+            found.append(f"{doc.path}:{doc.line_of(loc)}: {key}: {msg}")
 
         for ti, tier in enumerate(spec.tiers):
-            if tier.name in seen_tiers:
-                err(["tiers", ti, "name"], f"tier {tier.name!r} also in {seen_tiers[tier.name]}")
-            seen_tiers[tier.name] = f"{path}:{doc.line_of(['tiers', ti, 'name'])}"
-            names: set[str] = set()
             for ri, rule in enumerate(tier.rules):
                 key: list[str | int] = ["tiers", ti, "rules", ri]
-                if rule.name in names:
-                    err([*key, "name"], f"duplicate rule {rule.name!r} in tier {tier.name!r}")
-                names.add(rule.name)
                 for fi, feed in enumerate(rule.to.feeds):
                     if feed != "*" and feed not in feed_names:
                         err([*key, "to", "feeds", fi], _no_feed(feed))
@@ -383,6 +436,7 @@ def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
             tiers.append(
                 policy.Tier(tier.name, tuple(compile_rule(r) for r in tier.rules), tier.default)
             )
+        errors.extend(_by_line(doc, found))
     if errors:
         raise ConfigError(errors)
     return policy.Policy(tuple(tiers), default or "deny")
@@ -402,29 +456,55 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
 
 def load_config(path: Path) -> Config:
     """Load and validate a configuration file (policy files are loaded by ``load_policy``)."""
+    cfg, errors = read_config(path)
+    if errors or cfg is None:
+        raise ConfigError(errors)
+    return cfg
+
+
+def read_config(path: Path) -> tuple[Config | None, list[str]]:
+    """The configuration and every error found in it; the model is None when the schema failed.
+
+    A model comes back beside errors that do not stop the others from being found (a missing
+    TLS file, two feeds with one name), so ``check`` can go on to the policy files.
+    """
     doc = YamlDocument(path)
     try:
         cfg = Config.model_validate(doc.data, context={"base_dir": path.parent})
     except ValidationError as e:
-        raise ConfigError(doc.errors_from(e)) from e
+        return None, doc.errors_from(e)
+    errors = []
     try:
         feeds_spec.check_unique_names(cfg.feeds)
     except ValueError as e:
-        raise ConfigError([f"{path}:{doc.line_of(['feeds'])}: feeds: {e}"]) from e
+        errors.append(f"{path}:{doc.line_of(['feeds'])}: feeds: {e}")
     cfg = _resolve_relative(cfg, path.parent)
-    missing = [
-        f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: file not found: {value}"
-        for i, sink in enumerate(cfg.sinks)
-        for key in _SINK_FILES
-        if isinstance(value := getattr(sink, key, None), Path) and not value.is_file()
-    ]
-    if missing:
-        raise ConfigError(missing)
-    return cfg
+    for i, sink in enumerate(cfg.sinks):
+        for key, problem in tls_file_problems(sink):
+            errors.append(f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: {problem}")
+    return cfg, errors
 
 
-# Files a sink reads at start (TLS material): a missing one is a configuration error.
-_SINK_FILES = ("ca", "cert", "key")
+def feed_file_errors(path: Path, cfg: Config) -> list[str]:
+    """Local feed files of enabled feeds that do not exist (for ``check``).
+
+    Not a reason to refuse a configuration: the gateway runs, keeps retrying and is not ready
+    until the file appears, and a reload (which changes no feed) must not fail over it.
+    """
+    doc = YamlDocument(path)
+    out = []
+    for i, spec in enumerate(cfg.feeds):
+        if not spec.enabled or spec.is_remote:
+            continue
+        try:
+            file = resolve_local(spec.url, path.parent)
+        except FetchError as e:
+            out.append(f"{path}:{doc.line_of(['feeds', i, 'url'])}: feeds[{i}].url: {e.reason}")
+            continue
+        if not file.is_file():
+            line = doc.line_of(["feeds", i, "url"])
+            out.append(f"{path}:{line}: feeds[{i}].url: feed file not found: {file}")
+    return out
 
 
 def default_config() -> Config:

@@ -310,3 +310,54 @@ async def test_reload_keeps_the_services_and_renews_only_what_changed(
     assert feed_gateway.inventory.generation == generation + 1
     local = renewed.inventory.lookup(Peer(ipaddress.ip_address("127.0.0.1")))
     assert local.namespace == "local"
+
+
+async def _reloads_done(gw: Gateway) -> None:
+    """Wait until the gateway's reloader has run every request."""
+    if gw._reloader is not None:
+        await gw._reloader
+
+
+async def test_sighup_and_the_watcher_reload_one_broken_edit_once(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken edit seen by both SIGHUP and the file watcher is one failed reload, logged."""
+    (tmp_path / "policy.yaml").write_text("tiers: [{name: t, rules: [{name: x}]}]\n")
+    gateway.request_reload("SIGHUP")
+    await gateway._check_files()  # the watcher's poll, in the same instant
+    await _reloads_done(gateway)
+    await gateway._check_files()  # and its next poll, after the reload read the edit
+    await _reloads_done(gateway)
+    assert gateway.metrics.reloads == {"failed": 1}
+    out = capsys.readouterr().out
+    assert "reload requested" in out and "SIGHUP" in out
+
+
+async def test_a_reload_asked_for_during_a_reload_runs_once_after_it(
+    gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests arriving while a reload runs make exactly one more, after it: never two at once."""
+    started, release = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real_load = Gateway._load
+    loads = 0
+
+    def slow_load(*args: object) -> object:
+        nonlocal loads
+        loads += 1
+        loop.call_soon_threadsafe(started.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return real_load(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gateway, "_load", slow_load)
+    gateway.request_reload("SIGHUP")
+    await asyncio.wait_for(started.wait(), 5)
+    (tmp_path / "policy.yaml").write_text(DENY_ALL)
+    gateway.request_reload("SIGHUP")
+    gateway.request_reload("SIGHUP")
+    await gateway._check_files()
+    assert loads == 1
+    release.set()
+    await asyncio.wait_for(_reloads_done(gateway), 10)
+    assert loads == 2 and gateway.metrics.reloads == {"ok": 2}
+    assert gateway.runtime.policy.default == "deny" and not gateway.runtime.policy.tiers

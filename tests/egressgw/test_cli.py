@@ -27,6 +27,19 @@ def config(tmp_path: Path) -> Path:
         "  - {name: ips, url: ips.txt, format: lines}\n"
         "  - {name: domains, url: domains.txt, format: lines}\n"
         "policy: {files: [policy.yaml]}\n"
+        # Nothing listens there: names do not resolve, fast, and feed matches still decide.
+        "resolver: {nameservers: ['127.0.0.1:9'], timeout: 1}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def unreachable_feed(tmp_path: Path) -> Path:
+    """A configuration whose only feed is a URL nothing answers, with nothing stored."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "feeds:\n"
+        "  - {name: remote, url: 'http://127.0.0.1:9/list.txt', format: lines, retries: 0}\n"
     )
     return path
 
@@ -65,3 +78,120 @@ def test_feeds_check_reports_rejected(tmp_path: Path, capsys: pytest.CaptureFixt
     main(["feeds", "check", str(path), "--format", "lines"])
     out = capsys.readouterr().out
     assert "indicators: 2" in out and "rejected: 1" in out
+
+
+def test_explain_judges_with_the_local_feed_before_any_update(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no stored feed data, ``explain`` reads the local feed files and says it did."""
+    code = main(
+        ["explain", "--config", str(config), "--from", "10.1.1.1", "--to", "api.evil.example:443"]
+    )
+    out = capsys.readouterr().out
+    assert code == 3, out
+    assert "feed data:   ips: 2 entries, fetched now (age 0s)" in out
+    assert "domains: 1 entries, fetched now (age 0s)" in out
+    assert "feed match:  domains: api.evil.example" in out
+    assert out.rstrip().splitlines()[-1].startswith("decision:    DENY (security/block-feeds)")
+
+
+def test_explain_reads_a_local_feed_edited_since_the_last_update(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name added to a local feed after ``feeds update`` is denied by ``explain`` at once."""
+    assert main(["feeds", "update", "--config", str(config)]) == 0
+    (config.parent / "domains.txt").write_text("evil.example\napi.partner.example\n")
+    capsys.readouterr()
+    args = ["--config", str(config), "--from", "10.1.1.1", "--to", "api.partner.example:8081"]
+    assert main(["explain", *args]) == 3
+    assert "feed match:  domains: api.partner.example" in capsys.readouterr().out
+
+
+def test_explain_offline_names_the_age_of_stored_data(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``explain --offline`` uses the stored data and says how old it is."""
+    assert main(["feeds", "update", "--config", str(config)]) == 0
+    capsys.readouterr()
+    args = ["--config", str(config), "--from", "10.1.1.1", "--to", "203.0.113.7:443", "--offline"]
+    assert main(["explain", *args]) == 3
+    out = capsys.readouterr().out
+    assert "feed data:   ips: 2 entries, stored (age 0s)" in out
+    assert "feed match:  ips: 203.0.113.7" in out
+
+
+def test_feeds_lookup_before_any_update(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``feeds lookup`` answers from the local feed files when nothing is stored yet."""
+    assert main(["feeds", "lookup", "sub.evil.example", "--config", str(config)]) == 0
+    assert "domains: domain-name evil.example" in capsys.readouterr().out
+
+
+def test_feeds_lookup_without_config_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without ``--config`` there are no feeds: ``lookup`` says so (exit 2), not "not listed"."""
+    assert main(["feeds", "lookup", "sub.evil.example"]) == 2
+    captured = capsys.readouterr()
+    assert "not listed" not in captured.out
+    assert "no feeds configured (no --config given)" in captured.err
+
+
+def test_tools_refuse_to_answer_without_feed_data(
+    unreachable_feed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A feed with no data, stored or fetched, makes explain and lookup refuse with exit 4."""
+    explain = ["explain", "--config", str(unreachable_feed), "--from", "10.1.1.1"]
+    assert main([*explain, "--to", "203.0.113.7:443"]) == 4
+    out = capsys.readouterr().out
+    assert "remote: no data: request failed" in out
+    assert "cannot explain: no data for feed(s) remote" in out and "decision:" not in out
+    lookup = ["feeds", "lookup", "203.0.113.7", "--config", str(unreachable_feed)]
+    assert main(lookup) == 4
+    assert main([*lookup, "--offline"]) == 4
+    captured = capsys.readouterr()
+    assert "not listed" not in captured.out
+    assert "cannot look up 203.0.113.7: no data for feed(s) remote" in captured.err
+
+
+def test_feeds_check_reports_bad_options_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt or ill-typed ``--option`` is a usage error (exit 2) naming the option."""
+    path = tmp_path / "list.csv"
+    path.write_text("url\nhttp://evil.example/x\n")
+    args = ["feeds", "check", str(path), "--format", "csv"]
+    assert main([*args, "--option", "colum=url", "--option", "max_samples=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--option colum: unknown option; known: column, delimiter" in err
+    assert "--option max_samples: Input should be a valid integer" in err
+    assert "Traceback" not in err and "ValidationError" not in err
+
+
+def help_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The help the command prints for argv (argparse exits 0 after printing it)."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_plain_text_and_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Top-level help has no docstring markup and its description names feeds and firewall."""
+    text = help_text(["--help"], capsys)
+    description = text.split("\n\n")[1]
+    assert "``" not in text
+    assert "threat feeds" in description and "firewalls" in description
+
+
+def test_every_argument_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``explain --protocol`` and the ``file`` of ``feeds check`` say what they are."""
+    assert "what the flow carries" in help_text(["explain", "--help"], capsys)
+    assert "feed file to parse" in help_text(["feeds", "check", "--help"], capsys)
+
+
+def test_run_counts_one_error_in_the_singular(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A configuration with one error is "refused (1 error)", not "(1 errors)"."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("proxy: {listen: nowhere}\n")
+    assert main(["run", "--config", str(path)]) == 1
+    assert "egressgw: configuration refused (1 error):" in capsys.readouterr().err

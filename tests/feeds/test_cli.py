@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
-from feeds.cli import check_file, load_matcher, lookup, update_async
+from feeds.cli import check_file, current_data, load_matcher, lookup, update_async
 from feeds.options import ParseOptions
 from feeds.spec import FeedSpec
+from feeds.state import StoredFeed, save_feed
 
 from .conftest import FeedServer
 
@@ -84,3 +86,67 @@ def test_check_file_failures(tmp_path: Path) -> None:
     js.write_text("[1, 2")
     assert check_file(js, "json", ParseOptions(), out) == 1 and "invalid JSON" in out.getvalue()
     assert check_file(tmp_path / "missing", "lines", None, out) == 2
+
+
+async def test_current_data_reads_an_edited_local_file(tmp_path: Path) -> None:
+    """A local feed edited after its data was stored is read again, as the gateway would."""
+    (tmp_path / "doms.txt").write_text("evil.example\n")
+    specs = [FeedSpec(name="doms", url="doms.txt", format="lines")]
+    await update_async(specs, tmp_path, tmp_path / "st", [], io.StringIO())
+    (tmp_path / "doms.txt").write_text("evil.example\napi.partner.example\n")
+    manager, data = await current_data(specs, tmp_path, tmp_path / "st")
+    assert manager.matcher.match_domain("api.partner.example")
+    assert data[0].entries == 2 and data[0].origin == "fetched now" and not data[0].stale
+    assert data[0].describe() == "doms: 2 entries, fetched now (age 0s)"
+
+
+async def test_current_data_fetches_missing_and_stale_remote_data_only(
+    feed_server: FeedServer, tmp_path: Path
+) -> None:
+    """Remote data is fetched when none is stored or it is older than the period, not otherwise."""
+    feed_server.serve("/ips", b"1.2.3.4\n")
+    specs = [FeedSpec(name="ips", url=feed_server.url("/ips"), format="lines", period=3600)]
+    manager, data = await current_data(specs, tmp_path, tmp_path / "st")
+    assert manager.matcher.match_ip("1.2.3.4") and data[0].origin == "fetched now"
+    assert feed_server.hits["/ips"] == 1
+    manager, data = await current_data(specs, tmp_path, tmp_path / "st")
+    assert feed_server.hits["/ips"] == 1 and data[0].origin == "stored" and data[0].has_data
+    later = time.time() + 7200
+    manager, data = await current_data(specs, tmp_path, tmp_path / "st", clock=lambda: later)
+    assert feed_server.hits["/ips"] == 2 and not data[0].stale
+
+
+async def test_current_data_reports_missing_and_stale_data(
+    feed_server: FeedServer, tmp_path: Path
+) -> None:
+    """No data is reported with the reason; stored data older than the period is marked stale."""
+    specs = [FeedSpec(name="ips", url=feed_server.url("/ips"), format="lines", retries=0)]
+    manager, data = await current_data(specs, tmp_path, tmp_path / "st")
+    assert not data[0].has_data and data[0].describe() == "ips: no data: HTTP 404 Not Found"
+    _, data = await current_data(specs, tmp_path, tmp_path / "st", fetch=False)
+    assert not data[0].has_data and feed_server.hits["/ips"] == 1
+    save_feed(
+        tmp_path / "st",
+        "ips",
+        StoredFeed(b"1.2.3.4\n", specs[0].url, last_success=time.time() - 7300),
+    )
+    manager, data = await current_data(specs, tmp_path, tmp_path / "st")
+    assert manager.matcher.match_ip("1.2.3.4")
+    assert data[0].describe() == (
+        "ips: 1 entries, stored (age 2h1m), older than its period; "
+        "refresh failed: HTTP 404 Not Found"
+    )
+    _, data = await current_data(specs, tmp_path, tmp_path / "st", fetch=False)
+    assert data[0].stale and feed_server.hits["/ips"] == 2
+
+
+def test_check_file_gives_the_guards_verdict_on_an_empty_list(tmp_path: Path) -> None:
+    """A file with no indicators is refused as the gateway would, unless empty is allowed."""
+    path = tmp_path / "empty.txt"
+    path.write_text("# nothing listed today\n")
+    out = io.StringIO()
+    assert check_file(path, "lines", None, out) == 1
+    assert "verdict: the gateway would refuse this update: no indicators" in out.getvalue()
+    out = io.StringIO()
+    assert check_file(path, "lines", None, out, allow_empty=True) == 0
+    assert "verdict: the gateway would accept it" in out.getvalue()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feeds.refresh import FeedManager, UpdateReport
+from feeds.refresh import FeedManager, MissingFeedData, UpdateReport
 from feeds.spec import FeedSpec
 
 from .conftest import FeedServer
@@ -217,3 +217,16 @@ async def test_fresh_stored_data_is_not_refetched_at_start(
     finally:
         await restarted.stop()
     assert feed_server.hits["/ips"] == 1
+
+
+async def test_blocklist_values_refuses_feeds_without_data(tmp_path: Path) -> None:
+    """An export of a blocklist that has no data yet raises instead of answering empty."""
+    (tmp_path / "a.txt").write_text("1.1.1.1\n")
+    specs = [_spec("a", "a.txt"), _spec("gone", "missing.txt"), _spec("off", "x", enabled=False)]
+    manager = _manager(specs, tmp_path)
+    await manager.update_now(["a", "gone"])
+    with pytest.raises(MissingFeedData) as caught:
+        manager.blocklist_values("ip")
+    assert caught.value.feeds == ("gone",) and "gone" in str(caught.value)
+    assert manager.blocklist_values("ip", ["a"]) == ["1.1.1.1"]
+    assert manager.status()["a"].has_data and not manager.status()["gone"].has_data

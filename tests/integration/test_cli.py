@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -176,3 +177,28 @@ def test_policy_file_change_is_applied_without_a_signal(
         assert status_until(gw, url, 200) == 200
         policy.write_text(policy.read_text().replace("ports: [8443, 8080]", "ports: [8443]"))
         assert status_until(gw, url, 403, timeout=WATCH_TIMEOUT) == 403
+
+
+@pytest.mark.parametrize("taken", ["proxy", "admin"])
+def test_run_names_a_taken_address_and_leaves_nothing_open(tmp_path: Path, taken: str) -> None:
+    """A listen address in use stops `run` with exit 1 naming the key and address, no warning."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        addresses = {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0", taken: f"127.0.0.1:{port}"}
+        (tmp_path / "ips.txt").write_text("203.0.113.7\n")
+        config = tmp_path / "gw.yaml"
+        config.write_text(
+            f"proxy: {{listen: '{addresses['proxy']}'}}\n"
+            f"admin: {{listen: '{addresses['admin']}'}}\n"
+            "feeds: [{name: ips, url: ips.txt, format: lines}]\n"
+            "sinks: [{type: file, path: events.jsonl}]\n"
+        )
+        done = egressgw("run", "--config", str(config))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (
+        f"egressgw: cannot start: {taken}.listen 127.0.0.1:{port}: Address already in use"
+        in done.stderr
+    )
+    assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr, done.stderr

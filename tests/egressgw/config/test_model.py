@@ -8,6 +8,7 @@ import pytest
 from egressgw.cli import main
 from egressgw.config.model import default_config, load_config, load_policy
 from egressgw.config.source import ConfigError
+from tests.support.pki import make_client_tls, make_test_pki
 
 CONTRACT = Path(__file__).resolve().parents[3].parent / "shared" / "contract"
 
@@ -121,7 +122,7 @@ def test_siem_contract_needs_its_ca_file(contract_dir: Path) -> None:
     assert error.startswith(
         f"{contract_dir / 'egressgw-siem.yaml'}:34: sinks[1].ca: file not found"
     )
-    (contract_dir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (contract_dir / "ca.pem").write_bytes(make_test_pki(contract_dir / "pki").ca_cert.read_bytes())
     cfg = load_config(contract_dir / "egressgw-siem.yaml")
     assert [s.type for s in cfg.sinks] == [
         "file",
@@ -158,3 +159,81 @@ def test_ipv6_addresses_spelled_as_the_resolver_takes_them(tmp_path: Path) -> No
     cfg = load_config(path)
     assert cfg.proxy.listen == "[::1]:3128"
     assert len(cfg.resolver.nameservers) == 4
+
+
+def test_check_reports_a_missing_ca_and_a_missing_policy_file_at_once(
+    contract_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check`` goes on to the policy files when a sink's CA file is missing: both reported."""
+    config = contract_dir / "egressgw-siem.yaml"
+    (contract_dir / "policy.yaml").unlink()
+    assert main(["check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"{config}:34: sinks[1].ca: file not found" in out
+    assert f"{contract_dir / 'policy.yaml'}: cannot read: No such file or directory" in out
+    assert out.rstrip().endswith("2 errors")
+
+
+def test_a_ca_file_that_is_not_a_certificate_is_refused(contract_dir: Path) -> None:
+    """A sink's ca that holds no PEM certificate is an error naming file, line and key."""
+    (contract_dir / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(contract_dir / "egressgw-siem.yaml")
+    [error] = info.value.errors
+    assert error.startswith(f"{contract_dir / 'egressgw-siem.yaml'}:34: sinks[1].ca: ")
+    assert "not a PEM CA certificate" in error
+
+
+def test_a_client_key_that_does_not_match_its_certificate_is_refused(tmp_path: Path) -> None:
+    """cert and key of a syslog sink must load together: another key is refused."""
+    mine, other = make_client_tls(tmp_path / "a"), make_client_tls(tmp_path / "b")
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "sinks:\n"
+        "  - type: syslog\n"
+        "    address: siem.example:6514\n"
+        "    transport: tls\n"
+        f"    ca: {mine.ca_cert}\n"
+        f"    cert: {mine.cert}\n"
+        f"    key: {other.key}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [error] = info.value.errors
+    assert error.startswith(f"{path}:6: sinks[0].cert: {mine.cert} with {other.key}: not a PEM")
+    path.write_text(path.read_text().replace(str(other.key), str(mine.key)))
+    assert load_config(path).sinks[0].type == "syslog"
+
+
+def test_check_reports_a_missing_local_feed_file(
+    contract_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check`` names a local feed file that does not exist, with its line."""
+    config = contract_dir / "egressgw.yaml"
+    (contract_dir / "feed-ips.txt").unlink()
+    assert main(["check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"feeds[0].url: feed file not found: {contract_dir / 'feed-ips.txt'}" in out
+    assert out.rstrip().endswith("1 error")
+
+
+def test_schema_errors_do_not_hide_duplicate_tiers(tmp_path: Path) -> None:
+    """A tier named twice is reported although the second file also has a schema error."""
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("default: deny\ntiers:\n  - name: security\n")
+    second.write_text(
+        "default: allow\n"
+        "tiers:\n"
+        "  - name: security\n"
+        "    rules:\n"
+        "      - {name: r, action: permit}\n"
+        "      - {name: r, action: deny}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_policy((first, second), set())
+    assert info.value.errors == [
+        f"{second}:1: default: set in two files",
+        f"{second}:3: tiers[0].name: tier 'security' also in {first}:3",
+        f"{second}:5: tiers[0].rules[0].action: Input should be 'allow', 'deny' or 'pass'",
+        f"{second}:6: tiers[0].rules[1].name: duplicate rule 'r' in tier 'security'",
+    ]
