@@ -33,8 +33,8 @@ from siem.config import (
     StdoutSinkSpec,
     parse_size,
     resolve_paths,
-    tls_file_problems,
 )
+from siem.tlsfiles import tls_file_problems
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
