@@ -6,7 +6,7 @@ Modules, one concept each (import them qualified):
 - ``feeds.normalise``: canonical domains, IPs and URLs (``normalise_domain``...) and hygiene.
 - ``feeds.parsers`` (+ ``feeds.stix``, ``feeds.jsonpath``): pure ``bytes -> ParseResult``.
 - ``feeds.matcher``: ``Matcher``, the immutable index answering ``match_ip/domain/url``.
-- ``feeds.guard``: whether an update may replace the last good data.
+- ``feeds.acceptance``: whether an update may replace the last good data.
 - ``feeds.fetch``, ``feeds.taxii``, ``feeds.state``: the I/O edges (HTTP, files, TAXII, disk).
 - ``feeds.refresh``: ``FeedManager``, which ties it together and swaps the matcher.
 - ``feeds.catalog``: ready definitions of well-known public feeds.

@@ -26,8 +26,8 @@ from typing import TextIO
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from feeds.acceptance import classify_body, classify_result
 from feeds.fetch import FetchError, gunzip_limited
-from feeds.guard import classify_body, classify_result
 from feeds.matcher import Matcher
 from feeds.options import ParseOptions
 from feeds.parsers import parse
@@ -215,7 +215,7 @@ def check_file(
     *,
     allow_empty: bool = False,
 ) -> int:
-    """Parse a local feed file, report what was found and rejected, and the guard's verdict."""
+    """Parse a local feed file, report what was found and rejected, and the acceptance verdict."""
     try:
         body = Path(path).read_bytes()
     except OSError as e:

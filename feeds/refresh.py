@@ -9,7 +9,7 @@ Rules:
   after a failure it retries sooner (``FAILURE_RETRY`` doubling, never later than the period).
   The first fetch happens at once unless the stored data is younger than the period.
 - An update runs: fetch (conditional) -> body guard -> parse -> result guard (see
-  ``feeds.guard``) -> persist -> rebuild the matcher -> swap the reference. A refused or failed
+  ``feeds.acceptance``) -> persist -> rebuild the matcher -> swap the reference. A refused or failed
   update keeps the last good data and says why: a log line, the ``last_error`` status, metrics
   and the ``on_report`` callback.
 - Parsing and matcher builds run in a worker thread so the event loop keeps serving.
@@ -35,7 +35,7 @@ import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from feeds import fetch as fetching
-from feeds.guard import classify_body, classify_result
+from feeds.acceptance import classify_body, classify_result
 from feeds.indicator import EMPTY_SET, IndicatorSet, IndicatorType, Provenance
 from feeds.matcher import FeedRules, Matcher
 from feeds.parsers import parse
@@ -139,7 +139,7 @@ class _Metrics:
         )
         self.failures = Counter(
             "feeds_update_failures",
-            "Updates that failed or were refused by the guard",
+            "Updates that failed or were refused by the acceptance checks",
             ["feed"],
             registry=registry,
         )

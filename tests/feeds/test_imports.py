@@ -9,7 +9,7 @@ import pytest
 
 PURE = [
     "feeds.catalog",
-    "feeds.guard",
+    "feeds.acceptance",
     "feeds.indicator",
     "feeds.jsonpath",
     "feeds.matcher",

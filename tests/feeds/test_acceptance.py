@@ -1,10 +1,10 @@
-"""Tests of feeds.guard: which updates may replace the last good data."""
+"""Tests of feeds.acceptance: which updates may replace the last good data."""
 
 from __future__ import annotations
 
 import pytest
 
-from feeds.guard import classify_body, classify_result, looks_like_html
+from feeds.acceptance import classify_body, classify_result, looks_like_html
 from feeds.indicator import Indicator, IndicatorSet, IndicatorType
 from feeds.result import ParseResult
 

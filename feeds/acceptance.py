@@ -1,4 +1,4 @@
-"""The refresh guard: should a new feed body replace the last good one? Pure judgements.
+"""Update acceptance: should a new feed body replace the last good one? Pure judgements.
 
 An update is refused, with the reason returned, when (in this order):
 
