@@ -299,6 +299,8 @@ class Gateway:
         if self._reloader is not None:
             self._reloader.cancel()
         await self.feeds.stop()
+        # After the connections: nothing waits on a lookup any more; any still running ends.
+        await self.runtime.resolver.aclose()
         await self.admin.stop()
         await self.exporter.aclose()
 

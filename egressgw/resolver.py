@@ -1,9 +1,26 @@
 """Resolution of destination names: A and AAAA, the CNAME chain, a TTL-respecting cache.
 
 The proxy connects only to addresses returned here and checked by the guard and policy; it never
-resolves a name a second time. Concurrent lookups of one name share one query. Answers are cached
-for their DNS TTL, clamped to ``[min_ttl, max_ttl]``; "no such name" is cached for
-``NEGATIVE_TTL`` seconds.
+resolves a name a second time. The rules:
+
+1. Answers are cached for their DNS TTL, clamped to ``[min_ttl, max_ttl]``.
+2. Answers that a name does not exist ("no such name", "no A or AAAA records") are cached for
+   ``NEGATIVE_TTL`` seconds; failures to get an answer (timeouts, no nameserver answered) for the
+   shorter ``FAILURE_TTL``: long enough that clients retrying a dead name do not reach the
+   nameserver, short enough that a blip is not a long outage.
+3. The lookup of a name runs in a task of the resolver, shared by every caller of that name. A
+   caller that goes away (its client left) never cancels it: the lookup ends by itself within
+   ``timeout`` and fills the cache, and the other callers get its result. (Cancelling a dnspython
+   query can leak its UDP socket under uvloop.)
+4. At most ``max_inflight`` distinct names are looked up at once; a new name beyond that is
+   refused at once ("too many lookups in flight") and the refusal is not cached.
+5. ``aclose()`` at shutdown cancels the lookups still running; later calls are refused.
+6. DNS only: the hosts file (``/etc/hosts``) is not read. Every workload's names resolve the same
+   way, through the cluster's DNS, whichever node or replica the gateway runs on; the gateway's
+   own container hosts file (``localhost``, its hostAliases) is not the workloads' business. To
+   pin a name, serve it from a nameserver in ``resolver.nameservers``.
+7. A failure names its cause: ``REFUSED from 10.96.0.10:53`` when a nameserver answered with an
+   error code, ``no nameserver answered`` only when none answered.
 """
 
 from __future__ import annotations
@@ -19,10 +36,18 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from egressgw.decision.names import parse_ip_literal
+from egressgw.decision.names import parse_ip_port
+from egressgw.tasks import spawn
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-NEGATIVE_TTL = 5.0
+NEGATIVE_TTL = 5.0  # seconds "no such name" and "no A or AAAA records" are cached
+FAILURE_TTL = 1.0  # seconds a timeout or a failure of every nameserver is cached
+NO_SUCH_NAME = "no such name"
+NO_RECORDS = "no A or AAAA records"
+NEGATIVE_REASONS = frozenset({NO_SUCH_NAME, NO_RECORDS})  # answers, cached for NEGATIVE_TTL
+# Distinct names looked up at once: each holds up to two UDP sockets (A and AAAA) for up to
+# `timeout`, also after every caller left, so this bounds the descriptors lookups can take.
+DEFAULT_MAX_INFLIGHT = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +70,9 @@ class ResolveError(Exception):
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
-    """``1.2.3.4``, ``1.2.3.4:5353``, ``[::1]:53`` -> (address, port)."""
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-        return host.rstrip("]"), int(port) if port else 53
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        return host, int(port)
-    if parse_ip_literal(text) is None:
-        raise ValueError(f"bad nameserver {text!r}")
-    return text, 53
+    """``1.2.3.4``, ``1.2.3.4:5353``, ``::1``, ``[::1]:53`` -> (address, port)."""
+    ip, port = parse_ip_port(text, 53)
+    return str(ip), port
 
 
 class Resolver:
@@ -68,6 +86,7 @@ class Resolver:
         min_ttl: float = 0.0,
         max_ttl: float = 3600.0,
         ipv6: bool = True,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
@@ -79,7 +98,9 @@ class Resolver:
         self._resolver.lifetime = timeout
         self._resolver.cache = None  # our own cache: it also remembers the CNAME chain
         self._cache: OrderedDict[str, tuple[float, Resolution | ResolveError]] = OrderedDict()
-        self._inflight: dict[str, asyncio.Future[Resolution]] = {}
+        self._inflight: dict[str, asyncio.Task[Resolution | ResolveError]] = {}
+        self._max_inflight = max_inflight
+        self._closed = False
         self._cache_size = cache_size
         self._min_ttl = min_ttl
         self._max_ttl = max_ttl
@@ -98,29 +119,51 @@ class Resolver:
 
     async def resolve(self, name: str) -> Resolution:
         """Resolve a canonical name, from the cache when its TTL allows."""
-        loop = asyncio.get_running_loop()
-        value = self.cached(name, loop.time())
+        value = self.cached(name, asyncio.get_running_loop().time())
+        if value is None:
+            lookup = self._inflight.get(name)
+            if lookup is None:
+                lookup = self._start(name)
+            # Shielded: a caller cancelled here leaves the lookup running for the others.
+            value = await asyncio.shield(lookup)
         if isinstance(value, ResolveError):
-            raise value
-        if value is not None:
-            return value
-        pending = self._inflight.get(name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Resolution] = loop.create_future()
-        self._inflight[name] = future
+            # One error object is raised to every caller until it expires; without this, each
+            # raise would add its frames to the same traceback and keep them alive.
+            raise value.with_traceback(None)
+        return value
+
+    async def aclose(self) -> None:
+        """Cancel the lookups still running and refuse new ones (shutdown)."""
+        self._closed = True
+        lookups = list(self._inflight.values())
+        for lookup in lookups:
+            lookup.cancel()
+        await asyncio.gather(*lookups, return_exceptions=True)
+        self._inflight.clear()  # a task cancelled before it ran never removed its entry
+
+    def _start(self, name: str) -> asyncio.Task[Resolution | ResolveError]:
+        if self._closed:
+            raise ResolveError(name, "resolver closed")
+        if len(self._inflight) >= self._max_inflight:
+            raise ResolveError(name, "too many lookups in flight")
+        lookup = spawn(self._lookup(name), name=f"resolve {name}")
+        self._inflight[name] = lookup
+        return lookup
+
+    async def _lookup(self, name: str) -> Resolution | ResolveError:
+        # Returns its failure rather than raising it: nobody may be left to retrieve it.
+        loop = asyncio.get_running_loop()
         try:
             result = await self._query(name)
         except ResolveError as e:
-            self._store(name, loop.time() + NEGATIVE_TTL, e)
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters get it through shield
-            raise
+            ttl = NEGATIVE_TTL if e.reason in NEGATIVE_REASONS else FAILURE_TTL
+            self._store(name, loop.time() + ttl, e)
+            return e
+        else:
+            self._store(name, loop.time() + result.ttl, result)
+            return result
         finally:
             del self._inflight[name]
-        self._store(name, loop.time() + result.ttl, result)
-        future.set_result(result)
-        return result
 
     def _store(self, name: str, expiry: float, value: Resolution | ResolveError) -> None:
         if self._cache_size <= 0:
@@ -153,7 +196,7 @@ class Resolver:
                 ttls.append(float(chaining.minimum_ttl))
                 ips.extend(ipaddress.ip_address(r.address) for r in result.rrset)
         if not ips:
-            raise ResolveError(name, _describe(errors) if errors else "no A or AAAA records")
+            raise ResolveError(name, _describe(errors) if errors else NO_RECORDS)
         ttl = min(max(min(ttls), self._min_ttl), self._max_ttl)
         return Resolution(name, tuple(dict.fromkeys(ips)), tuple(chain), ttl)
 
@@ -161,10 +204,25 @@ class Resolver:
 def _describe(errors: list[BaseException]) -> str:
     for e in errors:
         if isinstance(e, dns.resolver.NXDOMAIN):
-            return "no such name"
+            return NO_SUCH_NAME
     for e in errors:
         if isinstance(e, dns.exception.Timeout | dns.resolver.LifetimeTimeout):
             return "timed out"
         if isinstance(e, dns.resolver.NoNameservers):
+            # Each entry is (server, tcp, port, error, response); the error is the rcode's text
+            # (REFUSED, SERVFAIL) when a server did answer, an exception when none came.
+            answered = [
+                f"{err} from {_server_text(server, port)}"
+                for server, _tcp, port, err, _response in e.kwargs.get("errors") or ()
+                if isinstance(err, str)
+            ]
+            if answered:
+                return "; ".join(dict.fromkeys(answered))
             return "no nameserver answered"
     return str(errors[0]) or type(errors[0]).__name__
+
+
+def _server_text(server: str, port: int) -> str:
+    """dnspython's ``Do53:10.96.0.10@53`` as the configuration spells it: ``10.96.0.10:53``."""
+    address = server.removeprefix("Do53:").rpartition("@")[0] or server
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

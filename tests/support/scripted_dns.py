@@ -5,14 +5,19 @@ answers that change between queries and a count of the queries the gateway
 made. `ScriptedDns(answers, ttls)` answers the n-th A query for a name with
 `answers[name][min(n, len - 1)]` and TTL `ttls.get(name, 0)`, AAAA queries
 with no data, other names with NXDOMAIN.
+
+Two ways for a nameserver to be slow, for tests of callers that give up: queries for a name in
+`unanswered` (or any name under it, like a zone whose servers are down) are counted and never
+answered, and the answer to a name in `delays` leaves that many seconds after its query came.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
 import dns.exception
@@ -46,14 +51,26 @@ def answer_query(
     return response.to_wire(), name, rtype
 
 
+def in_zones(name: str, zones: Iterable[str]) -> bool:
+    """Return whether `name` is one of `zones` or a name under one of them."""
+    return any(name == zone or name.endswith("." + zone) for zone in zones)
+
+
 class ScriptedDns:
     """Context manager serving scripted A answers on 127.0.0.1:<free UDP port>."""
 
     def __init__(
-        self, answers: Mapping[str, Sequence[str]], ttls: Mapping[str, int] | None = None
+        self,
+        answers: Mapping[str, Sequence[str]],
+        ttls: Mapping[str, int] | None = None,
+        unanswered: Iterable[str] = (),
+        delays: Mapping[str, float] | None = None,
     ) -> None:
         self.answers = {name.lower(): list(ips) for name, ips in answers.items()}
         self.ttls = {name.lower(): ttl for name, ttl in (ttls or {}).items()}
+        self.unanswered = tuple(zone.lower() for zone in unanswered)
+        self.delays = {name.lower(): delay for name, delay in (delays or {}).items()}
+        self._timers: list[threading.Timer] = []
         self.queries: Counter[tuple[str, str]] = Counter()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -90,6 +107,19 @@ class ScriptedDns:
             except (dns.exception.DNSException, IndexError):
                 # Not a query this server can answer: drop it, as a real server would.
                 continue
+            if in_zones(qname, self.unanswered):
+                continue
+            delay = self.delays.get(qname)
+            if delay:
+                timer = threading.Timer(delay, self._send, (reply, peer))
+                timer.daemon = True
+                self._timers.append(timer)
+                timer.start()
+                continue
+            self._sock.sendto(reply, peer)
+
+    def _send(self, reply: bytes, peer: tuple[str, int]) -> None:
+        with contextlib.suppress(OSError):  # the server stopped before this answer was due
             self._sock.sendto(reply, peer)
 
     def __enter__(self) -> ScriptedDns:
@@ -104,4 +134,7 @@ class ScriptedDns:
     ) -> None:
         self._stop.set()
         self._thread.join(STOP_TIMEOUT)
+        for timer in self._timers:
+            timer.cancel()
+            timer.join(STOP_TIMEOUT)
         self._sock.close()
