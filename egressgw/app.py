@@ -49,10 +49,10 @@ from egressgw.metrics import Metrics
 from egressgw.net.rawstream import Listener, Reactor
 from egressgw.record.consumers import FlowConsumer, FlowEvents, FlowMetrics
 from egressgw.resolver import Resolver
-from egressgw.tasks import spawn
 from egressgw.threats import MatcherThreats
 from feeds.refresh import FeedManager, UpdateReport
 from siem.exporter import Exporter
+from siem.tasks import spawn
 
 log = structlog.get_logger("egressgw")
 

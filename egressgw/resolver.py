@@ -37,7 +37,7 @@ import dns.rdatatype
 import dns.resolver
 
 from egressgw.decision.names import parse_ip_port
-from egressgw.tasks import spawn
+from siem.tasks import spawn
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NEGATIVE_TTL = 5.0  # seconds "no such name" and "no A or AAAA records" are cached

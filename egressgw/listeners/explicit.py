@@ -50,10 +50,10 @@ from egressgw.decision.path import Runtime, check_flow, check_flow_now, recheck_
 from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow, ip_text
 from egressgw.net.rawstream import RawStream, Reactor
-from egressgw.tasks import spawn
 from egressgw.wire import framing
 from egressgw.wire.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
 from egressgw.wire.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_hello
+from siem.tasks import spawn
 
 log = structlog.get_logger("egressgw.listeners.explicit")
 
