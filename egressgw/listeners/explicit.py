@@ -482,11 +482,7 @@ class ClientConnection:
                 self._decide_peeked(protocol="tcp", sni=None)
             if self.upstream_eof_seen or self.transport is None or self.transport.is_closing():
                 self.close()
-            elif (
-                pipe_transport is not None
-                and pipe_transport.can_write_eof()
-                and not pipe_transport.is_closing()
-            ):
+            elif pipe_transport is not None and not pipe_transport.is_closing():
                 pipe_transport.write_eof()
             return True
         return False
@@ -647,7 +643,7 @@ class ClientConnection:
         self.flow = flow
         return flow
 
-    def _refuse(self, status: int, reason: str, flow: Flow | None = None) -> None:
+    def _refuse(self, status: int, reason: str) -> None:
         """Answer with an error and close (the connection's framing can no longer be trusted)."""
         if self.mode is Mode.CLOSED:
             return
@@ -930,7 +926,7 @@ class ClientConnection:
         self.upstream_eof_seen = True
         if self.client_eof:
             self.close()  # both sides done: close sends the FIN, a shutdown first would be wasted
-        elif self.transport is not None and self.transport.can_write_eof():
+        elif self.transport is not None:
             self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:

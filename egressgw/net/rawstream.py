@@ -315,10 +315,6 @@ class RawStream:
             self.reading = True
             self.reactor.add_reader(self.fd, self._on_readable)
 
-    def is_reading(self) -> bool:
-        """True while the stream is read."""
-        return self.reading
-
     # -- writing --------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send now, buffering only what the socket does not take."""
@@ -374,10 +370,6 @@ class RawStream:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as e:
             self._lost(e)
-
-    def can_write_eof(self) -> bool:
-        """Half-close is supported."""
-        return True
 
     def get_write_buffer_size(self) -> int:
         """Bytes waiting to be sent."""
