@@ -395,7 +395,7 @@ class ClientConnection:
     peer_text = ""
     flow: Flow | None = None
     request: Request | None = None
-    raw_head = 0
+    raw_head = 0  # bytes read since the parser last delivered a head, body bytes or a message end
     awaiting_head = True
     items: deque[Request | bytes | None] | None = None  # absolute-form requests and bodies
     items_waiter: asyncio.Future[None] | None = None
@@ -449,14 +449,17 @@ class ClientConnection:
             return
         if self.mode is Mode.CLOSED:
             return
-        if self.awaiting_head:
-            self.raw_head += len(data)
+        self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
-            # A head that is still incomplete after all these bytes is too large (the parser
-            # keeps partial header lines in memory, so this bounds what a client can make us hold).
-            if self.awaiting_head and self.raw_head > self.limits.max_header_bytes:
-                self._refuse(431, f"request head larger than {self.limits.max_header_bytes} bytes")
+            # Bytes the parser took without delivering any (an incomplete head, or a trailer line
+            # that never ends): it keeps partial header lines in memory, so past the head limit
+            # they are refused, which bounds what a client can make us hold.
+            if self.raw_head > self.limits.max_header_bytes:
+                part = "head" if self.awaiting_head else "trailers"
+                self._refuse(
+                    431, f"request {part} larger than {self.limits.max_header_bytes} bytes"
+                )
         except httptools.HttpParserUpgrade as e:
             if self.request is not None and self.request.method == b"CONNECT":
                 self._begin_connect(data[e.args[0] :])
@@ -568,11 +571,13 @@ class ClientConnection:
         self._limit_pending()
 
     def on_body(self, body: bytes) -> None:
+        self.raw_head = 0  # the body moves on: what the parser holds is not growing
         self.pending_bytes += len(body)
         self._push(body)
         self._limit_pending()
 
     def on_message_complete(self) -> None:
+        self.raw_head = 0
         if self.request is not None and self.request.method == b"CONNECT":
             return
         if self.request is not None:

@@ -418,3 +418,26 @@ def test_absolute_form_port_0_is_400(gateway: Gateway, upstream: RawUpstream) ->
     with client(gateway) as conn:
         reply = conn.request(b"GET http://127.0.0.40:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply.status == 400 and "port 0" in reply.reason, reply
+
+
+def test_a_request_trailer_that_never_ends_is_431_and_closed(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """A trailer line growing past the head limit without a line end: 431 at once, closed."""
+    upstream.set_script(lambda peer: peer.hold(DRIP_LIMIT))
+    start = (
+        f"POST http://{upstream.authority}/t HTTP/1.1\r\nHost: x\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Inf: "
+    ).encode()
+    filler = b"a" * 65536
+    with client(gateway) as conn:
+        conn.send(start)
+        for _ in range(ENDLESS_CHUNKS):
+            if select.select([conn.sock], [], [], 0)[0]:
+                break  # the gateway answered (and stopped reading)
+            try:
+                conn.send(filler)
+            except OSError:
+                break
+        reply = conn.read_response()
+    assert reply.status == 431 and "trailer" in reply.reason, reply
