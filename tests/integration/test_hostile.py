@@ -441,3 +441,21 @@ def test_a_request_trailer_that_never_ends_is_431_and_closed(
                 break
         reply = conn.read_response()
     assert reply.status == 431 and "trailer" in reply.reason, reply
+
+
+def test_a_response_transfer_coding_before_chunked_is_forwarded(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Transfer-Encoding: gzip, chunked` reaches the client re-chunked with gzip still named."""
+    payload = b"\x1f\x8b not really gzip"
+    upstream.set_script(
+        serve_requests(
+            [],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload),
+        )
+    )
+    with client(gateway) as conn:
+        reply = conn.request(get(upstream.authority))
+    assert reply.headers.get("transfer-encoding") == "gzip, chunked", reply
+    assert reply.body == payload, reply
