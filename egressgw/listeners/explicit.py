@@ -22,6 +22,9 @@ Rules:
   (504), no traffic ``idle_timeout`` (closed); each counted by kind and recorded in the event.
 - Backpressure: each side's transport pauses the other side's reading when its write buffer is
   full, so a slow reader never makes the gateway buffer without bound.
+- An HTTP/1.0 client is answered in a version it understands: no 1xx, a chunked body
+  de-chunked and delimited by the close, ``Connection: close`` unless it asked for keep-alive
+  and the length is known; a transfer coding it cannot know is a 502.
 - One connection's trouble (malformed input, a slow peer, an unreachable upstream) ends that
   connection only; errors are counted by kind.
 """
@@ -136,7 +139,16 @@ class UpstreamFailure(ConnectionError):
 class Request:
     """One parsed request head waiting to be relayed."""
 
-    __slots__ = ("body_done", "framing", "head_size", "headers", "keep_alive", "method", "url")
+    __slots__ = (
+        "body_done",
+        "framing",
+        "head_size",
+        "headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "url",
+    )
 
     def __init__(self) -> None:
         self.method = b""
@@ -144,6 +156,7 @@ class Request:
         self.head_size = 0  # target and header lines, as llhttp delivers them
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
+        self.http10 = False  # an HTTP/1.0 client: answered without chunked coding or 1xx
         self.framing = framing.NO_BODY  # as read, and so as forwarded
         self.body_done = False
 
@@ -190,8 +203,11 @@ class _HttpUpstream(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.done: asyncio.Future[bool] | None = None
         self.head_only = False
-        self.chunked = False
-        self.close_delimited = False
+        self.http10 = False  # the client's version: it gets no 1xx and no chunked coding
+        self.chunked = False  # the body is re-chunked toward the client
+        self.close_delimited = False  # the upstream's body runs to its close
+        self.keep_alive = True  # the client asked to keep its connection
+        self.client_close = False  # the client was told Connection: close
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
@@ -267,13 +283,17 @@ class _HttpUpstream(asyncio.Protocol):
         self.client.resume_client_reading()
 
     # -- an exchange
-    def begin(self, head_only: bool) -> asyncio.Future[bool]:
-        """Expect one response; the future says whether the connection stays reusable."""
+    def begin(self, head_only: bool, http10: bool, keep_alive: bool) -> asyncio.Future[bool]:
+        """Expect one response to a request (HEAD, from an HTTP/1.0 client, asking for
+        keep-alive); the future says whether the upstream connection stays reusable.
+        """
         self.done = done = asyncio.get_running_loop().create_future()
         # An exchange the client abandoned no longer awaits its outcome: mark a failure read,
         # so a later failure is not reported as "Future exception was never retrieved".
         done.add_done_callback(_read_outcome)
         self.head_only = head_only
+        self.http10 = http10
+        self.keep_alive = keep_alive
         self.status = 0
         self.headers = []
         self.head_size = 0
@@ -327,7 +347,7 @@ class _HttpUpstream(asyncio.Protocol):
         if self.status == 101:
             raise _Refuse(502, "upstream switched protocols (101) though no upgrade was asked")
         if 100 <= self.status < 200:
-            if self.status == 100:
+            if self.status == 100 and not self.http10:  # HTTP/1.0 knows no 1xx
                 self.client.write(CONTINUE)
             self.headers = []
             self.head_size = self.raw_head = 0
@@ -338,15 +358,26 @@ class _HttpUpstream(asyncio.Protocol):
             fr = framing.parse_response_framing(self.status, self.headers, self.head_only)
         except ValueError as e:
             raise _Refuse(502, f"upstream response framing: {e}") from None
+        http10 = self.http10
+        try:
+            framing_fields = framing.to_framing_fields(fr, chunked_ok=not http10)
+        except ValueError as e:
+            raise _Refuse(502, f"upstream response: {e}") from None
         out = [b"HTTP/1.1 %d %s\r\n" % (self.status, _phrase(self.status))]
         for _, name, value in framing.forwarded_fields(self.headers):
             out.append(name + b": " + value + b"\r\n")
-        self.chunked = fr.kind is framing.Kind.CHUNKED
+        chunked = fr.kind is framing.Kind.CHUNKED
         self.close_delimited = fr.kind is framing.Kind.CLOSE
-        out.append(framing.to_framing_fields(fr))
+        # An HTTP/1.0 client gets a chunked body de-chunked, delimited by the close, and keeps
+        # the connection only when it asked to and the length is known.
+        self.chunked = chunked and not http10
+        self.client_close = self.close_delimited or (http10 and (chunked or not self.keep_alive))
+        out.append(framing_fields)
         out.append(self.client.via_header)
-        if self.close_delimited:
+        if self.client_close:
             out.append(b"Connection: close\r\n")
+        elif http10:
+            out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.client.write(b"".join(out))
         self.client.note_status(self.status)
@@ -559,6 +590,7 @@ class ClientConnection:
         req.keep_alive = self.parser.should_keep_alive()
         if req.method == b"CONNECT":
             return  # the parser raises HttpParserUpgrade next
+        req.http10 = self.parser.get_http_version() == "1.0"
         self.pending_requests += 1
         self.pending_bytes += req.head_size
         if req.method in REFUSED_METHODS:
@@ -1019,7 +1051,7 @@ class ClientConnection:
                 return self._http_upstream_failed(
                     flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
                 )
-        done = upstream.begin(head_only=req.method == b"HEAD")
+        done = upstream.begin(req.method == b"HEAD", req.http10, req.keep_alive)
         assert upstream.transport is not None
         head = _request_head(req, path, flow, self.via_header)
         chunked = req.framing.kind is framing.Kind.CHUNKED
@@ -1052,7 +1084,7 @@ class ClientConnection:
         if not reusable:
             self._drop_upstream()
         self._end_flow(flow)
-        return req.keep_alive and not (upstream.close_delimited)
+        return req.keep_alive and not upstream.client_close
 
     def _http_upstream_failed(self, flow: Flow, status: int, reason: str) -> bool:
         self.hub.count_error("upstream_timeout" if status == 504 else "upstream_unreachable")

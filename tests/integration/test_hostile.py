@@ -459,3 +459,54 @@ def test_a_response_transfer_coding_before_chunked_is_forwarded(
         reply = conn.request(get(upstream.authority))
     assert reply.headers.get("transfer-encoding") == "gzip, chunked", reply
     assert reply.body == payload, reply
+
+
+def get10(authority: str, extra: str = "") -> bytes:
+    """An HTTP/1.0 GET for the raw upstream in absolute form."""
+    return f"GET http://{authority}/old HTTP/1.0\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+def test_an_http10_client_gets_a_chunked_body_de_chunked_and_closed(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """HTTP/1.0: no 1xx, no chunked coding; the body runs to the close, which is announced."""
+    upstream.set_script(
+        serve_requests(
+            [],
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+    )
+    with client(gateway) as conn:
+        conn.send(get10(upstream.authority, "Connection: keep-alive\r\n"))
+        raw = conn.read_until_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), raw
+    assert b"transfer-encoding" not in head.lower() and b"Connection: close" in head, head
+    assert body == b"hello", raw
+
+
+def test_an_http10_client_keeps_alive_only_when_asked_and_the_length_is_known(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """HTTP/1.0 with keep-alive and a known length: `Connection: keep-alive`; else close."""
+    upstream.set_script(serve_requests([]))
+    with client(gateway) as conn:
+        first = conn.request(get10(upstream.authority, "Connection: keep-alive\r\n"))
+        second = conn.request(get10(upstream.authority))
+        rest = conn.read_until_closed()
+    assert first.headers.get("connection") == "keep-alive" and first.body == b"ok", first
+    assert second.headers.get("connection") == "close" and second.body == b"ok", second
+    assert rest == b""
+
+
+def test_an_http10_client_is_refused_a_transfer_coding_it_cannot_know(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Transfer-Encoding: gzip, chunked` cannot be told to an HTTP/1.0 client: 502."""
+    upstream.set_script(
+        answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    )
+    with client(gateway) as conn:
+        reply = conn.request(get10(upstream.authority))
+    assert reply.status == 502 and "HTTP/1.0" in reply.reason, reply
