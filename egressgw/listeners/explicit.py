@@ -25,6 +25,9 @@ Rules:
 - An HTTP/1.0 client is answered in a version it understands: no 1xx, a chunked body
   de-chunked and delimited by the close, ``Connection: close`` unless it asked for keep-alive
   and the length is known; a transfer coding it cannot know is a 502.
+- An ``Upgrade: h2c`` offer in absolute form is dropped (with ``HTTP2-Settings``) and the request
+  forwarded as HTTP/1.1, as Squid does; other upgrades (websocket) are refused with 501: a
+  protocol that takes over the connection goes through CONNECT.
 - One connection's trouble (malformed input, a slow peer, an unreachable upstream) ends that
   connection only; errors are counted by kind.
 """
@@ -167,6 +170,44 @@ class _Nobody:
 
 _NO_PARSER = httptools.HttpRequestParser(_Nobody())
 _NO_RESPONSE_PARSER = httptools.HttpResponseParser(_Nobody())
+
+
+class _BodyResumed:
+    """Callbacks of the parser that resumes a request after an h2c offer with a body.
+
+    It is first fed a made-up head with the offer's framing: those callbacks are swallowed.
+    Everything after (the body, later requests) goes to the connection.
+    """
+
+    __slots__ = ("conn", "in_head")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.in_head = True
+
+    def on_message_begin(self) -> None:
+        if not self.in_head:
+            self.conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.in_head:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.in_head:
+            self.in_head = False
+        else:
+            self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
 
 
 class _TunnelUpstream:
@@ -446,6 +487,7 @@ class ClientConnection:
     client_eof = False
     upstream_eof_seen = False
     exchanging = False  # an absolute-form request is being relayed
+    upgrade_body = False  # an h2c offer with a body was dropped: its body is still to be parsed
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -483,20 +525,27 @@ class ClientConnection:
         self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
-            # Bytes the parser took without delivering any (an incomplete head, or a trailer line
-            # that never ends): it keeps partial header lines in memory, so past the head limit
-            # they are refused, which bounds what a client can make us hold.
-            if self.raw_head > self.limits.max_header_bytes:
-                part = "head" if self.awaiting_head else "trailers"
-                self._refuse(
-                    431, f"request {part} larger than {self.limits.max_header_bytes} bytes"
-                )
         except httptools.HttpParserUpgrade as e:
             if self.request is not None and self.request.method == b"CONNECT":
                 self._begin_connect(data[e.args[0] :])
             else:
-                self._refuse(501, "protocol upgrade through the proxy: use CONNECT")
-        except httptools.HttpParserCallbackError as e:
+                self._resume_after_upgrade(data[e.args[0] :])
+            return
+        except httptools.HttpParserError as e:
+            self._parse_failed(e)
+            return
+        self._check_held()
+
+    def _check_held(self) -> None:
+        # Bytes the parser took without delivering any (an incomplete head, or a trailer line
+        # that never ends): it keeps partial header lines in memory, so past the head limit
+        # they are refused, which bounds what a client can make us hold.
+        if self.raw_head > self.limits.max_header_bytes:
+            part = "head" if self.awaiting_head else "trailers"
+            self._refuse(431, f"request {part} larger than {self.limits.max_header_bytes} bytes")
+
+    def _parse_failed(self, e: httptools.HttpParserError) -> None:
+        if isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _Refuse):
                 self._refuse(cause.status, cause.reason)
@@ -504,9 +553,46 @@ class ClientConnection:
                 self.hub.count_error("internal")
                 log.error("parser callback failed", error=repr(cause), peer=str(self.peer[0]))
                 self._refuse(500, "internal error")
-        except httptools.HttpParserError as e:
+        else:
             self.hub.count_error("bad_request")
             self._refuse(400, f"malformed request: {e}")
+
+    def _resume_after_upgrade(self, rest: bytes) -> None:
+        """An h2c offer was dropped (on_headers_complete): go on parsing the request as HTTP/1.1.
+
+        llhttp stops for good at an upgrade, skipping the offer's body: a fresh parser takes the
+        bytes after that point, its body first (``_BodyResumed``). A loop, not recursion: one
+        read may hold any number of pipelined offers.
+        """
+        while self.mode is not Mode.CLOSED:
+            req = self.request
+            assert req is not None
+            if self.upgrade_body:
+                self.upgrade_body = False
+                resumed = _BodyResumed(self)
+                self.parser = httptools.HttpRequestParser(resumed)
+                # A head with the offer's framing, swallowed by _BodyResumed: the parser then
+                # reads the body as the original request's.
+                self.parser.feed_data(
+                    b"POST / HTTP/1.1\r\n" + framing.to_framing_fields(req.framing) + b"\r\n"
+                )
+            else:
+                self.parser = httptools.HttpRequestParser(self)
+            if not rest:
+                return
+            try:
+                self.parser.feed_data(rest)
+            except httptools.HttpParserUpgrade as e:
+                rest = rest[e.args[0] :]
+                if self.request is not None and self.request.method == b"CONNECT":
+                    self._begin_connect(rest)
+                    return
+                continue
+            except httptools.HttpParserError as e:
+                self._parse_failed(e)
+                return
+            self._check_held()
+            return
 
     def eof_received(self) -> bool:
         if self.mode is Mode.TUNNEL:
@@ -599,8 +685,31 @@ class ClientConnection:
             req.framing = framing.parse_request_framing(req.headers)
         except ValueError as e:
             raise _Refuse(400, f"request framing: {e}") from None
+        if self.parser.should_upgrade():
+            self._drop_upgrade(req)
         self._push(req)
         self._limit_pending()
+
+    def _drop_upgrade(self, req: Request) -> None:
+        """Drop an h2c upgrade offer (the request goes on as HTTP/1.1, as Squid does); refuse
+        any other (websocket and the like cannot be relayed in absolute form: use CONNECT).
+        """
+        offered = [
+            token.strip(b" \t")
+            for name, value in req.headers
+            if name.lower() == b"upgrade"
+            for token in value.split(b",")
+            if token.strip(b" \t")
+        ]
+        others = [t for t in offered if t.lower() != b"h2c"]
+        if others:
+            names = b", ".join(others)[:100].decode("latin-1")
+            raise _Refuse(501, f"protocol upgrade to {names} through the proxy: use CONNECT")
+        # Upgrade and HTTP2-Settings are hop-by-hop: forwarded_fields leaves them out. llhttp
+        # skips the body of an upgrade request and ends the message at once: that end is not
+        # the request's when a body follows (_resume_after_upgrade parses it).
+        fr = req.framing
+        self.upgrade_body = fr.kind is framing.Kind.CHUNKED or fr.length > 0
 
     def on_body(self, body: bytes) -> None:
         self.raw_head = 0  # the body moves on: what the parser holds is not growing
@@ -612,6 +721,8 @@ class ClientConnection:
         self.raw_head = 0
         if self.request is not None and self.request.method == b"CONNECT":
             return
+        if self.upgrade_body:
+            return  # llhttp's early end of an upgrade offer with a body: the body comes next
         if self.request is not None:
             self.request.body_done = True
         self._push(None)

@@ -23,6 +23,7 @@ from tests.support import (
     RawConnection,
     RawPeer,
     RawUpstream,
+    curl,
     end_of,
     field,
     free_port,
@@ -510,3 +511,74 @@ def test_an_http10_client_is_refused_a_transfer_coding_it_cannot_know(
     with client(gateway) as conn:
         reply = conn.request(get10(upstream.authority))
     assert reply.status == 502 and "HTTP/1.0" in reply.reason, reply
+
+
+H2C_OFFER = (  # as curl --http2 sends it
+    "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+def test_an_h2c_upgrade_offer_is_dropped_and_forwarded_as_http11(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Upgrade: h2c` (with and without a body, pipelined): offers dropped, all forwarded."""
+    heads: list[bytes] = []
+
+    def script(peer: RawPeer) -> None:
+        while head := peer.read_head():
+            heads.append(head)
+            if b"chunked" in head:
+                assert peer.read_exact(len(b"3\r\nabc\r\n0\r\n\r\n")).endswith(b"0\r\n\r\n")
+            else:
+                peer.read_exact(content_length(head))
+            peer.send(OK_RESPONSE)
+
+    upstream.set_script(script)
+    a = upstream.authority
+    offers = (
+        f"GET http://{a}/one HTTP/1.1\r\nHost: x\r\n{H2C_OFFER}\r\n"
+        f"POST http://{a}/two HTTP/1.1\r\nHost: x\r\n{H2C_OFFER}Content-Length: 5\r\n\r\nhello"
+        f"POST http://{a}/three HTTP/1.1\r\nHost: x\r\n{H2C_OFFER}Transfer-Encoding: chunked\r\n"
+        "\r\n3\r\nabc\r\n0\r\n\r\n"
+        f"GET http://{a}/four HTTP/1.1\r\nHost: x\r\n\r\n"
+    ).encode()
+    with client(gateway) as conn:
+        conn.send(offers)
+        replies = [conn.read_response() for _ in range(4)]
+    assert [r.status for r in replies] == [200] * 4, replies
+    assert [h.split(b" ")[1] for h in heads] == [b"/one", b"/two", b"/three", b"/four"], heads
+    for head in heads:
+        assert b"upgrade" not in head.lower() and b"http2-settings" not in head.lower(), head
+    received = bytes(upstream.received[0])
+    assert b"\r\n\r\nhello" in received and b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n" in received
+
+
+def test_curl_http2_through_the_proxy_gets_http11(gateway: Gateway, upstream: RawUpstream) -> None:
+    """`curl --http2 http://...` offers h2c: the gateway drops it and forwards HTTP/1.1."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    got = curl(
+        f"http://{upstream.authority}/h2c",
+        proxy=f"http://{gateway.proxy_host}:{gateway.proxy_port}",
+        interface=PAYMENTS,
+        extra=["--http2", "-d", "hello"],
+    )
+    assert got.status == 200 and got.body == b"ok", got
+    assert len(heads) == 1 and b"upgrade" not in heads[0].lower(), heads
+
+
+def test_a_websocket_upgrade_in_absolute_form_is_501(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Other upgrade offers (websocket) are refused with 501 and a reason naming CONNECT."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    with client(gateway) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+    assert reply.status == 501 and "websocket" in reply.reason and "CONNECT" in reply.reason
+    assert heads == []
