@@ -15,8 +15,10 @@ Connection states (``Mode``):
 
 Rules:
 
-- A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 504) sent
+- A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 503, 504) sent
   before any byte reaches a destination; after a tunnel is established a refusal closes it.
+  After an answer that closes, the client's input is read and dropped until its EOF or
+  ``REFUSAL_LINGER``: a close with unread input would be a reset, not the answer.
 - Every state has a time limit: a request head ``head_timeout`` (408), deciding the resolver's
   timeout (502), connecting ``connect_timeout`` (504), the response head ``response_timeout``
   (504), no traffic ``idle_timeout`` (closed); each counted by kind and recorded in the event.
@@ -68,6 +70,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # included), except these, answered 405: TRACE echoes the request back, cookies and credentials
 # included, to whatever script can read the answer.
 REFUSED_METHODS = frozenset({b"TRACE"})
+# Seconds a refused client may go on sending (read and dropped) before its connection closes:
+# closing with its input unread would reset the connection, and the client might never read
+# the refusal (RawStream.close_after_reading).
+REFUSAL_LINGER = 2.0
 # Bytes of a tunnel's first client bytes buffered while its flow is decided. (Absolute-form
 # requests have their own limits: proxy.max_pending_bytes and proxy.max_pipelined_requests.)
 MAX_PENDING_BODY = 256 * 1024
@@ -798,7 +804,13 @@ class ClientConnection:
         if status in (400, 405, 414, 431, 501):
             self.hub.count_error({400: "bad_request", 431: "head_too_large"}.get(status, "refused"))
         self.write(to_error_response(status, reason, close=True))
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.close()
+            return
+        self.transport = None  # close() forgets the connection; its stream closes on its own
         self.close()
+        transport.close_after_reading(REFUSAL_LINGER)
 
     def close(self) -> None:
         """Close both sides and record the end of the current flow."""

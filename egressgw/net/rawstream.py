@@ -399,6 +399,20 @@ class RawStream:
         self._unlink()
         self.close()
 
+    def close_after_reading(self, seconds: float) -> None:
+        """Close without a reset: send what is buffered, half-close, then read and drop what the
+        peer still sends until its EOF or ``seconds`` pass. The protocol hears nothing more.
+
+        Closing a socket with unread input makes the kernel send a reset instead of a FIN: the
+        peer's next send fails, and it may never read the answer it was just sent.
+        """
+        if self.closing:
+            return
+        self._unlink()  # _GONE drops what arrives and closes the stream at EOF
+        self.write_eof()
+        self.resume_reading()
+        self.loop.call_later(seconds, self.close)
+
     def abort(self) -> None:
         """Close now, dropping what is buffered."""
         self.buffer.clear()

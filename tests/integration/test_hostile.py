@@ -582,3 +582,23 @@ def test_a_websocket_upgrade_in_absolute_form_is_501(
         )
     assert reply.status == 501 and "websocket" in reply.reason and "CONNECT" in reply.reason
     assert heads == []
+
+
+def test_a_client_refused_at_the_connection_limit_reads_its_503_not_a_reset(
+    strict: Gateway,
+) -> None:
+    """Refused while still sending: its input is read and dropped, the 503 then EOF arrive."""
+    first = b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+    with contextlib.ExitStack() as stack:
+        for _ in range(PER_SOURCE):
+            held = stack.enter_context(client(strict))
+            held.send(b"GET http://")
+        time.sleep(0.2)
+        with client(strict) as over:
+            over.send(first + b"b" * 30000)
+            time.sleep(CLOSE_SETTLE)  # the gateway answered meanwhile
+            over.send(b"b" * 70000)  # a reset would fail this send, or the reads below
+            received = b""
+            while chunk := over.sock.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 503 "), received

@@ -253,3 +253,31 @@ async def test_relay_moves_every_byte_in_order_through_a_slow_reader() -> None:
         s.close()
     await asyncio.sleep(0)
     reactor.close()
+
+
+async def test_close_after_reading_delivers_the_answer_and_eof_without_a_reset(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """The peer still sending after the answer: what it sends is dropped, it reads answer + EOF."""
+    reactor, listener, protocols = served
+    client = socket.create_connection(listener.address)
+    client.sendall(b"x")
+    proto = await _accepted(protocols, data=b"x")
+    assert proto.stream is not None
+    proto.stream.write(b"refused")
+    proto.stream.close_after_reading(5.0)
+    client.sendall(b"y" * 200_000)  # unread at a plain close: the kernel would reset
+    await asyncio.sleep(0.1)
+    client.sendall(b"z" * 200_000)
+    client.settimeout(2)
+    received = b""
+    while chunk := await asyncio.to_thread(client.recv, 65536):
+        received += chunk
+    assert received == b"refused"
+    client.close()  # the peer's EOF closes the stream, silently for the protocol
+    for _ in range(200):
+        if not reactor.masks:
+            break
+        await asyncio.sleep(0.005)
+    assert reactor.masks == {} and proto.calls == ["made"]
+    assert bytes(proto.data) == b"x"
