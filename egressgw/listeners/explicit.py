@@ -19,6 +19,11 @@ Rules:
   before any byte reaches a destination; after a tunnel is established a refusal closes it.
   After an answer that closes, the client's input is read and dropped until its EOF or
   ``REFUSAL_LINGER``: a close with unread input would be a reset, not the answer.
+- A tunnel's outcome: a client reset (RST) after the destination sent bytes and every one of
+  them was handed to the client's socket is a normal close (clients close with unread input,
+  such as a TLS close_notify, and the kernel resets: the exchange itself was whole); a reset
+  before any byte from the destination, or with bytes still undelivered, is a failure with
+  the error in the event. The gateway cannot see whether the client application read them.
 - Every state has a time limit: a request head ``head_timeout`` (408), deciding the resolver's
   timeout (502), connecting ``connect_timeout`` (504), the response head ``response_timeout``
   (504), no traffic ``idle_timeout`` (closed); each counted by kind and recorded in the event.
@@ -615,11 +620,25 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.mode is not Mode.CLOSED:
-            if self.flow is not None and exc is not None:
-                self.flow.error = self.flow.error or f"client: {exc}"
+            flow = self.flow
+            if flow is not None and exc is not None and not self._closed_after_exchange(exc):
+                flow.error = flow.error or f"client: {exc}"
             self.close()
         else:
             self._forget()  # closed earlier, with bytes still to send: they are out now
+
+    def _closed_after_exchange(self, exc: Exception) -> bool:
+        """A tunnel's client reset after it got every byte the destination sent (see the
+        module docstring): the usual end of many clients, not a failure of the flow.
+        """
+        return (
+            self.mode is Mode.TUNNEL
+            and isinstance(exc, ConnectionResetError)
+            and self.flow is not None
+            and self.flow.bytes_in > 0
+            and self.transport is not None
+            and self.transport.get_write_buffer_size() == 0
+        )
 
     def pause_writing(self) -> None:
         if self.pipe is not None:

@@ -16,7 +16,7 @@ kernel drops a closed descriptor from the set).
 accepts connections in batches and gives each a ``RawStream`` and a new protocol. Semantics
 follow asyncio's Transport: ``eof_received`` returning true keeps a half-closed stream open,
 ``close`` sends what is buffered first, ``connection_lost`` comes once, from the loop, after
-the socket is closed.
+the socket is closed; after a failure ``get_write_buffer_size`` is what was never sent.
 """
 
 from __future__ import annotations
@@ -326,6 +326,7 @@ class RawStream:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
+                self.buffer += data  # never sent: get_write_buffer_size says so
                 self._lost(e)
                 return
             if sent == len(data):
@@ -420,7 +421,8 @@ class RawStream:
         self._release(None)
 
     def _lost(self, exc: OSError) -> None:
-        self.buffer.clear()
+        # What was never sent stays in the buffer: get_write_buffer_size tells the protocol how
+        # much its peer missed (none after a reset is a peer that got everything).
         self.closing = True
         self._release(exc)
 

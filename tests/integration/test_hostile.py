@@ -602,3 +602,37 @@ def test_a_client_refused_at_the_connection_limit_reads_its_503_not_a_reset(
             while chunk := over.sock.recv(65536):
                 received += chunk
     assert received.startswith(b"HTTP/1.1 503 "), received
+
+
+RST_LINGER = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close sends a reset
+
+
+@pytest.mark.parametrize(
+    ("answered", "outcome"), [(True, "success"), (False, "failure")], ids=["after", "before"]
+)
+def test_a_client_reset_ends_a_tunnel_as_success_only_after_the_exchange(
+    gateway: Gateway, upstream: RawUpstream, answered: bool, outcome: str
+) -> None:
+    """A reset after the destination's bytes were delivered is a normal close; before, a failure."""
+
+    def script(peer: RawPeer) -> None:
+        if peer.read_exact(4) and answered:
+            peer.send(b"pong")
+        peer.closed_by_gateway(SETTLE)
+
+    upstream.set_script(script)
+    with client(gateway) as conn:
+        established = conn.request(
+            f"CONNECT {upstream.authority} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), head_only=True
+        )
+        assert established.status == 200, established
+        conn.send(b"ping")
+        if answered:
+            conn.sock.settimeout(SETTLE)
+            assert conn.sock.recv(4) == b"pong"
+        else:
+            assert upstream.wait_finished(0, 0.3) is False  # the ping is there, no answer
+        port = conn.local_port
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_LINGER)
+    end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert field(end, "event.outcome") == outcome, end
