@@ -3,6 +3,7 @@
 Client connections and the destination side of tunnels are ``RawStream``s (egressgw.net.rawstream:
 sockets on the proxy's own epoll set, no Transport or Task per connection); the upstream side of
 absolute-form requests is an asyncio Protocol, one connection kept per client for keep-alive.
+Both are opened by egressgw.net.dial, the one place outbound connections are made.
 
 Connection states (``Mode``):
 
@@ -44,10 +45,8 @@ from __future__ import annotations
 import _socket
 import asyncio
 import enum
-import errno
 import functools
 import ipaddress
-import os
 import socket
 import time
 from collections import deque
@@ -61,6 +60,7 @@ from egressgw.config.model import ProxyConfig
 from egressgw.decision.names import Host, parse_authority, parse_host
 from egressgw.decision.path import Runtime, Verdict, check_flow, check_flow_now, recheck_tunnel
 from egressgw.flow import Flow, ip_text
+from egressgw.net.dial import Dial, dial, open_socket
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.tasks import spawn
 from egressgw.wire import framing
@@ -70,6 +70,7 @@ from egressgw.wire.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_h
 log = structlog.get_logger("egressgw.listeners.explicit")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 # Any method the parser knows is forwarded in absolute form (WebDAV's PROPFIND and the like
 # included), except these, answered 405: TRACE echoes the request back, cookies and credentials
@@ -491,8 +492,7 @@ class ClientConnection:
     upstream: _HttpUpstream | None = None
     upstream_key: tuple[IPAddress, int] | None = None
     pipe: RawStream | None = None  # a tunnel's destination
-    connecting: _socket.socket | None = None
-    connect_timer: asyncio.TimerHandle | None = None
+    connecting: Dial | None = None  # a tunnel's connect under way
     peeking = False
     peek_buffer = b""
     client_eof = False
@@ -847,7 +847,7 @@ class ClientConnection:
         if self.pipe is not None:
             self.pipe.close_quietly()
         if self.connecting is not None:
-            self._abandon_connect()
+            self.connecting.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         flushing = self.transport is not None and self.transport.get_write_buffer_size() > 0
@@ -928,66 +928,27 @@ class ClientConnection:
             return
         ip = verdict.ip
         assert ip is not None
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not flow.ip_str or flow.ip is not ip:
-                flow.ip_str = ip_text(ip)
-            err = sock.connect_ex((flow.ip_str, flow.port))
-        except OSError as e:
-            sock.close()
-            self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {e.strerror or e}")
-            return
-        if err == errno.EINPROGRESS and _already_connected(sock):
-            err = 0  # loopback and local peers finish inside connect(): no loop round trip
-        if err == 0:
-            self._connected(flow, sock)
-        elif err == errno.EINPROGRESS:
-            self.connecting = sock
-            self.hub.reactor.add_writer(sock.fileno(), self._connect_ready)
-            self.connect_timer = self.hub.loop.call_later(
-                self.limits.connect_timeout, self._connect_timed_out, flow, sock
-            )
+        if not flow.ip_str or flow.ip is not ip:
+            flow.ip_str = ip_text(ip)
+        self.connecting = dial(
+            self.hub.reactor,
+            (flow.ip_str, flow.port),
+            _FAMILIES[ip.version],
+            self._connected,
+            self._connect_failed,
+            self.limits.connect_timeout,
+        )
+
+    def _connect_failed(self, exc: OSError) -> None:
+        flow = self.flow
+        assert flow is not None
+        if isinstance(exc, TimeoutError):
+            self._upstream_failed(flow, 504, f"connect to {flow.ip}:{flow.port} timed out")
         else:
-            sock.close()
-            self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {os.strerror(err)}")
+            reason = f"connect to {flow.ip}:{flow.port}: {exc.strerror or exc}"
+            self._upstream_failed(flow, 502, reason)
 
-    def _abandon_connect(self) -> None:
-        sock, self.connecting = self.connecting, None
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
-        if sock is not None:
-            self.hub.reactor.forget(sock.fileno())
-            sock.close()
-
-    def _connect_ready(self) -> None:
-        sock, flow = self.connecting, self.flow
-        if sock is None or flow is None:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not err and not _already_connected(sock):
-            return  # a wake-up meant for an earlier socket with this descriptor number
-        self.hub.reactor.remove_writer(sock.fileno())
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
-        self.connecting = None
-        if err:
-            sock.close()
-            self._upstream_failed(
-                flow, 502, f"connect to {flow.ip}:{flow.port}: {os.strerror(err)}"
-            )
-            return
-        self._connected(flow, sock)
-
-    def _connect_timed_out(self, flow: Flow, sock: _socket.socket) -> None:
-        self.connect_timer = None
-        self._abandon_connect()
-        self._upstream_failed(flow, 504, f"connect to {flow.ip}:{flow.port} timed out")
-
-    def _connected(self, flow: Flow, sock: _socket.socket) -> None:
+    def _connected(self, sock: _socket.socket) -> None:
         if self.mode is Mode.CLOSED:
             sock.close()
             return
@@ -1252,23 +1213,18 @@ class ClientConnection:
         self._drop_upstream()
         loop = asyncio.get_running_loop()
         limit = self.limits.max_header_bytes
-        async with asyncio.timeout(self.limits.connect_timeout):
-            _, upstream = await loop.create_connection(
-                lambda: _HttpUpstream(self, limit), host=ip_text(ip), port=port
-            )
+        sock = await open_socket(
+            self.hub.reactor,
+            (ip_text(ip), port),
+            _FAMILIES[ip.version],
+            self.limits.connect_timeout,
+        )
+        _, upstream = await loop.create_connection(lambda: _HttpUpstream(self, limit), sock=sock)
         self.upstream = upstream
         self.upstream_key = key
         if self.client_full and upstream.transport is not None:
             upstream.transport.pause_reading()  # the client still has earlier answers to read
         return upstream
-
-
-def _already_connected(sock: _socket.socket) -> bool:
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=16)
