@@ -5,7 +5,7 @@ sockets on the proxy's own epoll set, no Transport or Task per connection); the 
 absolute-form requests is an asyncio Protocol, one connection kept per client for keep-alive.
 Both are opened by egressgw.net.dial, the one place outbound connections are made.
 
-Connection states (``Mode``):
+Connection states (``Mode``; ``_TRANSITIONS`` lists every change allowed, ``_to`` makes them):
 
     HEAD      reading a request head (httptools/llhttp parses; limits on size, count, time)
     CHECKING  the flow is being decided (resolution, guard, feeds, policy); input is buffered
@@ -131,6 +131,33 @@ class Mode(enum.Enum):
     TUNNEL = 3
     HTTP = 4
     CLOSED = 5
+
+    # The modes this one may change to, from _TRANSITIONS (a tuple on the member: looking an
+    # Enum up in a dict or set calls its Python-level __hash__, twice per change).
+    allowed: tuple[Mode, ...]
+
+
+# Every change of Mode, as data (h11's _state.py): ClientConnection._to refuses any other. A
+# connection that forwarded absolute-form requests may still turn into a tunnel (HTTP ->
+# CHECKING), once every earlier answer is out; nothing comes back from a tunnel or from CLOSED.
+_TRANSITIONS: dict[Mode, tuple[Mode, ...]] = {
+    Mode.HEAD: (Mode.CHECKING, Mode.HTTP, Mode.CLOSED),
+    Mode.CHECKING: (Mode.TUNNEL, Mode.CLOSED),
+    Mode.TUNNEL: (Mode.CLOSED,),
+    Mode.HTTP: (Mode.CHECKING, Mode.CLOSED),
+    Mode.CLOSED: (),
+}
+for _mode, _allowed in _TRANSITIONS.items():
+    _mode.allowed = _allowed
+
+
+class IllegalTransition(RuntimeError):
+    """A connection was told to change Mode in a way _TRANSITIONS does not allow (a bug)."""
+
+    def __init__(self, old: Mode, new: Mode) -> None:
+        super().__init__(f"connection mode {old.name} -> {new.name} is not allowed")
+        self.old = old
+        self.new = new
 
 
 class _Refuse(Exception):
@@ -753,6 +780,12 @@ class ClientConnection:
         self._push(None)
 
     # -- shared ----------------------------------------------------------------------------------
+    def _to(self, mode: Mode) -> None:
+        """Change mode, as _TRANSITIONS allows (IllegalTransition otherwise)."""
+        if mode not in self.mode.allowed:
+            raise IllegalTransition(self.mode, mode)
+        self.mode = mode
+
     def write(self, data: bytes) -> None:
         """Write to the client unless it is gone."""
         if self.transport is not None and not self.transport.is_closing():
@@ -836,7 +869,7 @@ class ClientConnection:
         if self.mode is Mode.CLOSED:
             return
         was_tunnel = self.mode is Mode.TUNNEL
-        self.mode = Mode.CLOSED
+        self._to(Mode.CLOSED)
         if self.items_waiter is not None and not self.items_waiter.done():
             self.items_waiter.set_result(None)
         if self.http_task is not None and not self.http_task.done():
@@ -900,7 +933,11 @@ class ClientConnection:
     def _begin_connect(self, rest: bytes) -> None:
         req = self.request
         assert req is not None and self.transport is not None
-        self.mode = Mode.CHECKING
+        if self.mode is Mode.HTTP and (self.exchanging or self.items):
+            # A tunnel's 200 must not overtake the answers still owed on this connection.
+            self._refuse(400, "CONNECT while earlier requests are being answered")
+            return
+        self._to(Mode.CHECKING)
         self.peek_buffer = rest
         flow = self._new_flow()
         flow.protocol = "tls"  # assumed until the first bytes say otherwise
@@ -953,7 +990,7 @@ class ClientConnection:
             sock.close()
             return
         self.pipe = RawStream(self.hub.reactor, sock, _TunnelUpstream(self))
-        self.mode = Mode.TUNNEL
+        self._to(Mode.TUNNEL)
         self.hub.tunnel_opened()
         self.write(CONNECT_ESTABLISHED)
         self.pipe.resume_reading()
@@ -1083,7 +1120,7 @@ class ClientConnection:
         if self.items_waiter is not None and not self.items_waiter.done():
             self.items_waiter.set_result(None)
         if self.http_task is None:
-            self.mode = Mode.HTTP
+            self._to(Mode.HTTP)
             self.http_task = spawn(self._serve_http(), name="http-client")
 
     async def _next_item(self) -> Request | bytes | None:
