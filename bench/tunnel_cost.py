@@ -40,6 +40,7 @@ from typing import Any
 import proxy_bench  # beside this script: the same policy and configuration as the loopback bench
 
 import egressgw.listeners.explicit as proxy_module
+import egressgw.net.dial as dial_module
 import egressgw.net.rawstream as rawstream_module
 from egressgw.app import Gateway
 from egressgw.config import model as cfgmod
@@ -175,7 +176,7 @@ def build(first_bytes: bytes) -> Callable[[], None]:
     """A gateway on fake sockets, and a function that runs one tunnel through it."""
     socket_module = types.SimpleNamespace(socket=FakeSocket)
     rawstream_module._socket = socket_module  # type: ignore[assignment]
-    proxy_module._socket = socket_module  # type: ignore[assignment]
+    dial_module._socket = socket_module  # type: ignore[assignment]
     workdir = Path(tempfile.mkdtemp(prefix="tunnel-cost-"))
     (workdir / "policy.yaml").write_text(proxy_bench.policy_yaml())
     (workdir / "egressgw.yaml").write_text(proxy_bench.config_yaml())

@@ -3,8 +3,9 @@
 Client connections and the destination side of tunnels are ``RawStream``s (egressgw.net.rawstream:
 sockets on the proxy's own epoll set, no Transport or Task per connection); the upstream side of
 absolute-form requests is an asyncio Protocol, one connection kept per client for keep-alive.
+Both are opened by egressgw.net.dial, the one place outbound connections are made.
 
-Connection states (``Mode``):
+Connection states (``Mode``; ``_TRANSITIONS`` lists every change allowed, ``_to`` makes them):
 
     HEAD      reading a request head (httptools/llhttp parses; limits on size, count, time)
     CHECKING  the flow is being decided (resolution, guard, feeds, policy); input is buffered
@@ -15,13 +16,26 @@ Connection states (``Mode``):
 
 Rules:
 
-- A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 504) sent
+- A refusal is an HTTP answer (403 with ``X-Egressgw-Reason``, 400, 405, 431, 502, 503, 504) sent
   before any byte reaches a destination; after a tunnel is established a refusal closes it.
+  After an answer that closes, the client's input is read and dropped until its EOF or
+  ``REFUSAL_LINGER``: a close with unread input would be a reset, not the answer.
+- A tunnel's outcome: a client reset (RST) after the destination sent bytes and every one of
+  them was handed to the client's socket is a normal close (clients close with unread input,
+  such as a TLS close_notify, and the kernel resets: the exchange itself was whole); a reset
+  before any byte from the destination, or with bytes still undelivered, is a failure with
+  the error in the event. The gateway cannot see whether the client application read them.
 - Every state has a time limit: a request head ``head_timeout`` (408), deciding the resolver's
   timeout (502), connecting ``connect_timeout`` (504), the response head ``response_timeout``
   (504), no traffic ``idle_timeout`` (closed); each counted by kind and recorded in the event.
 - Backpressure: each side's transport pauses the other side's reading when its write buffer is
   full, so a slow reader never makes the gateway buffer without bound.
+- An HTTP/1.0 client is answered in a version it understands: no 1xx, a chunked body
+  de-chunked and delimited by the close, ``Connection: close`` unless it asked for keep-alive
+  and the length is known; a transfer coding it cannot know is a 502.
+- An ``Upgrade: h2c`` offer in absolute form is dropped (with ``HTTP2-Settings``) and the request
+  forwarded as HTTP/1.1, as Squid does; other upgrades (websocket) are refused with 501: a
+  protocol that takes over the connection goes through CONNECT.
 - One connection's trouble (malformed input, a slow peer, an unreachable upstream) ends that
   connection only; errors are counted by kind.
 """
@@ -31,10 +45,8 @@ from __future__ import annotations
 import _socket
 import asyncio
 import enum
-import errno
 import functools
 import ipaddress
-import os
 import socket
 import time
 from collections import deque
@@ -49,6 +61,7 @@ from egressgw.decision.names import Host, parse_authority, parse_host
 from egressgw.decision.path import Runtime, check_flow, check_flow_now, recheck_tunnel
 from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow, ip_text
+from egressgw.net.dial import Dial, dial, open_socket
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.wire import framing
 from egressgw.wire.responses import CONNECT_ESTABLISHED, CONTINUE, to_error_response
@@ -58,11 +71,16 @@ from siem.tasks import spawn
 log = structlog.get_logger("egressgw.listeners.explicit")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 # Any method the parser knows is forwarded in absolute form (WebDAV's PROPFIND and the like
 # included), except these, answered 405: TRACE echoes the request back, cookies and credentials
 # included, to whatever script can read the answer.
 REFUSED_METHODS = frozenset({b"TRACE"})
+# Seconds a refused client may go on sending (read and dropped) before its connection closes:
+# closing with its input unread would reset the connection, and the client might never read
+# the refusal (RawStream.close_after_reading).
+REFUSAL_LINGER = 2.0
 # Bytes of a tunnel's first client bytes buffered while its flow is decided. (Absolute-form
 # requests have their own limits: proxy.max_pending_bytes and proxy.max_pipelined_requests.)
 MAX_PENDING_BODY = 256 * 1024
@@ -115,6 +133,33 @@ class Mode(enum.Enum):
     HTTP = 4
     CLOSED = 5
 
+    # The modes this one may change to, from _TRANSITIONS (a tuple on the member: looking an
+    # Enum up in a dict or set calls its Python-level __hash__, twice per change).
+    allowed: tuple[Mode, ...]
+
+
+# Every change of Mode, as data (h11's _state.py): ClientConnection._to refuses any other. A
+# connection that forwarded absolute-form requests may still turn into a tunnel (HTTP ->
+# CHECKING), once every earlier answer is out; nothing comes back from a tunnel or from CLOSED.
+_TRANSITIONS: dict[Mode, tuple[Mode, ...]] = {
+    Mode.HEAD: (Mode.CHECKING, Mode.HTTP, Mode.CLOSED),
+    Mode.CHECKING: (Mode.TUNNEL, Mode.CLOSED),
+    Mode.TUNNEL: (Mode.CLOSED,),
+    Mode.HTTP: (Mode.CHECKING, Mode.CLOSED),
+    Mode.CLOSED: (),
+}
+for _mode, _allowed in _TRANSITIONS.items():
+    _mode.allowed = _allowed
+
+
+class IllegalTransition(RuntimeError):
+    """A connection was told to change Mode in a way _TRANSITIONS does not allow (a bug)."""
+
+    def __init__(self, old: Mode, new: Mode) -> None:
+        super().__init__(f"connection mode {old.name} -> {new.name} is not allowed")
+        self.old = old
+        self.new = new
+
 
 class _Refuse(Exception):
     """Raised inside parser callbacks to answer with ``status``."""
@@ -137,7 +182,16 @@ class UpstreamFailure(ConnectionError):
 class Request:
     """One parsed request head waiting to be relayed."""
 
-    __slots__ = ("body_done", "framing", "head_size", "headers", "keep_alive", "method", "url")
+    __slots__ = (
+        "body_done",
+        "framing",
+        "head_size",
+        "headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "url",
+    )
 
     def __init__(self) -> None:
         self.method = b""
@@ -145,6 +199,7 @@ class Request:
         self.head_size = 0  # target and header lines, as llhttp delivers them
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
+        self.http10 = False  # an HTTP/1.0 client: answered without chunked coding or 1xx
         self.framing = framing.NO_BODY  # as read, and so as forwarded
         self.body_done = False
 
@@ -155,6 +210,44 @@ class _Nobody:
 
 _NO_PARSER = httptools.HttpRequestParser(_Nobody())
 _NO_RESPONSE_PARSER = httptools.HttpResponseParser(_Nobody())
+
+
+class _BodyResumed:
+    """Callbacks of the parser that resumes a request after an h2c offer with a body.
+
+    It is first fed a made-up head with the offer's framing: those callbacks are swallowed.
+    Everything after (the body, later requests) goes to the connection.
+    """
+
+    __slots__ = ("conn", "in_head")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.in_head = True
+
+    def on_message_begin(self) -> None:
+        if not self.in_head:
+            self.conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.in_head:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.in_head:
+            self.in_head = False
+        else:
+            self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
 
 
 class _TunnelUpstream:
@@ -191,8 +284,11 @@ class _HttpUpstream(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.done: asyncio.Future[bool] | None = None
         self.head_only = False
-        self.chunked = False
-        self.close_delimited = False
+        self.http10 = False  # the client's version: it gets no 1xx and no chunked coding
+        self.chunked = False  # the body is re-chunked toward the client
+        self.close_delimited = False  # the upstream's body runs to its close
+        self.keep_alive = True  # the client asked to keep its connection
+        self.client_close = False  # the client was told Connection: close
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
@@ -268,13 +364,17 @@ class _HttpUpstream(asyncio.Protocol):
         self.client.resume_client_reading()
 
     # -- an exchange
-    def begin(self, head_only: bool) -> asyncio.Future[bool]:
-        """Expect one response; the future says whether the connection stays reusable."""
+    def begin(self, head_only: bool, http10: bool, keep_alive: bool) -> asyncio.Future[bool]:
+        """Expect one response to a request (HEAD, from an HTTP/1.0 client, asking for
+        keep-alive); the future says whether the upstream connection stays reusable.
+        """
         self.done = done = asyncio.get_running_loop().create_future()
         # An exchange the client abandoned no longer awaits its outcome: mark a failure read,
         # so a later failure is not reported as "Future exception was never retrieved".
         done.add_done_callback(_read_outcome)
         self.head_only = head_only
+        self.http10 = http10
+        self.keep_alive = keep_alive
         self.status = 0
         self.headers = []
         self.head_size = 0
@@ -328,7 +428,7 @@ class _HttpUpstream(asyncio.Protocol):
         if self.status == 101:
             raise _Refuse(502, "upstream switched protocols (101) though no upgrade was asked")
         if 100 <= self.status < 200:
-            if self.status == 100:
+            if self.status == 100 and not self.http10:  # HTTP/1.0 knows no 1xx
                 self.client.write(CONTINUE)
             self.headers = []
             self.head_size = self.raw_head = 0
@@ -339,15 +439,26 @@ class _HttpUpstream(asyncio.Protocol):
             fr = framing.parse_response_framing(self.status, self.headers, self.head_only)
         except ValueError as e:
             raise _Refuse(502, f"upstream response framing: {e}") from None
+        http10 = self.http10
+        try:
+            framing_fields = framing.to_framing_fields(fr, chunked_ok=not http10)
+        except ValueError as e:
+            raise _Refuse(502, f"upstream response: {e}") from None
         out = [b"HTTP/1.1 %d %s\r\n" % (self.status, _phrase(self.status))]
         for _, name, value in framing.forwarded_fields(self.headers):
             out.append(name + b": " + value + b"\r\n")
-        self.chunked = fr.kind is framing.Kind.CHUNKED
+        chunked = fr.kind is framing.Kind.CHUNKED
         self.close_delimited = fr.kind is framing.Kind.CLOSE
-        out.append(framing.to_framing_fields(fr))
+        # An HTTP/1.0 client gets a chunked body de-chunked, delimited by the close, and keeps
+        # the connection only when it asked to and the length is known.
+        self.chunked = chunked and not http10
+        self.client_close = self.close_delimited or (http10 and (chunked or not self.keep_alive))
+        out.append(framing_fields)
         out.append(self.client.via_header)
-        if self.close_delimited:
+        if self.client_close:
             out.append(b"Connection: close\r\n")
+        elif http10:
+            out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.client.write(b"".join(out))
         self.client.note_status(self.status)
@@ -396,7 +507,7 @@ class ClientConnection:
     peer_text = ""
     flow: Flow | None = None
     request: Request | None = None
-    raw_head = 0
+    raw_head = 0  # bytes read since the parser last delivered a head, body bytes or a message end
     awaiting_head = True
     items: deque[Request | bytes | None] | None = None  # absolute-form requests and bodies
     items_waiter: asyncio.Future[None] | None = None
@@ -409,13 +520,13 @@ class ClientConnection:
     upstream: _HttpUpstream | None = None
     upstream_key: tuple[IPAddress, int] | None = None
     pipe: RawStream | None = None  # a tunnel's destination
-    connecting: _socket.socket | None = None
-    connect_timer: asyncio.TimerHandle | None = None
+    connecting: Dial | None = None  # a tunnel's connect under way
     peeking = False
     peek_buffer = b""
     client_eof = False
     upstream_eof_seen = False
     exchanging = False  # an absolute-form request is being relayed
+    upgrade_body = False  # an h2c offer with a body was dropped: its body is still to be parsed
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -450,20 +561,30 @@ class ClientConnection:
             return
         if self.mode is Mode.CLOSED:
             return
-        if self.awaiting_head:
-            self.raw_head += len(data)
+        self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
-            # A head that is still incomplete after all these bytes is too large (the parser
-            # keeps partial header lines in memory, so this bounds what a client can make us hold).
-            if self.awaiting_head and self.raw_head > self.limits.max_header_bytes:
-                self._refuse(431, f"request head larger than {self.limits.max_header_bytes} bytes")
         except httptools.HttpParserUpgrade as e:
             if self.request is not None and self.request.method == b"CONNECT":
                 self._begin_connect(data[e.args[0] :])
             else:
-                self._refuse(501, "protocol upgrade through the proxy: use CONNECT")
-        except httptools.HttpParserCallbackError as e:
+                self._resume_after_upgrade(data[e.args[0] :])
+            return
+        except httptools.HttpParserError as e:
+            self._parse_failed(e)
+            return
+        self._check_held()
+
+    def _check_held(self) -> None:
+        # Bytes the parser took without delivering any (an incomplete head, or a trailer line
+        # that never ends): it keeps partial header lines in memory, so past the head limit
+        # they are refused, which bounds what a client can make us hold.
+        if self.raw_head > self.limits.max_header_bytes:
+            part = "head" if self.awaiting_head else "trailers"
+            self._refuse(431, f"request {part} larger than {self.limits.max_header_bytes} bytes")
+
+    def _parse_failed(self, e: httptools.HttpParserError) -> None:
+        if isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _Refuse):
                 self._refuse(cause.status, cause.reason)
@@ -471,9 +592,46 @@ class ClientConnection:
                 self.hub.count_error("internal")
                 log.error("parser callback failed", error=repr(cause), peer=str(self.peer[0]))
                 self._refuse(500, "internal error")
-        except httptools.HttpParserError as e:
+        else:
             self.hub.count_error("bad_request")
             self._refuse(400, f"malformed request: {e}")
+
+    def _resume_after_upgrade(self, rest: bytes) -> None:
+        """An h2c offer was dropped (on_headers_complete): go on parsing the request as HTTP/1.1.
+
+        llhttp stops for good at an upgrade, skipping the offer's body: a fresh parser takes the
+        bytes after that point, its body first (``_BodyResumed``). A loop, not recursion: one
+        read may hold any number of pipelined offers.
+        """
+        while self.mode is not Mode.CLOSED:
+            req = self.request
+            assert req is not None
+            if self.upgrade_body:
+                self.upgrade_body = False
+                resumed = _BodyResumed(self)
+                self.parser = httptools.HttpRequestParser(resumed)
+                # A head with the offer's framing, swallowed by _BodyResumed: the parser then
+                # reads the body as the original request's.
+                self.parser.feed_data(
+                    b"POST / HTTP/1.1\r\n" + framing.to_framing_fields(req.framing) + b"\r\n"
+                )
+            else:
+                self.parser = httptools.HttpRequestParser(self)
+            if not rest:
+                return
+            try:
+                self.parser.feed_data(rest)
+            except httptools.HttpParserUpgrade as e:
+                rest = rest[e.args[0] :]
+                if self.request is not None and self.request.method == b"CONNECT":
+                    self._begin_connect(rest)
+                    return
+                continue
+            except httptools.HttpParserError as e:
+                self._parse_failed(e)
+                return
+            self._check_held()
+            return
 
     def eof_received(self) -> bool:
         if self.mode is Mode.TUNNEL:
@@ -483,22 +641,32 @@ class ClientConnection:
                 self._decide_peeked(protocol="tcp", sni=None)
             if self.upstream_eof_seen or self.transport is None or self.transport.is_closing():
                 self.close()
-            elif (
-                pipe_transport is not None
-                and pipe_transport.can_write_eof()
-                and not pipe_transport.is_closing()
-            ):
+            elif pipe_transport is not None and not pipe_transport.is_closing():
                 pipe_transport.write_eof()
             return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.mode is not Mode.CLOSED:
-            if self.flow is not None and exc is not None:
-                self.flow.error = self.flow.error or f"client: {exc}"
+            flow = self.flow
+            if flow is not None and exc is not None and not self._closed_after_exchange(exc):
+                flow.error = flow.error or f"client: {exc}"
             self.close()
         else:
             self._forget()  # closed earlier, with bytes still to send: they are out now
+
+    def _closed_after_exchange(self, exc: Exception) -> bool:
+        """A tunnel's client reset after it got every byte the destination sent (see the
+        module docstring): the usual end of many clients, not a failure of the flow.
+        """
+        return (
+            self.mode is Mode.TUNNEL
+            and isinstance(exc, ConnectionResetError)
+            and self.flow is not None
+            and self.flow.bytes_in > 0
+            and self.transport is not None
+            and self.transport.get_write_buffer_size() == 0
+        )
 
     def pause_writing(self) -> None:
         if self.pipe is not None:
@@ -561,6 +729,7 @@ class ClientConnection:
         req.keep_alive = self.parser.should_keep_alive()
         if req.method == b"CONNECT":
             return  # the parser raises HttpParserUpgrade next
+        req.http10 = self.parser.get_http_version() == "1.0"
         self.pending_requests += 1
         self.pending_bytes += req.head_size
         if req.method in REFUSED_METHODS:
@@ -569,22 +738,55 @@ class ClientConnection:
             req.framing = framing.parse_request_framing(req.headers)
         except ValueError as e:
             raise _Refuse(400, f"request framing: {e}") from None
+        if self.parser.should_upgrade():
+            self._drop_upgrade(req)
         self._push(req)
         self._limit_pending()
 
+    def _drop_upgrade(self, req: Request) -> None:
+        """Drop an h2c upgrade offer (the request goes on as HTTP/1.1, as Squid does); refuse
+        any other (websocket and the like cannot be relayed in absolute form: use CONNECT).
+        """
+        offered = [
+            token.strip(b" \t")
+            for name, value in req.headers
+            if name.lower() == b"upgrade"
+            for token in value.split(b",")
+            if token.strip(b" \t")
+        ]
+        others = [t for t in offered if t.lower() != b"h2c"]
+        if others:
+            names = b", ".join(others)[:100].decode("latin-1")
+            raise _Refuse(501, f"protocol upgrade to {names} through the proxy: use CONNECT")
+        # Upgrade and HTTP2-Settings are hop-by-hop: forwarded_fields leaves them out. llhttp
+        # skips the body of an upgrade request and ends the message at once: that end is not
+        # the request's when a body follows (_resume_after_upgrade parses it).
+        fr = req.framing
+        self.upgrade_body = fr.kind is framing.Kind.CHUNKED or fr.length > 0
+
     def on_body(self, body: bytes) -> None:
+        self.raw_head = 0  # the body moves on: what the parser holds is not growing
         self.pending_bytes += len(body)
         self._push(body)
         self._limit_pending()
 
     def on_message_complete(self) -> None:
+        self.raw_head = 0
         if self.request is not None and self.request.method == b"CONNECT":
             return
+        if self.upgrade_body:
+            return  # llhttp's early end of an upgrade offer with a body: the body comes next
         if self.request is not None:
             self.request.body_done = True
         self._push(None)
 
     # -- shared ----------------------------------------------------------------------------------
+    def _to(self, mode: Mode) -> None:
+        """Change mode, as _TRANSITIONS allows (IllegalTransition otherwise)."""
+        if mode not in self.mode.allowed:
+            raise IllegalTransition(self.mode, mode)
+        self.mode = mode
+
     def write(self, data: bytes) -> None:
         """Write to the client unless it is gone."""
         if self.transport is not None and not self.transport.is_closing():
@@ -648,21 +850,27 @@ class ClientConnection:
         self.flow = flow
         return flow
 
-    def _refuse(self, status: int, reason: str, flow: Flow | None = None) -> None:
+    def _refuse(self, status: int, reason: str) -> None:
         """Answer with an error and close (the connection's framing can no longer be trusted)."""
         if self.mode is Mode.CLOSED:
             return
         if status in (400, 405, 414, 431, 501):
             self.hub.count_error({400: "bad_request", 431: "head_too_large"}.get(status, "refused"))
         self.write(to_error_response(status, reason, close=True))
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.close()
+            return
+        self.transport = None  # close() forgets the connection; its stream closes on its own
         self.close()
+        transport.close_after_reading(REFUSAL_LINGER)
 
     def close(self) -> None:
         """Close both sides and record the end of the current flow."""
         if self.mode is Mode.CLOSED:
             return
         was_tunnel = self.mode is Mode.TUNNEL
-        self.mode = Mode.CLOSED
+        self._to(Mode.CLOSED)
         if self.items_waiter is not None and not self.items_waiter.done():
             self.items_waiter.set_result(None)
         if self.http_task is not None and not self.http_task.done():
@@ -673,7 +881,7 @@ class ClientConnection:
         if self.pipe is not None:
             self.pipe.close_quietly()
         if self.connecting is not None:
-            self._abandon_connect()
+            self.connecting.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         flushing = self.transport is not None and self.transport.get_write_buffer_size() > 0
@@ -726,7 +934,11 @@ class ClientConnection:
     def _begin_connect(self, rest: bytes) -> None:
         req = self.request
         assert req is not None and self.transport is not None
-        self.mode = Mode.CHECKING
+        if self.mode is Mode.HTTP and (self.exchanging or self.items):
+            # A tunnel's 200 must not overtake the answers still owed on this connection.
+            self._refuse(400, "CONNECT while earlier requests are being answered")
+            return
+        self._to(Mode.CHECKING)
         self.peek_buffer = rest
         flow = self._new_flow()
         flow.protocol = "tls"  # assumed until the first bytes say otherwise
@@ -754,71 +966,32 @@ class ClientConnection:
             return
         ip = verdict.ip
         assert ip is not None
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not flow.ip_str or flow.ip is not ip:
-                flow.ip_str = ip_text(ip)
-            err = sock.connect_ex((flow.ip_str, flow.port))
-        except OSError as e:
-            sock.close()
-            self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {e.strerror or e}")
-            return
-        if err == errno.EINPROGRESS and _already_connected(sock):
-            err = 0  # loopback and local peers finish inside connect(): no loop round trip
-        if err == 0:
-            self._connected(flow, sock)
-        elif err == errno.EINPROGRESS:
-            self.connecting = sock
-            self.hub.reactor.add_writer(sock.fileno(), self._connect_ready)
-            self.connect_timer = self.hub.loop.call_later(
-                self.limits.connect_timeout, self._connect_timed_out, flow, sock
-            )
+        if not flow.ip_str or flow.ip is not ip:
+            flow.ip_str = ip_text(ip)
+        self.connecting = dial(
+            self.hub.reactor,
+            (flow.ip_str, flow.port),
+            _FAMILIES[ip.version],
+            self._connected,
+            self._connect_failed,
+            self.limits.connect_timeout,
+        )
+
+    def _connect_failed(self, exc: OSError) -> None:
+        flow = self.flow
+        assert flow is not None
+        if isinstance(exc, TimeoutError):
+            self._upstream_failed(flow, 504, f"connect to {flow.ip}:{flow.port} timed out")
         else:
-            sock.close()
-            self._upstream_failed(flow, 502, f"connect to {ip}:{flow.port}: {os.strerror(err)}")
+            reason = f"connect to {flow.ip}:{flow.port}: {exc.strerror or exc}"
+            self._upstream_failed(flow, 502, reason)
 
-    def _abandon_connect(self) -> None:
-        sock, self.connecting = self.connecting, None
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
-        if sock is not None:
-            self.hub.reactor.forget(sock.fileno())
-            sock.close()
-
-    def _connect_ready(self) -> None:
-        sock, flow = self.connecting, self.flow
-        if sock is None or flow is None:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not err and not _already_connected(sock):
-            return  # a wake-up meant for an earlier socket with this descriptor number
-        self.hub.reactor.remove_writer(sock.fileno())
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
-        self.connecting = None
-        if err:
-            sock.close()
-            self._upstream_failed(
-                flow, 502, f"connect to {flow.ip}:{flow.port}: {os.strerror(err)}"
-            )
-            return
-        self._connected(flow, sock)
-
-    def _connect_timed_out(self, flow: Flow, sock: _socket.socket) -> None:
-        self.connect_timer = None
-        self._abandon_connect()
-        self._upstream_failed(flow, 504, f"connect to {flow.ip}:{flow.port} timed out")
-
-    def _connected(self, flow: Flow, sock: _socket.socket) -> None:
+    def _connected(self, sock: _socket.socket) -> None:
         if self.mode is Mode.CLOSED:
             sock.close()
             return
         self.pipe = RawStream(self.hub.reactor, sock, _TunnelUpstream(self))
-        self.mode = Mode.TUNNEL
+        self._to(Mode.TUNNEL)
         self.hub.tunnel_opened()
         self.write(CONNECT_ESTABLISHED)
         self.pipe.resume_reading()
@@ -931,7 +1104,7 @@ class ClientConnection:
         self.upstream_eof_seen = True
         if self.client_eof:
             self.close()  # both sides done: close sends the FIN, a shutdown first would be wasted
-        elif self.transport is not None and self.transport.can_write_eof():
+        elif self.transport is not None:
             self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
@@ -948,7 +1121,7 @@ class ClientConnection:
         if self.items_waiter is not None and not self.items_waiter.done():
             self.items_waiter.set_result(None)
         if self.http_task is None:
-            self.mode = Mode.HTTP
+            self._to(Mode.HTTP)
             self.http_task = spawn(self._serve_http(), name="http-client")
 
     async def _next_item(self) -> Request | bytes | None:
@@ -1019,7 +1192,7 @@ class ClientConnection:
                 return self._http_upstream_failed(
                     flow, 502, f"connect to {verdict.ip}:{flow.port}: {e.strerror or e}"
                 )
-        done = upstream.begin(head_only=req.method == b"HEAD")
+        done = upstream.begin(req.method == b"HEAD", req.http10, req.keep_alive)
         assert upstream.transport is not None
         head = _request_head(req, path, flow, self.via_header)
         chunked = req.framing.kind is framing.Kind.CHUNKED
@@ -1052,7 +1225,7 @@ class ClientConnection:
         if not reusable:
             self._drop_upstream()
         self._end_flow(flow)
-        return req.keep_alive and not (upstream.close_delimited)
+        return req.keep_alive and not upstream.client_close
 
     def _http_upstream_failed(self, flow: Flow, status: int, reason: str) -> bool:
         self.hub.count_error("upstream_timeout" if status == 504 else "upstream_unreachable")
@@ -1078,23 +1251,18 @@ class ClientConnection:
         self._drop_upstream()
         loop = asyncio.get_running_loop()
         limit = self.limits.max_header_bytes
-        async with asyncio.timeout(self.limits.connect_timeout):
-            _, upstream = await loop.create_connection(
-                lambda: _HttpUpstream(self, limit), host=ip_text(ip), port=port
-            )
+        sock = await open_socket(
+            self.hub.reactor,
+            (ip_text(ip), port),
+            _FAMILIES[ip.version],
+            self.limits.connect_timeout,
+        )
+        _, upstream = await loop.create_connection(lambda: _HttpUpstream(self, limit), sock=sock)
         self.upstream = upstream
         self.upstream_key = key
         if self.client_full and upstream.transport is not None:
             upstream.transport.pause_reading()  # the client still has earlier answers to read
         return upstream
-
-
-def _already_connected(sock: _socket.socket) -> bool:
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=16)

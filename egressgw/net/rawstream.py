@@ -16,7 +16,7 @@ kernel drops a closed descriptor from the set).
 accepts connections in batches and gives each a ``RawStream`` and a new protocol. Semantics
 follow asyncio's Transport: ``eof_received`` returning true keeps a half-closed stream open,
 ``close`` sends what is buffered first, ``connection_lost`` comes once, from the loop, after
-the socket is closed.
+the socket is closed; after a failure ``get_write_buffer_size`` is what was never sent.
 """
 
 from __future__ import annotations
@@ -315,10 +315,6 @@ class RawStream:
             self.reading = True
             self.reactor.add_reader(self.fd, self._on_readable)
 
-    def is_reading(self) -> bool:
-        """True while the stream is read."""
-        return self.reading
-
     # -- writing --------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send now, buffering only what the socket does not take."""
@@ -330,6 +326,7 @@ class RawStream:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
+                self.buffer += data  # never sent: get_write_buffer_size says so
                 self._lost(e)
                 return
             if sent == len(data):
@@ -375,10 +372,6 @@ class RawStream:
         except OSError as e:
             self._lost(e)
 
-    def can_write_eof(self) -> bool:
-        """Half-close is supported."""
-        return True
-
     def get_write_buffer_size(self) -> int:
         """Bytes waiting to be sent."""
         return len(self.buffer)
@@ -407,6 +400,20 @@ class RawStream:
         self._unlink()
         self.close()
 
+    def close_after_reading(self, seconds: float) -> None:
+        """Close without a reset: send what is buffered, half-close, then read and drop what the
+        peer still sends until its EOF or ``seconds`` pass. The protocol hears nothing more.
+
+        Closing a socket with unread input makes the kernel send a reset instead of a FIN: the
+        peer's next send fails, and it may never read the answer it was just sent.
+        """
+        if self.closing:
+            return
+        self._unlink()  # _GONE drops what arrives and closes the stream at EOF
+        self.write_eof()
+        self.resume_reading()
+        self.loop.call_later(seconds, self.close)
+
     def abort(self) -> None:
         """Close now, dropping what is buffered."""
         self.buffer.clear()
@@ -414,7 +421,8 @@ class RawStream:
         self._release(None)
 
     def _lost(self, exc: OSError) -> None:
-        self.buffer.clear()
+        # What was never sent stays in the buffer: get_write_buffer_size tells the protocol how
+        # much its peer missed (none after a reset is a peer that got everything).
         self.closing = True
         self._release(exc)
 

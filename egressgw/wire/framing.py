@@ -13,7 +13,10 @@ Rules (RFC 9112 §6-7, RFC 9110 §7.6.1):
    Then Content-Length; then, with neither, the close.
 3. The proxy forwards the framing it read the message with, and no other: every incoming
    Content-Length and Transfer-Encoding field is dropped and ``to_framing_fields`` writes them
-   anew, so no header trick can make the next hop split the bytes differently.
+   anew, so no header trick can make the next hop split the bytes differently. Transfer codings
+   other than ``chunked`` (``gzip, chunked``) are kept and forwarded: the body stays coded, and
+   the recipient must be told. An HTTP/1.0 recipient gets a chunked body de-chunked; a coding
+   it cannot know (any other) is a ``ValueError``: refuse rather than send it unlabelled.
 4. Hop-by-hop fields (``HOP_BY_HOP``) and those a Connection field names are not forwarded;
    a Connection token naming a ``PROTECTED`` field (framing, Host) is ignored.
 """
@@ -64,7 +67,8 @@ class Framing:
     def __init__(self, kind: Kind, length: int = -1, codings: bytes = b"") -> None:
         self.kind = kind
         self.length = length
-        self.codings = codings  # a close-delimited response's transfer codings, as sent
+        # The transfer codings other than a final chunked, as sent (b"gzip" of "gzip, chunked").
+        self.codings = codings
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Framing) and (self.kind, self.length, self.codings) == (
@@ -122,7 +126,12 @@ def parse_request_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
         raise ValueError("both Transfer-Encoding and Content-Length")
     if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
         raise ValueError("Transfer-Encoding must end with chunked, once")
-    return CHUNKED
+    return _chunked(codings)
+
+
+def _chunked(codings: list[bytes]) -> Framing:
+    """Chunked framing, keeping the codings applied before chunked."""
+    return CHUNKED if len(codings) == 1 else Framing(Kind.CHUNKED, codings=b", ".join(codings[:-1]))
 
 
 def parse_response_framing(
@@ -141,7 +150,7 @@ def parse_response_framing(
         return NO_BODY
     if codings is not None:
         if codings and codings[-1] == b"chunked" and codings.count(b"chunked") == 1:
-            return CHUNKED
+            return _chunked(codings)
         return Framing(Kind.CLOSE, codings=b", ".join(codings))
     if length >= 0:
         return Framing(Kind.LENGTH, length)
@@ -178,14 +187,20 @@ def forwarded_fields(
 def to_framing_fields(framing: Framing, chunked_ok: bool = True) -> bytes:
     """The framing field lines to forward a message read with ``framing`` (rule 3).
 
-    ``chunked_ok`` False (an HTTP/1.0 recipient) forwards a chunked body de-chunked up to the
-    close instead, and drops transfer codings it could not know.
+    ``chunked_ok`` False (an HTTP/1.0 recipient): a chunked body goes de-chunked up to the
+    close, with no field; ``ValueError`` when other transfer codings would need one.
     """
-    kind = framing.kind
+    kind, codings = framing.kind, framing.codings
+    if codings and not chunked_ok:
+        raise ValueError(f"transfer coding {codings[:40]!r} cannot be sent to an HTTP/1.0 peer")
     if kind is Kind.CHUNKED:
-        return b"Transfer-Encoding: chunked\r\n" if chunked_ok else b""
+        if not chunked_ok:
+            return b""
+        if codings:
+            return b"Transfer-Encoding: " + codings + b", chunked\r\n"
+        return b"Transfer-Encoding: chunked\r\n"
     if framing.length >= 0:
         return b"Content-Length: %d\r\n" % framing.length
-    if kind is Kind.CLOSE and framing.codings and chunked_ok:
-        return b"Transfer-Encoding: " + framing.codings + b"\r\n"
+    if kind is Kind.CLOSE and codings:
+        return b"Transfer-Encoding: " + codings + b"\r\n"
     return b""

@@ -23,6 +23,7 @@ from tests.support import (
     RawConnection,
     RawPeer,
     RawUpstream,
+    curl,
     end_of,
     field,
     free_port,
@@ -418,3 +419,220 @@ def test_absolute_form_port_0_is_400(gateway: Gateway, upstream: RawUpstream) ->
     with client(gateway) as conn:
         reply = conn.request(b"GET http://127.0.0.40:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply.status == 400 and "port 0" in reply.reason, reply
+
+
+def test_a_request_trailer_that_never_ends_is_431_and_closed(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """A trailer line growing past the head limit without a line end: 431 at once, closed."""
+    upstream.set_script(lambda peer: peer.hold(DRIP_LIMIT))
+    start = (
+        f"POST http://{upstream.authority}/t HTTP/1.1\r\nHost: x\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Inf: "
+    ).encode()
+    filler = b"a" * 65536
+    with client(gateway) as conn:
+        conn.send(start)
+        for _ in range(ENDLESS_CHUNKS):
+            if select.select([conn.sock], [], [], 0)[0]:
+                break  # the gateway answered (and stopped reading)
+            try:
+                conn.send(filler)
+            except OSError:
+                break
+        reply = conn.read_response()
+    assert reply.status == 431 and "trailer" in reply.reason, reply
+
+
+def test_a_response_transfer_coding_before_chunked_is_forwarded(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Transfer-Encoding: gzip, chunked` reaches the client re-chunked with gzip still named."""
+    payload = b"\x1f\x8b not really gzip"
+    upstream.set_script(
+        serve_requests(
+            [],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload),
+        )
+    )
+    with client(gateway) as conn:
+        reply = conn.request(get(upstream.authority))
+    assert reply.headers.get("transfer-encoding") == "gzip, chunked", reply
+    assert reply.body == payload, reply
+
+
+def get10(authority: str, extra: str = "") -> bytes:
+    """An HTTP/1.0 GET for the raw upstream in absolute form."""
+    return f"GET http://{authority}/old HTTP/1.0\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+def test_an_http10_client_gets_a_chunked_body_de_chunked_and_closed(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """HTTP/1.0: no 1xx, no chunked coding; the body runs to the close, which is announced."""
+    upstream.set_script(
+        serve_requests(
+            [],
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+    )
+    with client(gateway) as conn:
+        conn.send(get10(upstream.authority, "Connection: keep-alive\r\n"))
+        raw = conn.read_until_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), raw
+    assert b"transfer-encoding" not in head.lower() and b"Connection: close" in head, head
+    assert body == b"hello", raw
+
+
+def test_an_http10_client_keeps_alive_only_when_asked_and_the_length_is_known(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """HTTP/1.0 with keep-alive and a known length: `Connection: keep-alive`; else close."""
+    upstream.set_script(serve_requests([]))
+    with client(gateway) as conn:
+        first = conn.request(get10(upstream.authority, "Connection: keep-alive\r\n"))
+        second = conn.request(get10(upstream.authority))
+        rest = conn.read_until_closed()
+    assert first.headers.get("connection") == "keep-alive" and first.body == b"ok", first
+    assert second.headers.get("connection") == "close" and second.body == b"ok", second
+    assert rest == b""
+
+
+def test_an_http10_client_is_refused_a_transfer_coding_it_cannot_know(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Transfer-Encoding: gzip, chunked` cannot be told to an HTTP/1.0 client: 502."""
+    upstream.set_script(
+        answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    )
+    with client(gateway) as conn:
+        reply = conn.request(get10(upstream.authority))
+    assert reply.status == 502 and "HTTP/1.0" in reply.reason, reply
+
+
+H2C_OFFER = (  # as curl --http2 sends it
+    "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+def test_an_h2c_upgrade_offer_is_dropped_and_forwarded_as_http11(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """`Upgrade: h2c` (with and without a body, pipelined): offers dropped, all forwarded."""
+    heads: list[bytes] = []
+
+    def script(peer: RawPeer) -> None:
+        while head := peer.read_head():
+            heads.append(head)
+            if b"chunked" in head:
+                assert peer.read_exact(len(b"3\r\nabc\r\n0\r\n\r\n")).endswith(b"0\r\n\r\n")
+            else:
+                peer.read_exact(content_length(head))
+            peer.send(OK_RESPONSE)
+
+    upstream.set_script(script)
+    a = upstream.authority
+    offers = (
+        f"GET http://{a}/one HTTP/1.1\r\nHost: x\r\n{H2C_OFFER}\r\n"
+        f"POST http://{a}/two HTTP/1.1\r\nHost: x\r\n{H2C_OFFER}Content-Length: 5\r\n\r\nhello"
+        f"POST http://{a}/three HTTP/1.1\r\nHost: x\r\n{H2C_OFFER}Transfer-Encoding: chunked\r\n"
+        "\r\n3\r\nabc\r\n0\r\n\r\n"
+        f"GET http://{a}/four HTTP/1.1\r\nHost: x\r\n\r\n"
+    ).encode()
+    with client(gateway) as conn:
+        conn.send(offers)
+        replies = [conn.read_response() for _ in range(4)]
+    assert [r.status for r in replies] == [200] * 4, replies
+    assert [h.split(b" ")[1] for h in heads] == [b"/one", b"/two", b"/three", b"/four"], heads
+    for head in heads:
+        assert b"upgrade" not in head.lower() and b"http2-settings" not in head.lower(), head
+    received = bytes(upstream.received[0])
+    assert b"\r\n\r\nhello" in received and b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n" in received
+
+
+def test_curl_http2_through_the_proxy_gets_http11(gateway: Gateway, upstream: RawUpstream) -> None:
+    """`curl --http2 http://...` offers h2c: the gateway drops it and forwards HTTP/1.1."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    got = curl(
+        f"http://{upstream.authority}/h2c",
+        proxy=f"http://{gateway.proxy_host}:{gateway.proxy_port}",
+        interface=PAYMENTS,
+        extra=["--http2", "-d", "hello"],
+    )
+    assert got.status == 200 and got.body == b"ok", got
+    assert len(heads) == 1 and b"upgrade" not in heads[0].lower(), heads
+
+
+def test_a_websocket_upgrade_in_absolute_form_is_501(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Other upgrade offers (websocket) are refused with 501 and a reason naming CONNECT."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    with client(gateway) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+    assert reply.status == 501 and "websocket" in reply.reason and "CONNECT" in reply.reason
+    assert heads == []
+
+
+def test_a_client_refused_at_the_connection_limit_reads_its_503_not_a_reset(
+    strict: Gateway,
+) -> None:
+    """Refused while still sending: its input is read and dropped, the 503 then EOF arrive."""
+    first = b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+    with contextlib.ExitStack() as stack:
+        for _ in range(PER_SOURCE):
+            held = stack.enter_context(client(strict))
+            held.send(b"GET http://")
+        time.sleep(0.2)
+        with client(strict) as over:
+            over.send(first + b"b" * 30000)
+            time.sleep(CLOSE_SETTLE)  # the gateway answered meanwhile
+            over.send(b"b" * 70000)  # a reset would fail this send, or the reads below
+            received = b""
+            while chunk := over.sock.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 503 "), received
+
+
+RST_LINGER = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close sends a reset
+
+
+@pytest.mark.parametrize(
+    ("answered", "outcome"), [(True, "success"), (False, "failure")], ids=["after", "before"]
+)
+def test_a_client_reset_ends_a_tunnel_as_success_only_after_the_exchange(
+    gateway: Gateway, upstream: RawUpstream, answered: bool, outcome: str
+) -> None:
+    """A reset after the destination's bytes were delivered is a normal close; before, a failure."""
+
+    def script(peer: RawPeer) -> None:
+        if peer.read_exact(4) and answered:
+            peer.send(b"pong")
+        peer.closed_by_gateway(SETTLE)
+
+    upstream.set_script(script)
+    with client(gateway) as conn:
+        established = conn.request(
+            f"CONNECT {upstream.authority} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), head_only=True
+        )
+        assert established.status == 200, established
+        conn.send(b"ping")
+        if answered:
+            conn.sock.settimeout(SETTLE)
+            assert conn.sock.recv(4) == b"pong"
+        else:
+            assert upstream.wait_finished(0, 0.3) is False  # the ping is there, no answer
+        port = conn.local_port
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_LINGER)
+    end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert field(end, "event.outcome") == outcome, end

@@ -3,10 +3,19 @@
 import ipaddress
 from typing import Any
 
+import pytest
+
 from egressgw.config.model import ProxyConfig
 from egressgw.decision.names import Host
 from egressgw.flow import Flow
-from egressgw.listeners.explicit import ClientConnection, Mode, Request, _request_head
+from egressgw.listeners.explicit import (
+    _TRANSITIONS,
+    ClientConnection,
+    IllegalTransition,
+    Mode,
+    Request,
+    _request_head,
+)
 from egressgw.wire.framing import parse_request_framing
 
 
@@ -117,3 +126,27 @@ def test_request_head_forwards_the_length_the_body_was_read_with() -> None:
         b"Content-Length: 50\r\n"
         b"\r\n"
     )
+
+
+def test_every_mode_has_its_transitions_and_closed_is_final() -> None:
+    """The table covers every Mode; CLOSED leads nowhere and every other mode can close."""
+    assert set(_TRANSITIONS) == set(Mode)
+    assert _TRANSITIONS[Mode.CLOSED] == ()
+    assert all(
+        Mode.CLOSED in allowed for mode, allowed in _TRANSITIONS.items() if mode is not Mode.CLOSED
+    )
+
+
+@pytest.mark.parametrize("old", list(Mode), ids=lambda m: m.name)
+@pytest.mark.parametrize("new", list(Mode), ids=lambda m: m.name)
+def test_a_transition_is_made_only_when_the_table_allows_it(old: Mode, new: Mode) -> None:
+    """_to changes the mode along the table and raises IllegalTransition for any other pair."""
+    _, _, conn = connect(buffered=0)
+    conn.mode = old
+    if new in _TRANSITIONS[old]:
+        conn._to(new)
+        assert conn.mode is new
+    else:
+        with pytest.raises(IllegalTransition) as raised:
+            conn._to(new)
+        assert conn.mode is old and (raised.value.old, raised.value.new) == (old, new)

@@ -253,3 +253,55 @@ async def test_relay_moves_every_byte_in_order_through_a_slow_reader() -> None:
         s.close()
     await asyncio.sleep(0)
     reactor.close()
+
+
+async def test_close_after_reading_delivers_the_answer_and_eof_without_a_reset(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """The peer still sending after the answer: what it sends is dropped, it reads answer + EOF."""
+    reactor, listener, protocols = served
+    client = socket.create_connection(listener.address)
+    client.sendall(b"x")
+    proto = await _accepted(protocols, data=b"x")
+    assert proto.stream is not None
+    proto.stream.write(b"refused")
+    proto.stream.close_after_reading(5.0)
+    client.sendall(b"y" * 200_000)  # unread at a plain close: the kernel would reset
+    await asyncio.sleep(0.1)
+    client.sendall(b"z" * 200_000)
+    client.settimeout(2)
+    received = b""
+    while chunk := await asyncio.to_thread(client.recv, 65536):
+        received += chunk
+    assert received == b"refused"
+    client.close()  # the peer's EOF closes the stream, silently for the protocol
+    for _ in range(200):
+        if not reactor.masks:
+            break
+        await asyncio.sleep(0.005)
+    assert reactor.masks == {} and proto.calls == ["made"]
+    assert bytes(proto.data) == b"x"
+
+
+async def test_after_a_reset_the_write_buffer_size_is_what_was_never_sent(
+    served: tuple[Reactor, Listener, list[Recorder]],
+) -> None:
+    """A peer resetting with bytes still buffered for it: the stream says how many it missed."""
+    _, listener, protocols = served
+    client = socket.create_connection(listener.address)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.sendall(b"x")
+    proto = await _accepted(protocols, data=b"x")
+    stream = proto.stream
+    assert stream is not None
+    for _ in range(64):  # until the kernel's buffers are full and the stream keeps some
+        stream.write(b"z" * HIGH_WATER)
+        if stream.get_write_buffer_size():
+            break
+    assert stream.get_write_buffer_size() > 0
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()
+    stream.write(b"more")  # fails on the reset, or joins the buffer waiting for the writer
+    await asyncio.wait_for(proto.closed, 2)
+    assert isinstance(proto.lost[0], ConnectionResetError | BrokenPipeError)
+    assert stream.get_write_buffer_size() >= 4

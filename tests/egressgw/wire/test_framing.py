@@ -18,7 +18,10 @@ H = list[tuple[bytes, bytes]]
         ([(b"content-length", b"0")], Framing(Kind.LENGTH, 0)),
         ([(b"Content-Length", b"7"), (b"Content-Length", b" 7 ")], Framing(Kind.LENGTH, 7)),
         ([(b"Transfer-Encoding", b"chunked")], framing.CHUNKED),
-        ([(b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"Chunked")], framing.CHUNKED),
+        (
+            [(b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"Chunked")],
+            Framing(Kind.CHUNKED, codings=b"gzip"),
+        ),
     ],
     ids=["none", "length", "zero", "equal-repeat", "chunked", "gzip-then-chunked"],
 )
@@ -126,6 +129,7 @@ def test_forwarded_fields_drop_hop_by_hop_framing_and_named_fields() -> None:
         (framing.CHUNKED, False, b""),
         (Framing(Kind.CLOSE, codings=b"gzip"), True, b"Transfer-Encoding: gzip\r\n"),
         (Framing(Kind.CLOSE), True, b""),
+        (Framing(Kind.CHUNKED, codings=b"gzip"), True, b"Transfer-Encoding: gzip, chunked\r\n"),
     ],
 )
 def test_framing_fields_forward_what_was_read(
@@ -133,6 +137,31 @@ def test_framing_fields_forward_what_was_read(
 ) -> None:
     """The forwarded framing fields are exactly those of the framing the message was read with."""
     assert framing.to_framing_fields(fr, chunked_ok) == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[(b"Transfer-Encoding", b"gzip, chunked")], [(b"Transfer-Encoding", b"chunked, gzip")]],
+    ids=["gzip-then-chunked", "close-delimited-gzip"],
+)
+def test_response_transfer_codings_are_kept_and_forwarded(headers: H) -> None:
+    """`gzip, chunked` is re-chunked with gzip still named; never dropped for HTTP/1.1."""
+    read = framing.parse_response_framing(200, headers, head_request=False)
+    assert read.codings.startswith(b"gzip") or read.codings == b"chunked, gzip"
+    fields = framing.to_framing_fields(read)
+    name, _, value = fields.rstrip(b"\r\n").partition(b": ")
+    assert framing.parse_response_framing(200, [(name, value)], head_request=False) == read
+
+
+@pytest.mark.parametrize(
+    "fr",
+    [Framing(Kind.CHUNKED, codings=b"gzip"), Framing(Kind.CLOSE, codings=b"gzip")],
+    ids=["gzip-chunked", "gzip-to-close"],
+)
+def test_a_transfer_coding_an_http10_peer_cannot_know_is_refused(fr: Framing) -> None:
+    """For an HTTP/1.0 recipient a transfer coding other than chunked is a ValueError."""
+    with pytest.raises(ValueError, match=r"HTTP/1\.0"):
+        framing.to_framing_fields(fr, chunked_ok=False)
 
 
 NAMES = st.sampled_from(
