@@ -79,6 +79,7 @@ class SlowRun:
     opened: int = 0
     fds_before: int = 0
     fds_after: int = 0
+    fds_new: dict[int, str] = field(default_factory=dict)  # descriptors not there before
     connections_after: float = -1.0
     seconds: float = 0.0
 
@@ -240,16 +241,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowRun]:
             reply, _ = raw_request(gw.proxy_host, gw.proxy_port, warm_up.encode(), source=PAYMENTS)
             assert reply.status == 200
             settle(lambda: metric_now(gw), lambda n: n == 0, SETTLE_TIMEOUT)
-            result = SlowRun(fds_before=len(open_fds(gw.pid)))
+            # The file sink opens its file at the first write: wait for the warm-up's events.
+            settle(lambda: len(gw.events()), lambda n: n >= 2, SETTLE_TIMEOUT)
+            before = open_fds(gw.pid)
+            result = SlowRun(fds_before=len(before))
             started = time.monotonic()
             asyncio.run(play(gw, port, result))
             pid = gw.pid
             result.connections_after = settle(
                 lambda: metric_now(gw), lambda n: n == 0, SETTLE_TIMEOUT
             )
-            result.fds_after = len(
-                settle(lambda: open_fds(pid), lambda f: len(f) <= result.fds_before, 5.0)
-            )
+            after = settle(lambda: open_fds(pid), lambda f: len(f) <= result.fds_before, 5.0)
+            result.fds_after = len(after)
+            result.fds_new = {fd: what for fd, what in after.items() if before.get(fd) != what}
             result.seconds = time.monotonic() - started
             yield result
 
@@ -284,4 +288,4 @@ def test_memory_stays_bounded(run: SlowRun) -> None:
 def test_everything_is_given_back(run: SlowRun) -> None:
     """Once the slow clients have gone, no connection is on the books and descriptors are back."""
     assert run.connections_after == 0
-    assert run.fds_after <= run.fds_before, (run.fds_before, run.fds_after)
+    assert run.fds_after <= run.fds_before, (run.fds_before, run.fds_after, run.fds_new)
