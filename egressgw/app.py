@@ -16,8 +16,11 @@ Lifecycle:
    reload replaces policy and guard; the long-lived services stay (the resolver and its cache
    unless its settings changed; the inventory, updated in place when the static identities
    changed; the feeds).
-3. ``stop()`` (SIGTERM/SIGINT): stop accepting, let open connections finish for up to
-   ``proxy.drain_timeout``, close the rest, flush events, close the exporter.
+3. ``shutdown()`` (SIGTERM/SIGINT): ``/readyz`` turns 503 at once while the listener keeps
+   accepting for ``proxy.shutdown_delay`` (Kubernetes is still sending clients here until every
+   node has dropped the pod from the Service), or until ``hurry()`` (a second signal); then
+   ``stop()``: stop accepting, let open connections finish for up to ``proxy.drain_timeout``,
+   close the rest, flush events, close the exporter.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from egressgw import __version__
 from egressgw.admin.server import AdminServer
@@ -50,7 +54,7 @@ from egressgw.net.rawstream import Listener, Reactor
 from egressgw.record.consumers import FlowConsumer, FlowEvents, FlowMetrics
 from egressgw.resolver import Resolver
 from egressgw.threats import MatcherThreats
-from feeds.refresh import FeedManager, UpdateReport
+from feeds.refresh import FeedManager, FeedStatus, UpdateReport
 from siem.exporter import Exporter
 from siem.tasks import spawn
 
@@ -85,8 +89,43 @@ def build_feeds(
 ) -> FeedManager:
     """The feed manager of a configuration (feed state lives under ``state_dir/feeds``)."""
     return FeedManager(
-        list(cfg.feeds), base, cfg.state_dir / "feeds", registry=registry, on_report=on_report
+        list(cfg.feeds),
+        base,
+        cfg.state_dir / "feeds",
+        registry=registry,
+        on_report=on_report,
+        seed_dir=None if cfg.state_seed_dir is None else cfg.state_seed_dir / "feeds",
     )
+
+
+def feed_readiness(
+    statuses: Mapping[str, FeedStatus], required: Set[str], waited: float, timeout: float
+) -> tuple[str | None, list[FeedStatus]]:
+    """Why feeds keep the gateway unready (or None), and the feeds it serves without data.
+
+    A feed with no data holds readiness up until ``timeout`` seconds have been ``waited``, a
+    ``required`` one for as long as it has none.
+    """
+    missing = [s for s in statuses.values() if s.enabled and not s.has_data]
+    if not missing:
+        return None, []
+    described = describe_feeds(missing)
+    if any(s.name in required for s in missing):
+        needed = ", ".join(s.name for s in missing if s.name in required)
+        return f"required feeds without data: {needed} (all without data: {described})", []
+    if waited < timeout:
+        left = timeout - waited
+        return f"feeds without data: {described}; ready without them in {left:.0f}s", []
+    return None, missing
+
+
+def describe_feeds(statuses: list[FeedStatus]) -> str:
+    """The feeds' names, each with its last error if any."""
+    return ", ".join(_describe(s) for s in statuses)
+
+
+def _describe(status: FeedStatus) -> str:
+    return status.name if status.last_error is None else f"{status.name} ({status.last_error})"
 
 
 LISTEN_BACKLOG = 4096
@@ -155,9 +194,13 @@ class Gateway:
         self.clock = time.monotonic()
         self.loop: asyncio.AbstractEventLoop  # set by start(), before any connection
         self.ready = False
+        self.stopping = False
+        self.started_at = time.monotonic()  # set again by start(): the readiness timeout's origin
+        self._hurry = asyncio.Event()
         self.server: Listener | None = None
         self.reactor: Reactor  # set by start(), with the loop
         self.admin = AdminServer(self, self.metrics.registry)
+        self.metrics.registry.register(_ReadinessCollector(self))
         # Told about every flow, in order; the egress map and other views join this list.
         self.consumers: list[FlowConsumer] = [
             FlowMetrics(self.metrics),
@@ -232,6 +275,7 @@ class Gateway:
     async def start(self) -> None:
         """Bind proxy and admin listeners, start exporter and feeds, then accept."""
         loop = self.loop = asyncio.get_running_loop()
+        self.started_at = time.monotonic()
         proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
         try:
             sock = listen_socket(proxy_listen)
@@ -272,8 +316,28 @@ class Gateway:
             tiers=len(self.runtime.policy.tiers),
         )
 
+    async def shutdown(self) -> None:
+        """Turn unready, keep accepting for ``proxy.shutdown_delay`` (or until hurried), stop."""
+        self.stopping = True
+        delay = self.limits.shutdown_delay
+        if delay > 0 and self.server is not None:
+            log.info("shutting down: unready, accepting for the shutdown delay", delay=delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await self._hurry.wait()
+            except TimeoutError:
+                pass
+        await self.stop()
+
+    def hurry(self) -> None:
+        """End the shutdown delay now (a second SIGTERM or SIGINT)."""
+        if self.stopping and not self._hurry.is_set():
+            log.info("shutdown delay cut short")
+            self._hurry.set()
+
     async def stop(self) -> None:
         """Stop accepting, drain open connections, flush events."""
+        self.stopping = True
         self.ready = False
         if self.server is not None:
             self.server.close()
@@ -416,13 +480,34 @@ class Gateway:
 
     # -- what the admin server reads -------------------------------------------------------------
     def readiness(self) -> str | None:
-        """None when serving with every enabled feed loaded, else why not."""
+        """None when serving, else why not (starting, shutting down, feeds without data)."""
+        if self.stopping:
+            return "shutting down"
         if not self.ready:
             return "starting"
-        if not self.feeds.ready:
-            waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
-            return f"feeds without data: {', '.join(waiting)}"
-        return None
+        return self._feed_readiness()[0]
+
+    def readiness_warning(self) -> str | None:
+        """What a ready gateway serves without: feeds it stopped waiting for."""
+        without = self._feed_readiness()[1]
+        if not without:
+            return None
+        timeout = self.config.readiness.feeds_timeout
+        return f"serving without data of feeds {describe_feeds(without)}, none after {timeout:g}s"
+
+    def feeds_served_without_data(self) -> list[str]:
+        """Feeds readiness stopped waiting for, while they still have no data."""
+        if not self.ready or self.stopping:
+            return []
+        return [s.name for s in self._feed_readiness()[1]]
+
+    def _feed_readiness(self) -> tuple[str | None, list[FeedStatus]]:
+        if self.feeds.ready:  # the common case, without building every feed's status
+            return None, []
+        required = {f.name for f in self.config.feeds if f.required}
+        waited = time.monotonic() - self.started_at
+        timeout = self.config.readiness.feeds_timeout
+        return feed_readiness(self.feeds.status(), required, waited, timeout)
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
@@ -435,3 +520,24 @@ class Gateway:
         # The feeds library logs each update itself; the gateway counts the refused ones.
         if not report.ok:
             self.metrics.count_error("feed_update")
+
+
+class _ReadinessCollector:
+    """``egressgw_ready`` and ``egressgw_ready_without_feed_data{feed}``, read at scrape time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gateway
+        yield GaugeMetricFamily(
+            "egressgw_ready", "1 when /readyz answers 200", value=float(gw.readiness() is None)
+        )
+        without = GaugeMetricFamily(
+            "egressgw_ready_without_feed_data",
+            "1 for each feed the gateway serves without, readiness having stopped waiting for it",
+            labels=["feed"],
+        )
+        for name in gw.feeds_served_without_data():
+            without.add_metric([name], 1)
+        yield without

@@ -48,11 +48,18 @@ async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
     gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        # The first signal starts the shutdown; another one skips what is left of its delay.
+        if stop.is_set():
+            gateway.hurry()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload, "SIGHUP")
     await stop.wait()
-    await gateway.stop()
+    await gateway.shutdown()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

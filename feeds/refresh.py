@@ -4,7 +4,9 @@ Rules:
 
 - At start, each feed's last good body persisted in ``state_dir`` is parsed again, so the
   matcher is ready (``ready``) before the first fetch; a feed whose source changed since it
-  was stored starts empty.
+  was stored starts empty. Where ``state_dir`` holds nothing usable for a feed, ``seed_dir`` (a
+  read-only copy of a state directory made elsewhere, e.g. a ConfigMap) is read the same way
+  and what it holds is copied into ``state_dir``, so later updates build on it.
 - Each enabled feed refreshes on its own period with jitter (``period * (1 +/- jitter)``);
   after a failure it retries sooner (``FAILURE_RETRY`` doubling, never later than the period).
   The first fetch happens at once unless the stored data is younger than the period.
@@ -161,6 +163,7 @@ class FeedManager:
         registry: CollectorRegistry | None = None,
         session: aiohttp.ClientSession | None = None,
         on_report: Callable[[UpdateReport], None] | None = None,
+        seed_dir: Path | None = None,
         jitter: float = DEFAULT_JITTER,
         backoff: float = fetching.DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.time,
@@ -169,6 +172,7 @@ class FeedManager:
         check_unique_names(specs)
         self.base_dir = Path(base_dir)
         self.state_dir = Path(state_dir)
+        self.seed_dir = None if seed_dir is None else Path(seed_dir)
         self._feeds = {spec.name: _FeedState(spec) for spec in specs}
         self._matcher = Matcher.empty()
         self._served: frozenset[str] = frozenset()
@@ -234,26 +238,40 @@ class FeedManager:
     def load_state(self) -> None:
         """Load every feed's persisted last good data and build the matcher (synchronous)."""
         for f in self._feeds.values():
-            if not f.spec.enabled:
+            if not f.spec.enabled or self._load_stored(f, self.state_dir) is not None:
                 continue
-            stored = load_feed(self.state_dir, f.spec.name)
-            if stored is None:
-                continue
-            if stored.source != f.spec.url:
-                log.info("feed %s: stored data is from another source, ignored", f.spec.name)
-                continue
-            try:
-                result = self._parse(f.spec, stored.body)
-            except (ValueError, fetching.FetchError) as e:
-                log.warning("feed %s: stored data no longer parses: %s", f.spec.name, e)
-                continue
-            f.indicators = result.indicators
-            f.has_data = True
-            f.etag, f.last_modified = stored.etag, stored.last_modified
-            f.last_success = stored.last_success
-            f.rejected_lines = result.rejected
-            self._publish(f)
+            if self.seed_dir is not None and (seed := self._load_stored(f, self.seed_dir)):
+                self._copy_seed(f.spec.name, seed)
         self._matcher, self._served = self._build()
+
+    def _load_stored(self, f: _FeedState, directory: Path) -> StoredFeed | None:
+        """Serve the feed's data stored in ``directory`` and return it; None when none is usable."""
+        stored = load_feed(directory, f.spec.name)
+        if stored is None:
+            return None
+        if stored.source != f.spec.url:
+            log.info("feed %s: data in %s is from another source, ignored", f.spec.name, directory)
+            return None
+        try:
+            result = self._parse(f.spec, stored.body)
+        except (ValueError, fetching.FetchError) as e:
+            log.warning("feed %s: data in %s no longer parses: %s", f.spec.name, directory, e)
+            return None
+        f.indicators = result.indicators
+        f.has_data = True
+        f.etag, f.last_modified = stored.etag, stored.last_modified
+        f.last_success = stored.last_success
+        f.rejected_lines = result.rejected
+        self._publish(f)
+        return stored
+
+    def _copy_seed(self, name: str, stored: StoredFeed) -> None:
+        # Later updates (a TAXII merge, a conditional request) read state_dir: the seed joins it.
+        log.info("feed %s: serving the seed from %s", name, self.seed_dir)
+        try:
+            save_feed(self.state_dir, name, stored)
+        except OSError as e:
+            log.error("feed %s: cannot copy the seed into %s: %s", name, self.state_dir, e)
 
     async def start(self) -> None:
         """Load the last good data, then refresh each enabled feed on its own schedule."""

@@ -108,6 +108,9 @@ class FeedSpec(BaseModel):
     options: ParseOptions = ParseOptions()
     taxii: TaxiiOptions | None = None
     enabled: bool = True
+    # The gateway is never ready without this feed's data (fail closed); other feeds hold up
+    # readiness only until the gateway's readiness timeout.
+    required: bool = False
     license: str | None = None
     special_ranges: Literal["auto", "drop", "keep"] = "auto"
 

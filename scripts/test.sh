@@ -4,9 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(curl dnsutils dnsmasq squid rsyslog rsyslog-gnutls rsyslog-relp nftables iptables iproute2 conntrack wrk)
+SYSTEM_PACKAGES=(curl dnsutils dnsmasq squid rsyslog rsyslog-gnutls rsyslog-relp nftables iptables iproute2 conntrack wrk kubernetes-client)
+# A package whose program is already installed from elsewhere is not installed again (kubectl
+# from another package would conflict with Debian's).
+declare -A PROGRAM_OF=([kubernetes-client]=kubectl)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
+  program="${PROGRAM_OF[$p]:-}"
+  if [ -n "$program" ] && command -v "$program" >/dev/null; then
+    continue
+  fi
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

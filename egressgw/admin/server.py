@@ -31,6 +31,10 @@ class AdminSource(Protocol):
         """None when ready to serve, else why not."""
         ...
 
+    def readiness_warning(self) -> str | None:
+        """What a ready gateway serves without, if anything (shown by a 200 ``/readyz``)."""
+        ...
+
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
         """The blocked values of one kind (``ip``, ``domain``, ``url``); blocking: file reads.
 
@@ -76,7 +80,8 @@ class AdminServer:
     async def _readyz(self, request: web.Request) -> web.Response:
         why = self.source.readiness()
         if why is None:
-            return web.Response(text="ready\n")
+            warning = self.source.readiness_warning()
+            return web.Response(text="ready\n" if warning is None else f"ready: {warning}\n")
         return web.Response(status=503, text=f"not ready: {why}\n")
 
     async def _edl(self, request: web.Request) -> web.Response:

@@ -54,6 +54,12 @@ DEFAULT_HEAD_TIMEOUT = 30.0
 DEFAULT_RESPONSE_TIMEOUT = 120.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
+# Kubernetes takes a few seconds to remove a terminating pod from every node's Service rules
+# (endpoints -> kube-proxy or the CNI): until then clients are still sent here.
+DEFAULT_SHUTDOWN_DELAY = 5.0
+# Long enough for a first fetch of every feed to succeed or fail (a refused connection or an
+# unknown name fails at once; a feed's own timeout is 30 s), short enough for a rollout to go on.
+DEFAULT_READINESS_FEEDS_TIMEOUT = 60.0
 DEFAULT_RESOLVER_TIMEOUT = 5.0
 DEFAULT_RESOLVER_CACHE = 10_000
 DEFAULT_MIN_TTL = 0.0
@@ -62,6 +68,16 @@ DEFAULT_WATCH_INTERVAL = 2.0
 
 Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _duration_or_zero(value: object) -> object:
+    # parse_duration refuses 0; here 0 means "not at all".
+    if value in (0, "0", "0s"):
+        return 0.0
+    return feeds_spec.parse_duration(value) if isinstance(value, str | int | float) else value
+
+
+DurationOrZero = Annotated[float, BeforeValidator(_duration_or_zero), Field(ge=0)]
 
 
 def _listen(value: str) -> str:
@@ -108,6 +124,8 @@ class ProxyConfig(_Model):
     response_timeout: Duration = DEFAULT_RESPONSE_TIMEOUT
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT
+    # On SIGTERM: /readyz turns 503 and the listener keeps accepting this long, then drains.
+    shutdown_delay: DurationOrZero = DEFAULT_SHUTDOWN_DELAY
     via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -176,6 +194,14 @@ class ReloadConfig(_Model):
     interval: Duration = DEFAULT_WATCH_INTERVAL
 
 
+class ReadinessConfig(_Model):
+    """When ``/readyz`` turns ready."""
+
+    # How long readiness waits for feeds with no data (none stored, none fetched yet) before it
+    # turns ready without them; feeds marked ``required`` are waited for without end.
+    feeds_timeout: DurationOrZero = DEFAULT_READINESS_FEEDS_TIMEOUT
+
+
 class LogConfig(_Model):
     """The gateway's own log."""
 
@@ -197,7 +223,11 @@ class Config(_Model):
     sinks: tuple[SinkSpec, ...] = (StdoutSinkSpec(type="stdout"),)
     log: LogConfig = LogConfig()
     reload: ReloadConfig = ReloadConfig()
+    readiness: ReadinessConfig = ReadinessConfig()
     state_dir: Path = Path("state")
+    # A read-only copy of a state_dir made elsewhere (a ConfigMap or volume): feed data stored
+    # there is served where state_dir holds none for the feed.
+    state_seed_dir: Path | None = None
 
 
 # ---- policy files ----------------------------------------------------------------------------
@@ -448,6 +478,11 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
         update={
             "policy": cfg.policy.model_copy(update={"files": files}),
             "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
+            "state_seed_dir": (
+                base / cfg.state_seed_dir
+                if cfg.state_seed_dir is not None and not cfg.state_seed_dir.is_absolute()
+                else cfg.state_seed_dir
+            ),
             "spool": resolve_paths(cfg.spool, base) if cfg.spool else None,
             "sinks": tuple(resolve_paths(s, base) for s in cfg.sinks),
         }

@@ -5,15 +5,17 @@ import gc
 import ipaddress
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from egressgw.app import Gateway
+from egressgw.app import Gateway, feed_readiness
 from egressgw.config.model import load_config
 from egressgw.flow import Flow
 from egressgw.identity.workload import Peer
+from feeds.refresh import FeedStatus
 
 ALLOW_ECHO = """\
 default: deny
@@ -361,3 +363,48 @@ async def test_a_reload_asked_for_during_a_reload_runs_once_after_it(
     await asyncio.wait_for(_reloads_done(gateway), 10)
     assert loads == 2 and gateway.metrics.reloads == {"ok": 2}
     assert gateway.runtime.policy.default == "deny" and not gateway.runtime.policy.tiers
+
+
+def _status(name: str, has_data: bool, error: str | None = None) -> FeedStatus:
+    return FeedStatus(name, True, 0, None, None, 0, 0, error, None, has_data)
+
+
+def test_feed_readiness_waits_then_serves_without_unrequired_feeds() -> None:
+    """Feeds without data hold readiness up until the timeout, naming them and their error;
+    after it they are served without, and a required one holds it up still."""
+    statuses = {"a": _status("a", True), "b": _status("b", False, "connect refused")}
+    assert feed_readiness({"a": statuses["a"]}, set(), 0.0, 60.0) == (None, [])
+    assert feed_readiness(statuses, set(), 10.0, 60.0) == (
+        "feeds without data: b (connect refused); ready without them in 50s",
+        [],
+    )
+    assert feed_readiness(statuses, set(), 60.0, 60.0) == (None, [statuses["b"]])
+    assert feed_readiness(statuses, {"b"}, 3600.0, 60.0) == (
+        "required feeds without data: b (all without data: b (connect refused))",
+        [],
+    )
+    disabled = replace(statuses["b"], enabled=False)
+    assert feed_readiness({"b": disabled}, {"b"}, 0.0, 60.0) == (None, [])
+
+
+async def test_shutdown_turns_unready_keeps_accepting_until_hurried(
+    gateway: Gateway,
+) -> None:
+    """shutdown(): /readyz 503 "shutting down" while new tunnels are still accepted; a second
+    signal (hurry) ends the delay and the listener closes."""
+    assert gateway.readiness() is None and gateway.limits.shutdown_delay == 5.0
+    server, port = await echo_server()
+    async with server:
+        stopping = asyncio.ensure_future(gateway.shutdown())
+        await asyncio.sleep(0.2)
+        assert gateway.readiness() == "shutting down"
+        head, _, writer = await tunnel(gateway, port)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+        assert not stopping.done()
+        gateway.hurry()
+        async with asyncio.timeout(3):
+            await stopping
+        assert gateway.proxy_address is not None
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*gateway.proxy_address)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from feeds.refresh import FeedManager, MissingFeedData, UpdateReport
 from feeds.spec import FeedSpec
+from feeds.state import StoredFeed, load_feed, save_feed
 
 from .conftest import FeedServer
 
@@ -230,3 +231,44 @@ async def test_blocklist_values_refuses_feeds_without_data(tmp_path: Path) -> No
     assert caught.value.feeds == ("gone",) and "gone" in str(caught.value)
     assert manager.blocklist_values("ip", ["a"]) == ["1.1.1.1"]
     assert manager.status()["a"].has_data and not manager.status()["gone"].has_data
+
+
+def _seed(directory: Path, name: str, url: str, body: bytes, etag: str | None = None) -> None:
+    save_feed(directory, name, StoredFeed(body, url, etag, None, 1_700_000_000.0))
+
+
+async def test_seed_serves_a_feed_without_state_and_joins_state(
+    feed_server: FeedServer, tmp_path: Path
+) -> None:
+    """With no stored state, the seed's data is served, copied into the state and revalidated
+    with its ETag."""
+    url = feed_server.url("/ips")
+    _seed(tmp_path / "seed", "remote", url, IPS, etag='"7"')
+    manager = _manager([_spec("remote", url)], tmp_path, seed_dir=tmp_path / "seed")
+    manager.load_state()
+    assert manager.ready and manager.matcher.match_ip("5.6.3.1")[0].feed == "remote"
+    assert manager.status()["remote"].last_success == 1_700_000_000.0
+    assert load_feed(tmp_path / "state", "remote") == load_feed(tmp_path / "seed", "remote")
+    feed_server.serve("/ips", IPS, etag='"7"')
+    assert (await manager.update_now())[0].status == "unchanged"
+    assert feed_server.requests[-1].headers["If-None-Match"] == '"7"'
+
+
+async def test_state_wins_over_seed(tmp_path: Path) -> None:
+    """Stored state of the feed's source is served; the seed is not read over it."""
+    url = "https://feeds.example/ips.txt"
+    _seed(tmp_path / "state", "remote", url, b"5.6.1.1\n")
+    _seed(tmp_path / "seed", "remote", url, b"9.9.9.9\n")
+    manager = _manager([_spec("remote", url)], tmp_path, seed_dir=tmp_path / "seed")
+    manager.load_state()
+    assert manager.matcher.match_ip("5.6.1.1") and not manager.matcher.match_ip("9.9.9.9")
+
+
+async def test_seed_of_another_source_is_ignored(tmp_path: Path) -> None:
+    """A seed stored for another URL is not served: the feed stays without data."""
+    _seed(tmp_path / "seed", "remote", "https://old.example/ips.txt", IPS)
+    spec = _spec("remote", "https://feeds.example/ips.txt")
+    manager = _manager([spec], tmp_path, seed_dir=tmp_path / "seed")
+    manager.load_state()
+    assert not manager.ready
+    assert load_feed(tmp_path / "state", "remote") is None

@@ -98,8 +98,8 @@ def write_config(
 ) -> Path:
     """Copy the contract files into `directory` and write a test config there; return its path.
 
-    Listeners go to free ports of 127.0.0.1, the resolver to `nameserver`, the
-    sinks to one file sink (`events.jsonl`); `overrides` are then merged in
+    Listeners go to free ports of 127.0.0.1 (the proxy with no shutdown delay), the resolver to
+    `nameserver`, the sinks to one file sink (`events.jsonl`); `overrides` are then merged in
     (see `merge`) and `extra_files` (name -> text) are written beside it.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,11 @@ def write_config(
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
     config: dict[str, Any] = load_yaml(contract_dir / CONFIG_FILE)
+    # No shutdown delay unless a test asks for one: a SIGTERM then stops at once, as before.
     config["proxy"] = dict(
-        config.get("proxy") or {}, listen=f"127.0.0.1:{proxy_port or free_port()}"
+        config.get("proxy") or {},
+        listen=f"127.0.0.1:{proxy_port or free_port()}",
+        shutdown_delay=0,
     )
     config["admin"] = dict(
         config.get("admin") or {}, listen=f"127.0.0.1:{admin_port or free_port()}"
@@ -188,6 +191,12 @@ class Gateway(Service):
 
     def start(self) -> Self:
         """Start the gateway and wait until GET /readyz answers 200."""
+        self.launch()
+        self._wait_status("/readyz")
+        return self
+
+    def launch(self) -> Self:
+        """Start the gateway and wait only until GET /healthz answers 200 (it may be unready)."""
         exe = egressgw_executable()
         if not exe.exists():
             raise GatewayError(f"{exe} not found: install the project (pip install -e .)")
@@ -202,17 +211,23 @@ class Gateway(Service):
                 stdout=out,
                 stderr=err,
             )
+        self._wait_status("/healthz")
+        return self
+
+    def _wait_status(self, path: str) -> None:
+        """Wait until GET `path` of the admin server answers 200; kill and raise if it does not."""
+        assert self._proc is not None
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self.returncode = self._proc.returncode
                 self._proc = None
                 raise GatewayError(f"gateway exited with {self.returncode}\n{self.logs()}")
-            if http_status(f"{self.admin_url}/readyz") == 200:
-                return self
+            if http_status(f"{self.admin_url}{path}") == 200:
+                return
             time.sleep(POLL_INTERVAL)
         self.kill()
-        raise GatewayError(f"/readyz not 200 within {self.ready_timeout}s\n{self.logs()}")
+        raise GatewayError(f"{path} not 200 within {self.ready_timeout}s\n{self.logs()}")
 
     def signal(self, signum: signal.Signals) -> None:
         """Send `signum` to the gateway."""

@@ -237,3 +237,25 @@ def test_schema_errors_do_not_hide_duplicate_tiers(tmp_path: Path) -> None:
         f"{second}:5: tiers[0].rules[0].action: Input should be 'allow', 'deny' or 'pass'",
         f"{second}:6: tiers[0].rules[1].name: duplicate rule 'r' in tier 'security'",
     ]
+
+
+def test_cluster_lifecycle_keys(tmp_path: Path) -> None:
+    """shutdown_delay (0 allowed), readiness.feeds_timeout and a feed's required flag load;
+    state_seed_dir resolves beside the file; a negative delay names its key."""
+    cfg = default_config()
+    assert (cfg.proxy.shutdown_delay, cfg.readiness.feeds_timeout) == (5.0, 60.0)
+    assert cfg.state_seed_dir is None
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "proxy: {shutdown_delay: 0}\n"
+        "readiness: {feeds_timeout: 2m}\n"
+        "state_seed_dir: seed\n"
+        "feeds: [{name: f, url: f.txt, format: lines, required: true}]\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.proxy.shutdown_delay, cfg.readiness.feeds_timeout) == (0.0, 120.0)
+    assert cfg.state_seed_dir == tmp_path / "seed" and cfg.feeds[0].required
+    path.write_text("proxy:\n  shutdown_delay: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.errors[0].startswith(f"{path}:2: proxy.shutdown_delay:"), e.value.errors
