@@ -16,7 +16,7 @@ from egressgw.app import Gateway
 from egressgw.config.model import load_config
 from tests.feeds.test_catalog import EXCERPT_FIXES, SERVED
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "feeds-samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "feeds" / "samples"
 POLICY = """\
 default: deny
 tiers:
@@ -38,8 +38,6 @@ def _serve(body: bytes) -> Callable[[web.Request], Awaitable[web.Response]]:
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
     """A gateway with every catalog feed pointed at a local server holding its sample."""
-    if not SAMPLES.is_dir():
-        pytest.skip(f"feed samples not found at {SAMPLES}")
     app = web.Application()
     for name, (sample, _, _) in SERVED.items():
         body = (SAMPLES / sample).read_bytes()

@@ -1,4 +1,4 @@
-"""Shared fixtures for the feeds tests: the real feed samples beside the repository."""
+"""Fixtures for the feeds tests: real feed excerpts (tests/feeds/samples) and a feed server."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-# The repository is /work/main locally and a clone elsewhere in CI; shared/ is always beside it.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLES_DIR = REPO_ROOT.parent / "shared" / "feeds-samples"
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"  # SOURCES.md says where each is from
 
 
 @pytest.fixture
 def samples() -> Path:
-    """The folder of real feed excerpts (skips the test if it is absent)."""
-    if not SAMPLES_DIR.is_dir():
-        pytest.skip(f"feed samples folder {SAMPLES_DIR} is absent (it lives beside the repo)")
+    """The folder of real feed excerpts."""
     return SAMPLES_DIR
 
 

@@ -39,8 +39,6 @@ from tests.support.scripted_dns import answer_query
 
 from .testbed import ALLOWED_IP, CONTRACT_DIR, EVIL_IP, HTTP_PORT, HTTPS_PORT
 
-SHARED_CONTRACT = Path("/work/shared/contract")
-
 
 def test_parse_response_content_length() -> None:
     """A response with Content-Length is complete only once the whole body arrived."""
@@ -107,15 +105,6 @@ def test_write_config_points_the_contract_at_the_test_bed(tmp_path: Path) -> Non
     assert config["proxy"]["listen"].startswith("127.0.0.1:")
     assert config["identity"] == load_yaml(CONTRACT_DIR / "egressgw.yaml")["identity"]
     assert (tmp_path / "policy.yaml").read_text() == (CONTRACT_DIR / "policy.yaml").read_text()
-
-
-@pytest.mark.skipif(not SHARED_CONTRACT.is_dir(), reason="no /work/shared/contract on this machine")
-@pytest.mark.parametrize(
-    "name", ["egressgw.yaml", "policy.yaml", "feed-ips.txt", "feed-domains.txt"]
-)
-def test_contract_copy_matches_shared_contract(name: str) -> None:
-    """tests/integration/contract is an unchanged copy of the shared contract files."""
-    assert (CONTRACT_DIR / name).read_bytes() == (SHARED_CONTRACT / name).read_bytes()
 
 
 @pytest.mark.integration

@@ -18,7 +18,7 @@ from siem.config import (
     sink_names,
 )
 
-CONTRACT = Path("/work/shared/contract/egressgw-siem.yaml")
+CONTRACT = Path(__file__).resolve().parents[1] / "integration" / "contract" / "egressgw-siem.yaml"
 SINKS = TypeAdapter(list[SinkSpec])
 
 

@@ -21,7 +21,7 @@ from siem.sinks.file import FileSink
 from siem.sinks.syslog import SyslogSink
 from siem.spool import Record, Spool
 
-CONTRACT = Path("/work/shared/contract/egressgw-siem.yaml")
+CONTRACT = Path(__file__).resolve().parents[1] / "integration" / "contract" / "egressgw-siem.yaml"
 FAST = DeliveryOptions(batch_events=100, backoff_initial=0.01, backoff_max=0.05)
 
 

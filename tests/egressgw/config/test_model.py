@@ -10,7 +10,7 @@ from egressgw.config.model import default_config, load_config, load_policy
 from egressgw.config.source import ConfigError
 from tests.support.pki import make_client_tls, make_test_pki
 
-CONTRACT = Path(__file__).resolve().parents[3].parent / "shared" / "contract"
+CONTRACT = Path(__file__).resolve().parents[2] / "integration" / "contract"
 
 
 @pytest.fixture

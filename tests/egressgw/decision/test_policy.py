@@ -19,7 +19,7 @@ from egressgw.decision.policy import (
 )
 from egressgw.identity.workload import UNKNOWN, Workload
 
-CONTRACT = Path(__file__).resolve().parents[3].parent / "shared" / "contract"
+CONTRACT = Path(__file__).resolve().parents[2] / "integration" / "contract"
 POLICY_YAML = """\
 default: deny
 tiers:
