@@ -517,7 +517,9 @@ def build_inventory(cfg: Config) -> StaticInventory:
     return StaticInventory(
         (
             e.cidr,
-            Workload.make(e.namespace, e.pod, e.labels, e.serviceaccount, e.node),
+            Workload.make(
+                e.namespace, e.pod, e.labels, e.serviceaccount, e.node, attribution="static"
+            ),
         )
         for e in cfg.identity.static
     )

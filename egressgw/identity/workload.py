@@ -26,6 +26,19 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# The owner kinds events name by their ECS field (``kubernetes.<kind>.name``).
+OWNER_KINDS = {
+    "ReplicaSet": "replicaset",
+    "Deployment": "deployment",
+    "StatefulSet": "statefulset",
+    "DaemonSet": "daemonset",
+    "Job": "job",
+    "CronJob": "cronjob",
+}
+# Labels naming the app, most specific first: the first present becomes ``service.name``.
+SERVICE_LABELS = ("app.kubernetes.io/name", "app")
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """A workload as policy and events see it; hashable so decisions can be cached per workload."""
@@ -38,6 +51,11 @@ class Workload:
     label_map: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     # The ECS ``kubernetes.*`` object of this workload, built once and shared by every event.
     ecs: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Other top-level ECS fields of its events (``service``, ``egressgw.attribution``), built
+    # once too: an event adds them with one dict update.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # A pod replaced by one of the same name (a StatefulSet's) is another workload.
+    uid: str | None = None
 
     @classmethod
     def make(
@@ -47,19 +65,38 @@ class Workload:
         labels: Mapping[str, str] | None = None,
         serviceaccount: str | None = None,
         node: str | None = None,
+        *,
+        uid: str | None = None,
+        owners: tuple[tuple[str, str], ...] = (),
+        attribution: str | None = None,
     ) -> Workload:
-        """Build a workload from plain values (labels as a mapping)."""
+        """Build a workload from plain values (labels as a mapping; owners as (kind, name))."""
         items = tuple(sorted((labels or {}).items()))
+        label_map = dict(items)
         ecs: dict[str, Any] = {"namespace": namespace}
         if pod:
-            ecs["pod"] = {"name": pod}
+            ecs["pod"] = {"name": pod, "uid": uid} if uid else {"name": pod}
         if items:
-            ecs["labels"] = dict(items)
+            ecs["labels"] = label_map
         if serviceaccount:
             ecs["serviceaccount"] = {"name": serviceaccount}
         if node:
             ecs["node"] = {"name": node}
-        return cls(namespace, pod, items, serviceaccount, node, dict(items), ecs)
+        for kind, name in owners:
+            ecs_kind = OWNER_KINDS.get(kind)
+            if ecs_kind is not None:
+                ecs[ecs_kind] = {"name": name}
+        extra: dict[str, Any] = {}
+        service = next((label_map[k] for k in SERVICE_LABELS if k in label_map), None)
+        if service:
+            extra["service"] = {"name": service}
+        if attribution:
+            extra["egressgw"] = {"attribution": attribution}
+        return cls(namespace, pod, items, serviceaccount, node, label_map, ecs, extra, uid)
+
+    def same_as(self, other: Workload) -> bool:
+        """True when both would select and record alike (every field, events' included)."""
+        return self == other and self.ecs == other.ecs and self.extra == other.extra
 
     @property
     def known(self) -> bool:
