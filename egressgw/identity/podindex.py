@@ -16,15 +16,18 @@ Rules (what ``lookup`` answers for an address):
 4. ``generation`` moves with every change of what ``lookup`` answers for some address (a new
    holder, another label, a resolved owner), and only then: a pod's status heartbeat changes
    nothing and keeps the decision path's caches.
-5. ``replace`` (a new initial list, after a 410 Gone or a reconnect) swaps the whole view,
-   keeping resolved owners; ``generation`` moves if any answer changed.
+5. ``replace`` (a new initial list, after a 410 Gone) swaps the whole view, or one namespace's
+   when each namespace is watched on its own, keeping resolved owners; ``generation`` moves if
+   any answer changed.
 
 Workloads are built once per pod change (their ECS fields too), so a lookup is one dict get.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,7 @@ ATTRIBUTION = "kubernetes-pod-ip"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 # Owners whose own owner is looked up: what users think of as the workload sits above them.
 LOOKED_UP_KINDS = frozenset({"ReplicaSet", "Job"})
+SHARED_SLACK = 10_000
 
 OwnerKey = tuple[str, str, str]  # namespace, kind, name
 
@@ -93,17 +97,19 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
         and status.get("phase") not in TERMINAL_PHASES
         and bool(ips)
     )
+    serviceaccount, node = spec.get("serviceAccountName"), spec.get("nodeName")
+    # Texts many pods repeat are interned: one copy each, not one per pod.
     return Pod(
         uid=_text(meta.get("uid"), "metadata.uid"),
-        namespace=_text(meta.get("namespace"), "metadata.namespace"),
+        namespace=sys.intern(_text(meta.get("namespace"), "metadata.namespace")),
         name=_text(meta.get("name"), "metadata.name"),
-        created=str(meta.get("creationTimestamp") or ""),
+        created=sys.intern(str(meta.get("creationTimestamp") or "")),
         ips=tuple(ips),
         live=live,
-        owner=owner,
-        labels={str(k): str(v) for k, v in labels.items()},
-        serviceaccount=spec.get("serviceAccountName") or None,
-        node=spec.get("nodeName") or None,
+        owner=(sys.intern(owner[0]), sys.intern(owner[1])) if owner else None,
+        labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()},
+        serviceaccount=sys.intern(serviceaccount) if isinstance(serviceaccount, str) else None,
+        node=sys.intern(node) if isinstance(node, str) and node else None,
     )
 
 
@@ -112,6 +118,9 @@ class PodIndex:
 
     def __init__(self) -> None:
         self.generation = 0
+        # Parts equal between workloads, shared (Workload.make); emptied when it outgrows the
+        # pods, so label sets of pods long gone do not stay.
+        self._shared: dict[Any, Any] = {}
         self._owners: dict[OwnerKey, tuple[str, str] | None] = {}
         self._reset()
 
@@ -141,10 +150,21 @@ class PodIndex:
         else:
             self._put(pod)
 
-    def replace(self, objects: Iterable[Mapping[str, Any]]) -> None:
-        """Replace the whole view with a list's pods (resolved owners are kept)."""
-        pods = [pod for pod in map(parse_pod, objects) if pod.live]  # all parsed, or no change
+    def replace(self, objects: Iterable[Mapping[str, Any]], namespace: str | None = None) -> None:
+        """Replace the view (of one namespace, or all) with a list's pods; owners are kept.
+
+        Every object is read first: one that cannot be raises ValueError and changes nothing.
+        """
+        self.replace_pods(list(map(parse_pod, objects)), namespace)
+
+    def replace_pods(self, pods: Iterable[Pod], namespace: str | None = None) -> None:
+        """``replace`` with pods already read."""
+        kept = [
+            p for p in self._pods.values() if namespace is not None and p.namespace != namespace
+        ]
+        pods = [*kept, *(p for p in pods if p.live)]
         before, generation = self._by_ip, self.generation
+        self._shared.clear()
         self._reset()  # a fresh state, built by the same rules as the events build it
         for pod in pods:
             self._put(pod)
@@ -190,12 +210,17 @@ class PodIndex:
             uid=pod.uid,
             owners=owners,
             attribution=ATTRIBUTION,
+            shared=self._shared,
         )
 
     def _put(self, pod: Pod) -> None:
         old = self._pods.get(pod.uid)
-        self._pods[pod.uid] = pod
+        if len(self._shared) > 4 * len(self._pods) + SHARED_SLACK:
+            self._shared.clear()
         workload = self._workload(pod)
+        if pod.labels is not workload.label_map and pod.labels == workload.label_map:
+            pod = dataclasses.replace(pod, labels=workload.label_map)  # one copy of the labels
+        self._pods[pod.uid] = pod
         previous = self._workloads.get(pod.uid)
         if previous is not None and previous.same_as(workload):
             workload = previous  # unchanged: keep the object the caches hold

@@ -44,6 +44,8 @@ def pod(
         status["podIP"] = ip
         status["podIPs"] = [{"ip": i} for i in (ips or [ip])]
     return {
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": meta,
         "spec": {"nodeName": node, "serviceAccountName": "api", "hostNetwork": host_network},
         "status": status,
@@ -314,3 +316,14 @@ def test_generation_moves_exactly_when_an_answer_changes(
         before, g = answers(index), index.generation
         index.apply(kind, obj)
         assert (answers(index) != before) == (index.generation != g)
+
+
+def test_replace_of_one_namespace_keeps_the_others() -> None:
+    """A namespace's re-list replaces its pods only."""
+    index = PodIndex()
+    index.apply("ADDED", pod("a", "10.0.0.1", namespace="one"))
+    index.apply("ADDED", pod("b", "10.0.0.2", namespace="two"))
+    index.replace([pod("c", "10.0.0.3", namespace="one")], namespace="one")
+    assert at(index, "10.0.0.1") is UNKNOWN
+    assert at(index, "10.0.0.2").pod == "b"
+    assert at(index, "10.0.0.3").pod == "c"
