@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from kubernetes_asyncio.config import ConfigException
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -47,7 +48,10 @@ from egressgw.decision.guard import Guard
 from egressgw.decision.names import parse_ip_port
 from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource
 from egressgw.flow import Flow
-from egressgw.identity.workload import IPNetwork, Workload
+from egressgw.identity.kubernetes import PodWatcher
+from egressgw.identity.podindex import PodIndex
+from egressgw.identity.workload import FirstKnown, Inventory, IPNetwork, Workload
+from egressgw.kube import Api
 from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
 from egressgw.net.rawstream import Listener, Reactor
@@ -178,7 +182,15 @@ class Gateway:
         self.base_dir = base
         self.feeds = build_feeds(cfg, base, self.metrics.registry, self._feed_report)
         self.threats = MatcherThreats(lambda: self.feeds.matcher)
-        self.inventory = cfgmod.build_inventory(cfg)
+        self.static_inventory = cfgmod.build_inventory(cfg)
+        self.inventory: Inventory = self.static_inventory
+        # Pods from the Kubernetes API, asked first; the static CIDRs answer for the rest.
+        self.pods: PodIndex | None = None
+        self.pod_watcher: PodWatcher | None = None
+        self.kube_api: Api | None = None
+        if cfg.identity.kubernetes is not None:
+            self.pods = PodIndex()
+            self.inventory = FirstKnown(self.pods, self.static_inventory)
         services = Services(build_resolver(cfg), self.inventory, self.threats)
         self.runtime = build_runtime(cfg, services)
         self.exporter = Exporter.from_config(
@@ -288,6 +300,7 @@ class Gateway:
                 raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
             await self.exporter.start()
             await self.feeds.start()
+            await self._start_kubernetes()
         except BaseException:
             sock.close()
             await self._close_services()
@@ -335,6 +348,28 @@ class Gateway:
             log.info("shutdown delay cut short")
             self._hurry.set()
 
+    async def _start_kubernetes(self) -> None:
+        """Open the API client and start watching pods (identity.kubernetes)."""
+        kube = self.config.identity.kubernetes
+        if kube is None or self.pods is None:
+            return
+        node = None
+        if kube.own_node:
+            node = os.environ.get("NODE_NAME")
+            if not node:
+                raise OSError("identity.kubernetes.own_node: NODE_NAME is not set")
+        self.kube_api = Api(kube.kubeconfig)
+        try:
+            await self.kube_api.open()
+        except (ConfigException, OSError) as e:
+            raise OSError(f"identity.kubernetes: no API configuration: {e}") from e
+        self.pod_watcher = PodWatcher(
+            self.pods, self.kube_api, kube.namespaces, node, watch_timeout=kube.watch_timeout
+        )
+        self._tasks.append(spawn(self.pod_watcher.run(), name="pod-watch"))
+        if self.config.policy.kubernetes:
+            log.warning("policy.kubernetes: policy resources are not watched yet; files only")
+
     async def stop(self) -> None:
         """Stop accepting, drain open connections, flush events."""
         self.stopping = True
@@ -367,6 +402,8 @@ class Gateway:
         await self.runtime.resolver.aclose()
         await self.admin.stop()
         await self.exporter.aclose()
+        if self.kube_api is not None:
+            await self.kube_api.aclose()
 
     def request_reload(self, by: str) -> None:
         """Ask for a reload (``by``: ``SIGHUP``, ``watch``); coalesced with any already asked."""
@@ -413,10 +450,12 @@ class Gateway:
             log.warning("sinks and spool change only on restart")
         if cfg.feeds != self.config.feeds or cfg.state_dir != self.config.state_dir:
             log.warning("feed definitions change only on restart")
+        if cfg.identity.kubernetes != self.config.identity.kubernetes:
+            log.warning("identity.kubernetes changes only on restart")
         new_resolver = runtime.resolver is not self.runtime.resolver
         # Inventory and runtime change together, with no flow decided in between.
         if identities is not None:
-            self.inventory.update(identities)
+            self.static_inventory.update(identities)
         self.config = cfg
         self.limits = cfg.proxy
         self.runtime = runtime
@@ -439,7 +478,7 @@ class Gateway:
             # Only new resolver settings drop the DNS cache.
             services = replace(services, resolver=build_resolver(cfg))
         identities = None
-        if cfg.identity != running.identity:
+        if cfg.identity.static != running.identity.static:
             identities = cfgmod.build_inventory(cfg).entries
         return cfg, build_runtime(cfg, services), identities
 
@@ -485,6 +524,8 @@ class Gateway:
             return "shutting down"
         if not self.ready:
             return "starting"
+        if self.pod_watcher is not None and not self.pod_watcher.ready:
+            return "kubernetes: pods not listed yet"
         return self._feed_readiness()[0]
 
     def readiness_warning(self) -> str | None:

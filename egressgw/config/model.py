@@ -65,6 +65,8 @@ DEFAULT_RESOLVER_CACHE = 10_000
 DEFAULT_MIN_TTL = 0.0
 DEFAULT_MAX_TTL = 3600.0
 DEFAULT_WATCH_INTERVAL = 2.0
+# How long the API server holds one watch open before the gateway opens the next.
+DEFAULT_KUBE_WATCH_TIMEOUT = 300
 
 Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -175,16 +177,30 @@ class StaticEntry(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class KubernetesIdentityConfig(_Model):
+    """Pods from the Kubernetes API, watched: source address -> pod."""
+
+    # None: the in-cluster service-account configuration (token, CA, KUBERNETES_SERVICE_HOST).
+    kubeconfig: Path | None = None
+    namespaces: tuple[Annotated[str, Field(min_length=1)], ...] = ()  # empty: every namespace
+    # Watch only the pods of this gateway's node (spec.nodeName = $NODE_NAME): one per node.
+    own_node: bool = False
+    watch_timeout: int = Field(DEFAULT_KUBE_WATCH_TIMEOUT, ge=10, le=3600)
+
+
 class IdentityConfig(_Model):
-    """Where workload identities come from."""
+    """Where workload identities come from: pods first when watched, then the static CIDRs."""
 
     static: tuple[StaticEntry, ...] = ()
+    kubernetes: KubernetesIdentityConfig | None = None
 
 
 class PolicyConfig(_Model):
-    """Policy files, evaluated tier after tier in file order."""
+    """Policy files, evaluated tier after tier in file order; and resources from the API."""
 
     files: tuple[Path, ...] = ()
+    # Also GlobalEgressPolicy, EgressPolicy and ThreatFeed resources (egressgw.io/v1alpha1).
+    kubernetes: bool = False
 
 
 class ReloadConfig(_Model):
@@ -474,8 +490,14 @@ def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
 
 def _resolve_relative(cfg: Config, base: Path) -> Config:
     files = tuple(p if p.is_absolute() else base / p for p in cfg.policy.files)
+    identity = cfg.identity
+    kube = identity.kubernetes
+    if kube is not None and kube.kubeconfig is not None and not kube.kubeconfig.is_absolute():
+        kube = kube.model_copy(update={"kubeconfig": base / kube.kubeconfig})
+        identity = identity.model_copy(update={"kubernetes": kube})
     return cfg.model_copy(
         update={
+            "identity": identity,
             "policy": cfg.policy.model_copy(update={"files": files}),
             "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
             "state_seed_dir": (
@@ -514,6 +536,15 @@ def read_config(path: Path) -> tuple[Config | None, list[str]]:
     except ValueError as e:
         errors.append(f"{path}:{doc.line_of(['feeds'])}: feeds: {e}")
     cfg = _resolve_relative(cfg, path.parent)
+    kube = cfg.identity.kubernetes
+    if kube is not None and kube.kubeconfig is not None and not kube.kubeconfig.is_file():
+        line = doc.line_of(["identity", "kubernetes", "kubeconfig"])
+        message = f"kubeconfig not found: {kube.kubeconfig}"
+        errors.append(f"{path}:{line}: identity.kubernetes.kubeconfig: {message}")
+    if cfg.policy.kubernetes and kube is None:
+        line = doc.line_of(["policy", "kubernetes"])
+        message = "needs identity.kubernetes (where the API is, and whose pods policy selects)"
+        errors.append(f"{path}:{line}: policy.kubernetes: {message}")
     for i, sink in enumerate(cfg.sinks):
         for key, problem in tls_file_problems(sink):
             errors.append(f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: {problem}")
@@ -552,7 +583,9 @@ def build_inventory(cfg: Config) -> StaticInventory:
     return StaticInventory(
         (
             e.cidr,
-            Workload.make(e.namespace, e.pod, e.labels, e.serviceaccount, e.node),
+            Workload.make(
+                e.namespace, e.pod, e.labels, e.serviceaccount, e.node, attribution="static"
+            ),
         )
         for e in cfg.identity.static
     )

@@ -61,6 +61,8 @@ def to_common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     w = flow.workload
     if w.namespace is not None:  # w.known, without the property call
         doc["kubernetes"] = w.ecs  # built once per workload
+        if w.extra:
+            doc.update(w.extra)  # service.name, egressgw.attribution: built once too
     dest: dict[str, Any] = {"port": flow.port}
     host = flow.host
     if host is not None and host.name is not None:
@@ -118,7 +120,7 @@ def to_decision_event(
     }
     decision = verdict.decision
     if decision is not None and decision.audits:
-        doc["egressgw"] = {"audit": list(decision.audits)}
+        doc["egressgw"] = {**common.get("egressgw", {}), "audit": list(decision.audits)}
     doc["event"] = event
     if flow.threats:
         doc["threat"] = to_threat(flow.threats)

@@ -1,5 +1,6 @@
 """Tests of the ``egressgw feeds`` and ``explain`` subcommands on local files (no network)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,18 @@ def test_run_counts_one_error_in_the_singular(
     path.write_text("proxy: {listen: nowhere}\n")
     assert main(["run", "--config", str(path)]) == 1
     assert "egressgw: configuration refused (1 error):" in capsys.readouterr().err
+
+
+def test_check_accepts_the_kubernetes_contract_once_its_kubeconfig_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check`` of egressgw-k8s.yaml: refused, naming the key, until kubeconfig.yaml exists."""
+    contract = Path(__file__).parents[1] / "integration" / "contract"
+    for name in ("egressgw-k8s.yaml", "policy.yaml", "feed-domains.txt"):
+        shutil.copyfile(contract / name, tmp_path / name)
+    config = str(tmp_path / "egressgw-k8s.yaml")
+    assert main(["check", "--config", config]) == 1
+    assert "identity.kubernetes.kubeconfig: kubeconfig not found" in capsys.readouterr().out
+    (tmp_path / "kubeconfig.yaml").write_text("apiVersion: v1\nkind: Config\n")
+    assert main(["check", "--config", config]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")

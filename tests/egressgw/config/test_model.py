@@ -259,3 +259,31 @@ def test_cluster_lifecycle_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert e.value.errors[0].startswith(f"{path}:2: proxy.shutdown_delay:"), e.value.errors
+
+
+def test_kubernetes_keys(tmp_path: Path) -> None:
+    """identity.kubernetes: kubeconfig beside the file, defaults; policy.kubernetes needs it."""
+    (tmp_path / "kubeconfig.yaml").write_text("apiVersion: v1\n")
+    path = tmp_path / "egressgw.yaml"
+    path.write_text(
+        "identity:\n  kubernetes:\n    kubeconfig: kubeconfig.yaml\n    namespaces: [a]\n"
+        "policy:\n  kubernetes: true\n"
+    )
+    kube = load_config(path).identity.kubernetes
+    assert kube is not None
+    assert (kube.kubeconfig, kube.namespaces, kube.own_node, kube.watch_timeout) == (
+        tmp_path / "kubeconfig.yaml",
+        ("a",),
+        False,
+        300,
+    )
+    path.write_text("identity:\n  kubernetes: {}\n")
+    kube = load_config(path).identity.kubernetes
+    assert kube is not None and kube.kubeconfig is None  # in-cluster
+    path.write_text("policy:\n  kubernetes: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.errors == [
+        f"{path}:2: policy.kubernetes: needs identity.kubernetes (where the "
+        "API is, and whose pods policy selects)"
+    ]

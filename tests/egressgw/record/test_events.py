@@ -161,3 +161,25 @@ def test_an_unreachable_audited_flow_keeps_its_audit() -> None:
     )
     assert audited.action == "would_deny"
     assert audited.unreachable(504).action == "would_deny"
+
+
+def test_pod_attribution_fields() -> None:
+    """A pod's uid, owner, service name and how it was attributed are in both events."""
+    w = Workload.make(
+        "payments",
+        "api-7d-x",
+        {"app.kubernetes.io/name": "api"},
+        uid="u1",
+        owners=(("ReplicaSet", "api-7d"), ("Deployment", "api")),
+        attribution="kubernetes-pod-ip",
+    )
+    audit = Decision("allow", "apps", "psp", "allow by apps/psp", audits=("would deny by x/y",))
+    flow = make_flow(workload=w)
+    flow.verdict = Verdict.allow(flow.ip, "allowed", audit)
+    for doc in (to_decision_event(flow, OBSERVER), to_end_event(flow, OBSERVER, 1.0)):
+        assert doc["kubernetes"]["pod"] == {"name": "api-7d-x", "uid": "u1"}
+        assert doc["kubernetes"]["deployment"] == {"name": "api"}
+        assert doc["kubernetes"]["replicaset"] == {"name": "api-7d"}
+        assert doc["service"] == {"name": "api"}
+        assert doc["egressgw"]["attribution"] == "kubernetes-pod-ip"
+    assert to_decision_event(flow, OBSERVER)["egressgw"]["audit"] == ["would deny by x/y"]
