@@ -39,15 +39,25 @@ from egressgw.admin.server import AdminServer
 from egressgw.config import model as cfgmod
 from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
+from egressgw.decision.answers import AnswerLog
 from egressgw.decision.guard import Guard
 from egressgw.decision.names import parse_ip_port
 from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource
 from egressgw.flow import Flow
 from egressgw.identity.workload import IPNetwork, Workload
+from egressgw.listeners.dns import DnsProxy
 from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
 from egressgw.net.rawstream import Listener, Reactor
-from egressgw.record.consumers import FlowConsumer, FlowEvents, FlowMetrics
+from egressgw.record.consumers import (
+    DnsConsumer,
+    DnsEvents,
+    DnsMetrics,
+    FlowConsumer,
+    FlowEvents,
+    FlowMetrics,
+)
+from egressgw.record.dnsevents import DnsExchange
 from egressgw.resolver import Resolver
 from egressgw.threats import MatcherThreats
 from feeds.refresh import FeedManager, UpdateReport
@@ -163,6 +173,16 @@ class Gateway:
             FlowMetrics(self.metrics),
             FlowEvents(self.exporter.submit, self.observer),
         ]
+        self.dns_consumers: list[DnsConsumer] = [
+            DnsMetrics(self.metrics),
+            DnsEvents(self.exporter.submit, self.observer),
+        ]
+        # The answers the DNS proxy served, per client: what the transparent listener asks.
+        self.answers = AnswerLog(cfg.dns.max_records, cfg.dns.max_records_per_client)
+        self.dns: DnsProxy | None = None
+        if cfg.dns.listen is not None:
+            mark = cfg.node.exempt_mark if cfg.node.enabled else None
+            self.dns = DnsProxy(self, cfg.dns, self.answers, mark)
         self.proxy_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
@@ -186,6 +206,11 @@ class Gateway:
         """Tell every consumer the flow ended."""
         for consumer in self.consumers:
             consumer.flow_ended(flow)
+
+    def dns_answered(self, x: DnsExchange) -> None:
+        """Tell every DNS consumer about an exchange of the DNS proxy."""
+        for consumer in self.dns_consumers:
+            consumer.dns_answered(x)
 
     def count_error(self, kind: str) -> None:
         """Count an error by kind."""
@@ -242,6 +267,11 @@ class Gateway:
                 await self.admin.start(admin_listen)
             except OSError as e:
                 raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            if self.dns is not None:
+                try:
+                    await self.dns.start(str(self.config.dns.listen))
+                except OSError as e:
+                    raise OSError(f"dns.listen {self.config.dns.listen}: {_reason(e)}") from e
             await self.exporter.start()
             await self.feeds.start()
         except BaseException:
@@ -270,13 +300,18 @@ class Gateway:
             admin=self.config.admin.listen,
             policy=[str(p) for p in self.config.policy.files] or "allow all (embedded)",
             tiers=len(self.runtime.policy.tiers),
+            dns=self.config.dns.listen,
         )
+        for warning in cfgmod.unbuilt(self.config):
+            log.warning(warning)
 
     async def stop(self) -> None:
         """Stop accepting, drain open connections, flush events."""
         self.ready = False
         if self.server is not None:
             self.server.close()
+        if self.dns is not None:
+            self.dns.close()
         if self.connections:
             self._drained = asyncio.Event()
             try:
@@ -296,6 +331,8 @@ class Gateway:
         """Stop background tasks, feeds, admin server and exporter (each only if started)."""
         for task in self._tasks:
             task.cancel()
+        if self.dns is not None:
+            self.dns.close()
         if self._reloader is not None:
             self._reloader.cancel()
         await self.feeds.stop()

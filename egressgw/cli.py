@@ -107,6 +107,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 f"{len(cfg.sinks)} sinks",
                 file=out,
             )
+            for warning in cfgmod.unbuilt(cfg):
+                print(f"warning: {warning}", file=out)
             return 0
     for line in errors:
         print(line, file=out)
