@@ -48,6 +48,7 @@ from egressgw.identity.workload import IPNetwork, Workload
 from egressgw.listeners.dns import DnsProxy
 from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
+from egressgw.net import nft
 from egressgw.net.rawstream import Listener, Reactor
 from egressgw.record.consumers import (
     DnsConsumer,
@@ -60,8 +61,9 @@ from egressgw.record.consumers import (
 from egressgw.record.dnsevents import DnsExchange
 from egressgw.resolver import Resolver
 from egressgw.threats import MatcherThreats
-from feeds.refresh import FeedManager, UpdateReport
+from feeds.refresh import FeedManager, MissingFeedData, UpdateReport
 from siem.exporter import Exporter
+from siem.firewall import to_nft_set
 from siem.tasks import spawn
 
 log = structlog.get_logger("egressgw")
@@ -183,6 +185,9 @@ class Gateway:
         if cfg.dns.listen is not None:
             mark = cfg.node.exempt_mark if cfg.node.enabled else None
             self.dns = DnsProxy(self, cfg.dns, self.answers, mark)
+        # The node's nftables set of blocklisted IPs, refreshed after every feed update.
+        self.node_firewall = cfg.node.enabled and cfg.node.firewall
+        self._firewall_lock = asyncio.Lock()
         self.proxy_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
@@ -279,6 +284,8 @@ class Gateway:
             await self._close_services()
             raise
         self.threats.refresh()  # the feeds' stored data, loaded by start()
+        if self.node_firewall:
+            self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
         if missing:
             # Feeds with no stored data are fetched now rather than after the startup spread,
@@ -465,10 +472,33 @@ class Gateway:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
         return self.feeds.blocklist_values(kind, feeds)
 
+    async def refresh_firewall(self) -> bool:
+        """Load the feeds' blocklisted IPs into the node table's sets; False if not loaded.
+
+        Never with feed data missing: an empty set would let through what the last one dropped.
+        """
+        async with self._firewall_lock:
+            table = self.config.node.table
+            try:
+                values = await asyncio.to_thread(self.feeds.blocklist_values, "ip", None)
+                script = to_nft_set(table, "blocked", values)
+                await asyncio.to_thread(nft.apply, script)
+            except MissingFeedData as e:
+                log.info("node firewall kept: feeds without data", feeds=sorted(e.feeds))
+                return False
+            except (nft.NftError, ValueError, OSError) as e:
+                self.metrics.count_error("node_firewall")
+                log.error("node firewall not refreshed", error=str(e))
+                return False
+            log.info("node firewall refreshed", table=f"inet {table}", entries=len(values))
+            return True
+
     def _feed_report(self, report: UpdateReport) -> None:
         # Called right after an update swapped the matcher: the next flow is decided with it,
         # and outcomes cached with the old one are dropped (the threat source's generation).
         self.threats.refresh()
+        if self.node_firewall and report.ok:
+            spawn(self.refresh_firewall(), name="node-firewall")
         # The feeds library logs each update itself; the gateway counts the refused ones.
         if not report.ok:
             self.metrics.count_error("feed_update")

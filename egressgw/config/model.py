@@ -243,6 +243,10 @@ class NodeConfig(_Model):
     pod_cidrs: tuple[Network, ...] = ()
     interfaces: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,15}$")], ...] = ()
     exempt_mark: int = Field(DEFAULT_EXEMPT_MARK, ge=1, le=0xFFFFFFFF)
+    # Destinations pod TCP reaches directly (service CIDRs, the node network); pod CIDRs always.
+    exclude_cidrs: tuple[Network, ...] = ()
+    # Keep the table's blocked_v4/blocked_v6 sets filled with the feeds' IPs while running.
+    firewall: bool = True
     table: str = Field(DEFAULT_NODE_TABLE, pattern=r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 
     @property
