@@ -127,6 +127,19 @@ def listen_socket(listen: str) -> socket.socket:
     return sock
 
 
+def missing_egress_ips(egress_ips: dict[str, Any]) -> list[str]:
+    """Each ``egress_ips`` address this node does not have, as a reason (a bind is the test)."""
+    out = []
+    for namespace, ip in sorted(egress_ips.items()):
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((str(ip), 0))
+            except OSError as e:
+                out.append(f"{ip} ({namespace}) is not an address of this node: {_reason(e)}")
+    return out
+
+
 def _reason(e: OSError) -> str:
     # The event loop's bind error repeats the address in its own words: the errno says it all.
     return os.strerror(e.errno) if e.errno else str(e)
@@ -167,6 +180,8 @@ class Gateway:
         self.clock = time.monotonic()
         self.loop: asyncio.AbstractEventLoop  # set by start(), before any connection
         self.ready = False
+        # Configured egress source addresses this node does not have (checked at start).
+        self.egress_problems: list[str] = []
         self.server: Listener | None = None
         self.reactor: Reactor  # set by start(), with the loop
         self.admin = AdminServer(self, self.metrics.registry)
@@ -284,6 +299,9 @@ class Gateway:
             await self._close_services()
             raise
         self.threats.refresh()  # the feeds' stored data, loaded by start()
+        self.egress_problems = await asyncio.to_thread(missing_egress_ips, self.config.egress_ips)
+        for problem in self.egress_problems:
+            log.error("egress_ips: not ready", problem=problem)
         if self.node_firewall:
             self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
@@ -463,6 +481,8 @@ class Gateway:
         """None when serving with every enabled feed loaded, else why not."""
         if not self.ready:
             return "starting"
+        if self.egress_problems:
+            return f"egress_ips: {'; '.join(self.egress_problems)}"
         if not self.feeds.ready:
             waiting = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
             return f"feeds without data: {', '.join(waiting)}"

@@ -281,9 +281,10 @@ class Config(_Model):
     dns: DnsConfig = DnsConfig()
     node: NodeConfig = NodeConfig()
     # namespace -> the source address its outbound connections leave from
-    egress_ips: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(
-        default_factory=dict
-    )
+    egress_ips: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")],
+        ipaddress.IPv4Address | ipaddress.IPv6Address,
+    ] = Field(default_factory=dict)
 
 
 # ---- policy files ----------------------------------------------------------------------------
@@ -596,6 +597,11 @@ def feed_file_errors(path: Path, cfg: Config) -> list[str]:
 def unbuilt(cfg: Config) -> list[str]:
     """Keys set in ``cfg`` whose feature this version does not have yet, each saying so."""
     out = []
+    if cfg.egress_ips:
+        out.append(
+            "egress_ips: the addresses are checked at start (readiness) but connections do not "
+            "leave from them yet: the explicit listener does not pass them to the dialer"
+        )
     if cfg.transparent.listen is not None:
         out.append(
             f"transparent.listen {cfg.transparent.listen}: the transparent listener is not built "

@@ -22,6 +22,7 @@ PURE = [
     "egressgw.decision.dnsanswer",
     "egressgw.record.dnsevents",
     "egressgw.node",
+    "egressgw.egress",
 ]
 IO_MODULES = {"asyncio", "socket", "ssl", "aiohttp", "httptools", "uvloop", "dns.asyncresolver"}
 # dnspython's dns.inet (under dns.message) imports socket for its AF_INET/AF_INET6 constants;
