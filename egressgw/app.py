@@ -44,6 +44,7 @@ from egressgw.admin.server import AdminServer
 from egressgw.config import model as cfgmod
 from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
+from egressgw.decision.answers import AnswerLog
 from egressgw.decision.guard import Guard
 from egressgw.decision.names import parse_ip_port
 from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource
@@ -52,14 +53,25 @@ from egressgw.identity.kubernetes import PodWatcher
 from egressgw.identity.podindex import PodIndex
 from egressgw.identity.workload import FirstKnown, Inventory, IPNetwork, Workload
 from egressgw.kube import Api
+from egressgw.listeners.dns import DnsProxy
 from egressgw.listeners.explicit import ClientConnection
 from egressgw.metrics import Metrics
+from egressgw.net import nft
 from egressgw.net.rawstream import Listener, Reactor
-from egressgw.record.consumers import FlowConsumer, FlowEvents, FlowMetrics
+from egressgw.record.consumers import (
+    DnsConsumer,
+    DnsEvents,
+    DnsMetrics,
+    FlowConsumer,
+    FlowEvents,
+    FlowMetrics,
+)
+from egressgw.record.dnsevents import DnsExchange
 from egressgw.resolver import Resolver
 from egressgw.threats import MatcherThreats
-from feeds.refresh import FeedManager, FeedStatus, UpdateReport
+from feeds.refresh import FeedManager, FeedStatus, MissingFeedData, UpdateReport
 from siem.exporter import Exporter
+from siem.firewall import to_nft_set
 from siem.tasks import spawn
 
 log = structlog.get_logger("egressgw")
@@ -158,6 +170,19 @@ def listen_socket(listen: str) -> socket.socket:
     return sock
 
 
+def missing_egress_ips(egress_ips: dict[str, Any]) -> list[str]:
+    """Each ``egress_ips`` address this node does not have, as a reason (a bind is the test)."""
+    out = []
+    for namespace, ip in sorted(egress_ips.items()):
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((str(ip), 0))
+            except OSError as e:
+                out.append(f"{ip} ({namespace}) is not an address of this node: {_reason(e)}")
+    return out
+
+
 def _reason(e: OSError) -> str:
     # The event loop's bind error repeats the address in its own words: the errno says it all.
     return os.strerror(e.errno) if e.errno else str(e)
@@ -209,6 +234,8 @@ class Gateway:
         self.stopping = False
         self.started_at = time.monotonic()  # set again by start(): the readiness timeout's origin
         self._hurry = asyncio.Event()
+        # Configured egress source addresses this node does not have (checked at start).
+        self.egress_problems: list[str] = []
         self.server: Listener | None = None
         self.reactor: Reactor  # set by start(), with the loop
         self.admin = AdminServer(self, self.metrics.registry)
@@ -218,6 +245,19 @@ class Gateway:
             FlowMetrics(self.metrics),
             FlowEvents(self.exporter.submit, self.observer),
         ]
+        self.dns_consumers: list[DnsConsumer] = [
+            DnsMetrics(self.metrics),
+            DnsEvents(self.exporter.submit, self.observer),
+        ]
+        # The answers the DNS proxy served, per client: what the transparent listener asks.
+        self.answers = AnswerLog(cfg.dns.max_records, cfg.dns.max_records_per_client)
+        self.dns: DnsProxy | None = None
+        if cfg.dns.listen is not None:
+            mark = cfg.node.exempt_mark if cfg.node.enabled else None
+            self.dns = DnsProxy(self, cfg.dns, self.answers, mark)
+        # The node's nftables set of blocklisted IPs, refreshed after every feed update.
+        self.node_firewall = cfg.node.enabled and cfg.node.firewall
+        self._firewall_lock = asyncio.Lock()
         self.proxy_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
@@ -241,6 +281,11 @@ class Gateway:
         """Tell every consumer the flow ended."""
         for consumer in self.consumers:
             consumer.flow_ended(flow)
+
+    def dns_answered(self, x: DnsExchange) -> None:
+        """Tell every DNS consumer about an exchange of the DNS proxy."""
+        for consumer in self.dns_consumers:
+            consumer.dns_answered(x)
 
     def count_error(self, kind: str) -> None:
         """Count an error by kind."""
@@ -298,6 +343,11 @@ class Gateway:
                 await self.admin.start(admin_listen)
             except OSError as e:
                 raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            if self.dns is not None:
+                try:
+                    await self.dns.start(str(self.config.dns.listen))
+                except OSError as e:
+                    raise OSError(f"dns.listen {self.config.dns.listen}: {_reason(e)}") from e
             await self.exporter.start()
             await self.feeds.start()
             await self._start_kubernetes()
@@ -306,6 +356,11 @@ class Gateway:
             await self._close_services()
             raise
         self.threats.refresh()  # the feeds' stored data, loaded by start()
+        self.egress_problems = await asyncio.to_thread(missing_egress_ips, self.config.egress_ips)
+        for problem in self.egress_problems:
+            log.error("egress_ips: not ready", problem=problem)
+        if self.node_firewall:
+            self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
         if missing:
             # Feeds with no stored data are fetched now rather than after the startup spread,
@@ -327,7 +382,10 @@ class Gateway:
             admin=self.config.admin.listen,
             policy=[str(p) for p in self.config.policy.files] or "allow all (embedded)",
             tiers=len(self.runtime.policy.tiers),
+            dns=self.config.dns.listen,
         )
+        for warning in cfgmod.unbuilt(self.config):
+            log.warning(warning)
 
     async def shutdown(self) -> None:
         """Turn unready, keep accepting for ``proxy.shutdown_delay`` (or until hurried), stop."""
@@ -376,6 +434,8 @@ class Gateway:
         self.ready = False
         if self.server is not None:
             self.server.close()
+        if self.dns is not None:
+            self.dns.close()
         if self.connections:
             self._drained = asyncio.Event()
             try:
@@ -395,6 +455,8 @@ class Gateway:
         """Stop background tasks, feeds, admin server and exporter (each only if started)."""
         for task in self._tasks:
             task.cancel()
+        if self.dns is not None:
+            self.dns.close()
         if self._reloader is not None:
             self._reloader.cancel()
         await self.feeds.stop()
@@ -526,6 +588,8 @@ class Gateway:
             return "starting"
         if self.pod_watcher is not None and not self.pod_watcher.ready:
             return "kubernetes: pods not listed yet"
+        if self.egress_problems:
+            return f"egress_ips: {'; '.join(self.egress_problems)}"
         return self._feed_readiness()[0]
 
     def readiness_warning(self) -> str | None:
@@ -554,10 +618,33 @@ class Gateway:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
         return self.feeds.blocklist_values(kind, feeds)
 
+    async def refresh_firewall(self) -> bool:
+        """Load the feeds' blocklisted IPs into the node table's sets; False if not loaded.
+
+        Never with feed data missing: an empty set would let through what the last one dropped.
+        """
+        async with self._firewall_lock:
+            table = self.config.node.table
+            try:
+                values = await asyncio.to_thread(self.feeds.blocklist_values, "ip", None)
+                script = to_nft_set(table, "blocked", values)
+                await asyncio.to_thread(nft.apply, script)
+            except MissingFeedData as e:
+                log.info("node firewall kept: feeds without data", feeds=sorted(e.feeds))
+                return False
+            except (nft.NftError, ValueError, OSError) as e:
+                self.metrics.count_error("node_firewall")
+                log.error("node firewall not refreshed", error=str(e))
+                return False
+            log.info("node firewall refreshed", table=f"inet {table}", entries=len(values))
+            return True
+
     def _feed_report(self, report: UpdateReport) -> None:
         # Called right after an update swapped the matcher: the next flow is decided with it,
         # and outcomes cached with the old one are dropped (the threat source's generation).
         self.threats.refresh()
+        if self.node_firewall and report.ok:
+            spawn(self.refresh_firewall(), name="node-firewall")
         # The feeds library logs each update itself; the gateway counts the refused ones.
         if not report.ok:
             self.metrics.count_error("feed_update")

@@ -1,4 +1,4 @@
-"""The ``egressgw`` command: run, check, explain, feeds, firewall."""
+"""The ``egressgw`` command: run, check, explain, feeds, firewall, node."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from egressgw.app import Gateway, build_runtime, build_services
 from egressgw.config import model as cfgmod
 from egressgw.config.source import ConfigError
 from egressgw.decision.guard import effective_ip
-from egressgw.decision.names import parse_authority
+from egressgw.decision.names import parse_authority, parse_ip_port
 from egressgw.decision.path import check_flow
 from egressgw.decision.policy import Destination
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
+from egressgw.net import nft
+from egressgw.node import NodeRules, summarise, to_setup_script, to_teardown_script
 from egressgw.threats import MatcherThreats
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
@@ -34,6 +36,7 @@ from feeds.refresh import MissingFeedData
 from siem.firewall import to_nft_set
 
 EXIT_DENY = 3
+EXIT_NOT_INSTALLED = 3  # `node status`: the rules are not installed
 
 
 def _load(path: Path | None) -> cfgmod.Config:
@@ -114,6 +117,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 f"{len(cfg.sinks)} sinks",
                 file=out,
             )
+            for warning in cfgmod.unbuilt(cfg):
+                print(f"warning: {warning}", file=out)
             return 0
     for line in errors:
         print(line, file=out)
@@ -322,6 +327,65 @@ def cmd_firewall_nft(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_rules(cfg: cfgmod.Config) -> NodeRules:
+    """The node's rules as a configuration sets them (ValueError when it names no pods)."""
+    node = cfg.node
+
+    def port(listen: str | None) -> int | None:
+        return parse_ip_port(listen)[1] if listen is not None else None
+
+    return NodeRules(
+        node.table,
+        node.pod_cidrs,
+        node.interfaces,
+        node.exempt_mark,
+        dns_port=port(cfg.dns.listen),
+        tcp_port=port(cfg.transparent.listen),
+        exclude_cidrs=node.exclude_cidrs,
+    )
+
+
+def cmd_node(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Install, remove or show the node's nftables rules."""
+    out = out or sys.stdout
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    table = cfg.node.table
+    try:
+        if args.node_command == "setup":
+            rules = node_rules(cfg)
+            script = to_setup_script(rules)
+            if args.dry_run:
+                out.write(script)
+                return 0
+            nft.apply(script)
+            print(f"installed: table inet {table}", file=out)
+            for warning in cfgmod.unbuilt(cfg):
+                print(f"warning: {warning}", file=sys.stderr)
+            return 0
+        if args.node_command == "teardown":
+            nft.apply(to_teardown_script(table))
+            print(f"removed: table inet {table}", file=out)
+            return 0
+        listing = nft.list_table(table)
+    except (ValueError, nft.NftError) as e:
+        print(f"egressgw: node {args.node_command}: {e}", file=sys.stderr)
+        return 1
+    if listing is None:
+        print(f"not installed: no table inet {table}", file=out)
+        return EXIT_NOT_INSTALLED
+    print(f"installed: table inet {table}", file=out)
+    for line in summarise(listing):
+        print(f"  {line}", file=out)
+    if args.verbose:
+        out.write(listing)
+    return 0
+
+
 def _option(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -401,6 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nft.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     nft.set_defaults(func=cmd_firewall_nft)
+    node = sub.add_parser("node", help="the per-node nftables rules (redirection, firewall)")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    setup = node_sub.add_parser(
+        "setup", help="install or update the rules (one transaction; idempotent)"
+    )
+    setup.add_argument("--config", type=Path, help="configuration file")
+    setup.add_argument("--dry-run", action="store_true", help="print the nft script, load nothing")
+    setup.set_defaults(func=cmd_node)
+    teardown = node_sub.add_parser("teardown", help="remove the rules' table (idempotent)")
+    teardown.add_argument("--config", type=Path, help="configuration file")
+    teardown.set_defaults(func=cmd_node)
+    status = node_sub.add_parser(
+        "status", help="show whether the rules are installed (exit 3 if not)"
+    )
+    status.add_argument("--config", type=Path, help="configuration file")
+    status.add_argument("-v", "--verbose", action="store_true", help="print the whole table")
+    status.set_defaults(func=cmd_node)
     return parser
 
 

@@ -35,6 +35,7 @@ class Metrics:
         self.flows: dict[tuple[str, str], int] = {}
         self.errors: dict[str, int] = {}
         self.reloads: dict[str, int] = {}
+        self.dns: dict[str, int] = {}
         self.tunnels = 0
         self.bytes_out = 0
         self.bytes_in = 0
@@ -52,6 +53,10 @@ class Metrics:
     def count_error(self, kind: str) -> None:
         """Count an error of a kind."""
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def count_dns(self, action: str) -> None:
+        """Count a DNS exchange by action (dns_allowed, dns_denied, would_deny, dns_failed)."""
+        self.dns[action] = self.dns.get(action, 0) + 1
 
     def count_reload(self, result: str) -> None:
         """Count a reload by result (ok, failed)."""
@@ -82,6 +87,12 @@ class _Collector:
         for result, n in sorted(m.reloads.items()):
             reloads.add_metric([result], n)
         yield reloads
+        queries = CounterMetricFamily(
+            "egressgw_dns_queries", "DNS proxy exchanges, by action", labels=["action"]
+        )
+        for action, n in sorted(m.dns.items()):
+            queries.add_metric([action], n)
+        yield queries
         relayed = CounterMetricFamily(
             "egressgw_bytes", "Bytes relayed, by direction", labels=["direction"]
         )

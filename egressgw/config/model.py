@@ -18,7 +18,15 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import feeds.spec as feeds_spec
 from egressgw.config.source import ConfigError, YamlDocument
@@ -67,6 +75,17 @@ DEFAULT_MAX_TTL = 3600.0
 DEFAULT_WATCH_INTERVAL = 2.0
 # How long the API server holds one watch open before the gateway opens the next.
 DEFAULT_KUBE_WATCH_TIMEOUT = 300
+DEFAULT_DNS_TIMEOUT = 2.0
+# Upstream queries in flight at once, in all and per client address: a client flooding the proxy
+# gets REFUSED past its share and the others are still forwarded.
+DEFAULT_DNS_MAX_INFLIGHT = 1_000
+DEFAULT_DNS_MAX_INFLIGHT_PER_SOURCE = 100
+DEFAULT_DNS_MAX_TCP_CONNECTIONS = 256
+DEFAULT_DNS_TCP_IDLE_TIMEOUT = 10.0
+DEFAULT_DNS_RECORDS = 100_000
+DEFAULT_DNS_RECORDS_PER_CLIENT = 2_000
+DEFAULT_NODE_TABLE = "egressgw"
+DEFAULT_EXEMPT_MARK = 0x539
 
 Duration = Annotated[float, BeforeValidator(feeds_spec.parse_duration), Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -218,6 +237,66 @@ class ReadinessConfig(_Model):
     feeds_timeout: DurationOrZero = DEFAULT_READINESS_FEEDS_TIMEOUT
 
 
+class TransparentConfig(_Model):
+    """The transparent listener (pod egress redirected by the node's nftables rules)."""
+
+    listen: ListenAddress | None = None
+
+
+def _upstream(value: str) -> str:
+    try:
+        parse_ip_port(value, 53)
+    except ValueError as e:
+        raise ValueError(f"upstream {value!r} must be an IP or IP:port ([v6]:port): {e}") from e
+    return value
+
+
+def _domain(value: str) -> str:
+    return normalise_name(value)
+
+
+class DnsConfig(_Model):
+    """The DNS proxy: queries judged by policy and feeds, forwarded to ``upstreams``."""
+
+    listen: ListenAddress | None = None
+    upstreams: tuple[Annotated[str, BeforeValidator(_upstream)], ...] = ()
+    blocked_answer: Literal["nxdomain", "sinkhole"] = "nxdomain"
+    sinkhole: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address("0.0.0.0")
+    # Names under these are answered without the guard: cluster services have private addresses.
+    internal_domains: tuple[Annotated[str, BeforeValidator(_domain)], ...] = ("cluster.local",)
+    timeout: Duration = DEFAULT_DNS_TIMEOUT
+    max_inflight: int = Field(DEFAULT_DNS_MAX_INFLIGHT, ge=1)
+    max_inflight_per_source: int = Field(DEFAULT_DNS_MAX_INFLIGHT_PER_SOURCE, ge=1)
+    max_tcp_connections: int = Field(DEFAULT_DNS_MAX_TCP_CONNECTIONS, ge=1)
+    tcp_idle_timeout: Duration = DEFAULT_DNS_TCP_IDLE_TIMEOUT
+    max_records: int = Field(DEFAULT_DNS_RECORDS, ge=1)
+    max_records_per_client: int = Field(DEFAULT_DNS_RECORDS_PER_CLIENT, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_upstreams(self) -> DnsConfig:
+        if self.listen is not None and not self.upstreams:
+            raise ValueError("dns.listen needs dns.upstreams (the servers queries go to)")
+        return self
+
+
+class NodeConfig(_Model):
+    """Per-node redirection rules (``egressgw node setup``)."""
+
+    pod_cidrs: tuple[Network, ...] = ()
+    interfaces: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,15}$")], ...] = ()
+    exempt_mark: int = Field(DEFAULT_EXEMPT_MARK, ge=1, le=0xFFFFFFFF)
+    # Destinations pod TCP reaches directly (service CIDRs, the node network); pod CIDRs always.
+    exclude_cidrs: tuple[Network, ...] = ()
+    # Keep the table's blocked_v4/blocked_v6 sets filled with the feeds' IPs while running.
+    firewall: bool = True
+    table: str = Field(DEFAULT_NODE_TABLE, pattern=r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+
+    @property
+    def enabled(self) -> bool:
+        """True when this gateway runs per node (pod sources or interfaces are named)."""
+        return bool(self.pod_cidrs or self.interfaces)
+
+
 class LogConfig(_Model):
     """The gateway's own log."""
 
@@ -244,6 +323,14 @@ class Config(_Model):
     # A read-only copy of a state_dir made elsewhere (a ConfigMap or volume): feed data stored
     # there is served where state_dir holds none for the feed.
     state_seed_dir: Path | None = None
+    transparent: TransparentConfig = TransparentConfig()
+    dns: DnsConfig = DnsConfig()
+    node: NodeConfig = NodeConfig()
+    # namespace -> the source address its outbound connections leave from
+    egress_ips: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")],
+        ipaddress.IPv4Address | ipaddress.IPv6Address,
+    ] = Field(default_factory=dict)
 
 
 # ---- policy files ----------------------------------------------------------------------------
@@ -570,6 +657,23 @@ def feed_file_errors(path: Path, cfg: Config) -> list[str]:
         if not file.is_file():
             line = doc.line_of(["feeds", i, "url"])
             out.append(f"{path}:{line}: feeds[{i}].url: feed file not found: {file}")
+    return out
+
+
+def unbuilt(cfg: Config) -> list[str]:
+    """Keys set in ``cfg`` whose feature this version does not have yet, each saying so."""
+    out = []
+    if cfg.egress_ips:
+        out.append(
+            "egress_ips: the addresses are checked at start (readiness) but connections do not "
+            "leave from them yet: the explicit listener does not pass them to the dialer"
+        )
+    if cfg.transparent.listen is not None:
+        out.append(
+            f"transparent.listen {cfg.transparent.listen}: the transparent listener is not built "
+            "yet: the gateway does not listen there, so TCP that `egressgw node setup` redirects "
+            "to it is refused (DNS proxy, node rules and firewall work)"
+        )
     return out
 
 

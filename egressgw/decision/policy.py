@@ -32,7 +32,9 @@ from egressgw.identity.workload import Workload
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["allow", "deny", "pass"]
-Protocol = Literal["tcp", "tls", "http"]
+# ``dns``: a name asked of the DNS proxy; no rule's ``protocols`` lists it (the policy files
+# cannot), so a rule that selects protocols never applies to a DNS question.
+Protocol = Literal["tcp", "tls", "http", "dns"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 The gateway calls every consumer in order, on the event loop, for every flow: a consumer does
 constant work per call and never blocks (the exporter only queues the event; the metrics only
 add). The egress map and other views are added as consumers, not as calls in the proxy.
+The DNS proxy's exchanges go to a list of their own (``DnsConsumer``), the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 
 from egressgw.decision.verdict import UNDECIDED
 from egressgw.flow import Flow
+from egressgw.record.dnsevents import DnsExchange, to_dns_event
 from egressgw.record.events import to_common, to_decision_event, to_end_event
 
 
@@ -74,3 +76,42 @@ class FlowEvents:
     def flow_ended(self, flow: Flow) -> None:
         """Submit the end event."""
         self.submit(to_end_event(flow, self.observer, time.time(), flow.event_common))
+
+
+class DnsConsumer(Protocol):
+    """Told about every query the DNS proxy answered or refused."""
+
+    def dns_answered(self, x: DnsExchange) -> None:
+        """The client got its answer (or the refusal)."""
+        ...
+
+
+class DnsCounter(Protocol):
+    """The metrics a DnsMetrics consumer updates."""
+
+    def count_dns(self, action: str) -> None:
+        """Count one DNS exchange by action."""
+        ...
+
+
+class DnsMetrics:
+    """Counts DNS exchanges by action."""
+
+    def __init__(self, metrics: DnsCounter) -> None:
+        self.metrics = metrics
+
+    def dns_answered(self, x: DnsExchange) -> None:
+        """Count the exchange."""
+        self.metrics.count_dns(x.verdict.action if x.verdict is not None else "dns_failed")
+
+
+class DnsEvents:
+    """Builds each DNS exchange's ECS event and hands it to ``submit`` (the exporter's spool)."""
+
+    def __init__(self, submit: Callable[[dict[str, Any]], Any], observer: dict[str, Any]) -> None:
+        self.submit = submit
+        self.observer = observer
+
+    def dns_answered(self, x: DnsExchange) -> None:
+        """Submit the exchange's event."""
+        self.submit(to_dns_event(x, self.observer))

@@ -45,6 +45,10 @@ def _timestamp(epoch: float) -> str:
     return f"{prefix}.{micros:06d}Z"
 
 
+# The DNS proxy's events (record.dnsevents) stamp their times the same way.
+to_timestamp = _timestamp
+
+
 def to_common(flow: Flow, observer: dict[str, Any]) -> dict[str, Any]:
     """The fields both events of a flow share (who, where, the rule); build once, pass to both."""
     network = _NETWORK.get(flow.protocol)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -41,8 +41,12 @@ def dnsmasq_args(
     records: Mapping[str, str],
     cnames: Mapping[str, str],
     ttl: int = DEFAULT_TTL,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """Return the dnsmasq command line serving `records` (name -> ip) and `cnames` (alias -> to)."""
+    """Return the dnsmasq command line serving `records` (name -> ip) and `cnames` (alias -> to).
+
+    `extra` options are added as given (say `--txt-record=...` for a long answer).
+    """
     args = [
         exe,
         "-k",
@@ -60,7 +64,7 @@ def dnsmasq_args(
     args += [f"--local=/{zone}/" for zone in local_zones([*records, *cnames])]
     args += [f"--host-record={name},{ip}" for name, ip in records.items()]
     args += [f"--cname={alias},{target}" for alias, target in cnames.items()]
-    return args
+    return [*args, *extra]
 
 
 class Dnsmasq(Service):
@@ -72,6 +76,7 @@ class Dnsmasq(Service):
         cnames: Mapping[str, str] | None = None,
         port: int | None = None,
         ttl: int = DEFAULT_TTL,
+        extra: Sequence[str] = (),
     ) -> None:
         exe = dnsmasq_path()
         if exe is None:
@@ -80,7 +85,7 @@ class Dnsmasq(Service):
         self.port = port if port is not None else free_port()
         self.records = dict(records)
         self.cnames = dict(cnames or {})
-        self.args = dnsmasq_args(exe, self.port, self.records, self.cnames, ttl)
+        self.args = dnsmasq_args(exe, self.port, self.records, self.cnames, ttl, extra)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -287,3 +287,35 @@ def test_kubernetes_keys(tmp_path: Path) -> None:
         f"{path}:2: policy.kubernetes: needs identity.kubernetes (where the "
         "API is, and whose pods policy selects)"
     ]
+
+
+NODE_CONTRACT = Path(__file__).resolve().parents[2] / "integration" / "contract"
+
+
+def test_node_contract_checks_and_names_what_is_not_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The per-node contract validates; check says the transparent listener is not built."""
+    for name in ("egressgw-node.yaml", "policy.yaml", "feed-domains.txt"):
+        shutil.copyfile(NODE_CONTRACT / name, tmp_path / name)
+    cfg = load_config(tmp_path / "egressgw-node.yaml")
+    assert cfg.dns.listen == "0.0.0.0:53" and cfg.dns.upstreams == ("127.0.0.1:5353",)
+    assert cfg.node.exempt_mark == 0x539 and str(cfg.node.pod_cidrs[0]) == "10.99.0.0/24"
+    assert {ns: str(ip) for ns, ip in cfg.egress_ips.items()} == {
+        "payments": "10.98.0.10",
+        "batch": "10.98.0.11",
+    }
+    assert main(["check", "--config", str(tmp_path / "egressgw-node.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: transparent.listen 0.0.0.0:15001: the transparent listener is not built" in out
+
+
+def test_dns_listen_needs_upstreams(tmp_path: Path) -> None:
+    """A DNS proxy with nowhere to forward is refused, naming the key."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("dns:\n  listen: 127.0.0.1:5300\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [
+        f"{path}:1: dns: dns.listen needs dns.upstreams (the servers queries go to)"
+    ]

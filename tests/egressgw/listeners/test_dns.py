@@ -1,0 +1,166 @@
+"""Tests of the DNS proxy's shell with a stand-in hub: bounds, sinkhole, upstream failure."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import dns.message
+import dns.rcode
+import dns.rrset
+import pytest
+
+from egressgw.config.model import DnsConfig, load_policy
+from egressgw.decision.answers import AnswerLog
+from egressgw.decision.guard import Guard
+from egressgw.decision.path import NoThreats, Runtime
+from egressgw.identity.static import StaticInventory
+from egressgw.listeners.dns import DnsProxy
+from egressgw.record.dnsevents import DnsExchange
+from egressgw.resolver import Resolver
+from siem.tasks import spawn
+
+POLICY = """\
+default: allow
+tiers:
+  - name: security
+    rules:
+      - name: no-casino
+        action: deny
+        to: {domains: ["casino.test"]}
+"""
+
+
+class Hub:
+    """Records exchanges and error counts."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.exchanges: list[DnsExchange] = []
+        self.errors: list[str] = []
+
+    def dns_answered(self, x: DnsExchange) -> None:
+        """Keep the exchange."""
+        self.exchanges.append(x)
+
+    def count_error(self, kind: str) -> None:
+        """Keep the kind."""
+        self.errors.append(kind)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Hub:
+    """A hub over a policy denying casino.test."""
+    (tmp_path / "p.yaml").write_text(POLICY)
+    rt = Runtime(
+        load_policy((tmp_path / "p.yaml",), set()),
+        Guard(),
+        StaticInventory([]),
+        cast(Resolver, None),
+        NoThreats(),
+    )
+    return Hub(rt)
+
+
+def proxy(hub: Hub, **settings: Any) -> DnsProxy:
+    """A proxy (not listening) with the given dns settings."""
+    cfg = DnsConfig.model_validate({"upstreams": ["127.0.0.1:9"], **settings})
+    return DnsProxy(hub, cfg, AnswerLog())
+
+
+def query(name: str, kind: str = "A") -> bytes:
+    """A query's bytes."""
+    return dns.message.make_query(name, kind).to_wire()
+
+
+def test_sinkhole_answers_a_denied_name_at_once(hub: Hub) -> None:
+    """With blocked_answer sinkhole a denied name gets the sinkhole address, and an event."""
+    p = proxy(hub, blocked_answer="sinkhole", sinkhole="192.0.2.254")
+    reply, pending = p.begin(query("casino.test"), ("10.99.0.2", 5000), "udp")
+    assert pending is None and reply is not None
+    answer = dns.message.from_wire(reply)
+    assert answer.rcode() == dns.rcode.NOERROR
+    assert answer.answer[0][0].address == "192.0.2.254"
+    assert hub.exchanges[0].verdict is not None and not hub.exchanges[0].verdict.allowed
+
+
+def test_one_flooding_source_is_refused_past_its_share(hub: Hub) -> None:
+    """Past max_inflight_per_source a source gets REFUSED; another source is still forwarded."""
+    p = proxy(hub, max_inflight_per_source=2, max_inflight=10)
+    for _ in range(2):
+        assert p.begin(query("a.test"), ("10.99.0.2", 5000), "udp")[1] is not None
+    reply, pending = p.begin(query("a.test"), ("10.99.0.2", 5000), "udp")
+    assert pending is None and reply is not None
+    assert dns.message.from_wire(reply).rcode() == dns.rcode.REFUSED
+    assert hub.errors == ["dns_busy"]
+    assert p.begin(query("a.test"), ("10.99.0.3", 5000), "udp")[1] is not None
+    assert p.inflight == 3
+
+
+def test_total_in_flight_is_bounded(hub: Hub) -> None:
+    """Past max_inflight every source is refused until queries finish."""
+    p = proxy(hub, max_inflight=3)
+    for i in range(3):
+        assert p.begin(query("a.test"), (f"10.99.0.{i + 2}", 5000), "udp")[1] is not None
+    reply, _ = p.begin(query("a.test"), ("10.99.0.9", 5000), "udp")
+    assert reply is not None and dns.message.from_wire(reply).rcode() == dns.rcode.REFUSED
+
+
+def test_garbage_gets_formerr_or_nothing(hub: Hub) -> None:
+    """A message with a readable header gets FORMERR; a scrap gets no answer."""
+    p = proxy(hub)
+    reply, _ = p.begin(bytes.fromhex("12340100") + b"\xff" * 10, ("10.99.0.2", 5000), "udp")
+    assert reply is not None and dns.message.from_wire(reply).rcode() == dns.rcode.FORMERR
+    assert p.begin(b"\x01", ("10.99.0.2", 5000), "udp") == (None, None)
+
+
+async def test_silent_upstream_gives_servfail_and_frees_the_slot(hub: Hub) -> None:
+    """An upstream that never answers: SERVFAIL within dns.timeout, the reason in the event."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        cfg = DnsConfig.model_validate({"upstreams": [f"127.0.0.1:{port}"], "timeout": 0.3})
+        p = DnsProxy(hub, cfg, AnswerLog())
+        _, pending = p.begin(query("a.test"), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = await p.finish(pending)
+    finally:
+        silent.close()
+    assert dns.message.from_wire(reply).rcode() == dns.rcode.SERVFAIL
+    assert hub.exchanges[0].error == f"no upstream answered: 127.0.0.1:{port}: timed out"
+    assert p.inflight == 0 and p.per_source == {}
+
+
+async def test_answered_addresses_are_recorded_for_the_client(hub: Hub) -> None:
+    """An answer forwarded to a client is recorded (client, IP) -> name in the answer log."""
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+    upstream.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def answer_once() -> None:
+        data, addr = await loop.sock_recvfrom(upstream, 4096)
+        q = dns.message.from_wire(data)
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", "192.0.2.5"))
+        await loop.sock_sendto(upstream, r.to_wire(), addr)
+
+    try:
+        cfg = DnsConfig.model_validate({"upstreams": [f"127.0.0.1:{upstream.getsockname()[1]}"]})
+        log = AnswerLog()
+        p = DnsProxy(hub, cfg, log)
+        server = spawn(answer_once(), name="upstream")
+        _, pending = p.begin(query("api.test"), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = await p.finish(pending)
+        await server
+    finally:
+        upstream.close()
+    assert dns.message.from_wire(reply).answer[0][0].address == "192.0.2.5"
+    client, ip = ipaddress.ip_address("10.99.0.2"), ipaddress.ip_address("192.0.2.5")
+    assert log.name_of(client, ip, time.monotonic()) == "api.test"
