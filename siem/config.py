@@ -234,21 +234,28 @@ class ElasticsearchSinkSpec(_SinkBase):
     hosts: list[str] = Field(min_length=1)
     data_stream: str = Field(DEFAULT_DATA_STREAM, pattern=r"^[a-z0-9][a-z0-9._-]*-[a-z0-9._-]+$")
     api_key: SecretStr | None = None
+    api_key_file: Path | None = None  # the key in a file (a mounted Secret), read at start
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
     ca: Path | None = None
     install_template: bool = True
     template_name: str = DEFAULT_TEMPLATE_NAME
     dead_letter: Path | None = None
     timeout: float = Field(DEFAULT_TIMEOUT, gt=0)
 
-    _resolve_paths = field_validator("ca", "dead_letter")(_resolve)
+    _resolve_paths = field_validator("ca", "dead_letter", "api_key_file", "password_file")(_resolve)
 
     @model_validator(mode="after")
     def _auth(self) -> ElasticsearchSinkSpec:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together")
-        if self.api_key is not None and self.username is not None:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("use api_key or api_key_file, not both")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("use password or password_file, not both")
+        has_password = self.password is not None or self.password_file is not None
+        if (self.username is None) == has_password:
+            raise ValueError("username and password (or password_file) go together")
+        if (self.api_key is not None or self.api_key_file is not None) and self.username:
             raise ValueError("use api_key or username/password, not both")
         return self
 
@@ -258,7 +265,8 @@ class SplunkHecSinkSpec(_SinkBase):
 
     type: Literal["splunk_hec"]
     url: str = Field(pattern=r"^https?://")
-    token: SecretStr
+    token: SecretStr | None = None
+    token_file: Path | None = None  # the token in a file (a mounted Secret), read at start
     index: str | None = None
     source: str = DEFAULT_HEC_SOURCE
     sourcetype: str = DEFAULT_HEC_SOURCETYPE
@@ -267,7 +275,13 @@ class SplunkHecSinkSpec(_SinkBase):
     ca: Path | None = None
     timeout: float = Field(DEFAULT_TIMEOUT, gt=0)
 
-    _resolve_paths = field_validator("ca")(_resolve)
+    _resolve_paths = field_validator("ca", "token_file")(_resolve)
+
+    @model_validator(mode="after")
+    def _token(self) -> SplunkHecSinkSpec:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give token or token_file (one of them)")
+        return self
 
 
 class WebhookSinkSpec(_SinkBase):
@@ -293,7 +307,17 @@ SinkSpec = Annotated[
 ]
 
 _M = TypeVar("_M", bound=BaseModel)
-_PATH_FIELDS = ("dir", "path", "ca", "cert", "key", "dead_letter")
+_PATH_FIELDS = (
+    "dir",
+    "path",
+    "ca",
+    "cert",
+    "key",
+    "dead_letter",
+    "token_file",
+    "api_key_file",
+    "password_file",
+)
 
 
 def resolve_paths(spec: _M, base_dir: Path | str) -> _M:

@@ -42,6 +42,7 @@ from siem.config import (
     parse_size,
     resolve_paths,
 )
+from siem.secrets import secret_file_problems
 from siem.tlsfiles import tls_file_problems
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
@@ -633,7 +634,7 @@ def read_config(path: Path) -> tuple[Config | None, list[str]]:
         message = "needs identity.kubernetes (where the API is, and whose pods policy selects)"
         errors.append(f"{path}:{line}: policy.kubernetes: {message}")
     for i, sink in enumerate(cfg.sinks):
-        for key, problem in tls_file_problems(sink):
+        for key, problem in [*tls_file_problems(sink), *secret_file_problems(sink)]:
             errors.append(f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: {problem}")
     return cfg, errors
 

@@ -41,6 +41,7 @@ from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
 from siem.config import ElasticsearchSinkSpec
 from siem.formats import MAX_ID_BYTES, bulk_id, to_bulk_actions
+from siem.secrets import read_secret
 from siem.sinks import SendResult
 from siem.spool import Record
 
@@ -139,10 +140,12 @@ class ElasticsearchSink:
             "max_retries": 0,
             "retry_on_timeout": False,
         }
-        if spec.api_key is not None:
-            kwargs["api_key"] = spec.api_key.get_secret_value()
-        if spec.username is not None and spec.password is not None:
-            kwargs["basic_auth"] = (spec.username, spec.password.get_secret_value())
+        api_key = read_secret(spec.api_key, spec.api_key_file)
+        if api_key is not None:
+            kwargs["api_key"] = api_key
+        password = read_secret(spec.password, spec.password_file)
+        if spec.username is not None and password is not None:
+            kwargs["basic_auth"] = (spec.username, password)
         if spec.ca is not None:
             kwargs["ca_certs"] = str(spec.ca)
         self.client = AsyncElasticsearch(spec.hosts, **kwargs)

@@ -20,6 +20,7 @@ import orjson
 
 from siem.config import SplunkHecSinkSpec
 from siem.formats import to_hec
+from siem.secrets import read_secret
 from siem.sinks import SendResult
 from siem.sinks.webhook import MAX_ERROR_BODY, HttpRetryError, client_session
 from siem.spool import Record
@@ -40,17 +41,19 @@ class SplunkHecSink:
         self.name = name
         self.channel = str(uuid.uuid4())
         self._session: aiohttp.ClientSession | None = None
+        self._token = ""  # read by start()
         base = spec.url.rstrip("/")
         self.event_url = base if base.endswith(EVENT_PATH) else base + EVENT_PATH
         self.ack_url = self.event_url[: -len(EVENT_PATH)] + ACK_PATH
 
     async def start(self) -> None:
-        """Open the HTTP session."""
+        """Read the token (inline or its file) and open the HTTP session."""
+        self._token = read_secret(self.spec.token, self.spec.token_file) or ""
         ca = str(self.spec.ca) if self.spec.ca else None
         self._session = client_session(self.spec.timeout, ca)
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Authorization": f"Splunk {self.spec.token.get_secret_value()}"}
+        headers = {"Authorization": f"Splunk {self._token}"}
         if self.spec.ack:
             headers["X-Splunk-Request-Channel"] = self.channel
         return headers

@@ -136,6 +136,27 @@ async def test_hec_sends_events_with_token(receiver: Receiver) -> None:
     assert objs[0]["index"] == "net" and objs[0]["sourcetype"] == "_json"
 
 
+async def test_hec_token_from_a_file(receiver: Receiver, tmp_path: Path) -> None:
+    """token_file (a mounted Secret, trailing newline and all) is read at start and sent."""
+    (tmp_path / "hec-token").write_text(f"{TOKEN}\n")
+    spec = SplunkHecSinkSpec(type="splunk_hec", url=receiver.url, token_file=tmp_path / "hec-token")
+    sink = SplunkHecSink(spec, "hec")
+    await sink.start()
+    await sink.send(records(1))
+    await sink.aclose()
+    assert receiver.headers[0]["Authorization"] == f"Splunk {TOKEN}"
+
+
+def test_hec_needs_exactly_one_token_source(tmp_path: Path) -> None:
+    """Neither token nor token_file, or both, is a configuration error."""
+    with pytest.raises(ValueError, match="token or token_file"):
+        SplunkHecSinkSpec(type="splunk_hec", url="https://hec.example")
+    with pytest.raises(ValueError, match="token or token_file"):
+        SplunkHecSinkSpec(
+            type="splunk_hec", url="https://hec.example", token=TOKEN, token_file=tmp_path / "t"
+        )
+
+
 async def test_hec_waits_for_indexer_ack(receiver: Receiver) -> None:
     """With ack: true the sink sends a channel and polls until the ack id is confirmed."""
     spec = SplunkHecSinkSpec(type="splunk_hec", url=receiver.url, token=TOKEN, ack=True)

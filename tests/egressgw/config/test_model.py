@@ -319,3 +319,18 @@ def test_dns_listen_needs_upstreams(tmp_path: Path) -> None:
     assert info.value.errors == [
         f"{path}:1: dns: dns.listen needs dns.upstreams (the servers queries go to)"
     ]
+
+
+def test_check_names_a_missing_secret_file(tmp_path: Path) -> None:
+    """A sink's token_file that does not exist is an error of check, with line and key."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "sinks:\n"
+        "  - type: splunk_hec\n"
+        "    url: https://hec.example:8088\n"
+        "    token_file: hec-token\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    missing = f"cannot read {tmp_path / 'hec-token'}: No such file or directory"
+    assert e.value.errors == [f"{path}:4: sinks[0].token_file: {missing}"]
