@@ -1,13 +1,21 @@
-"""A stand-in for the gateway around a client connection (its Hub), and a client stream that
-only says how much it still buffers: for tests of the listeners' connection classes.
+"""Stand-ins for the gateway around a client connection (its Hub: records only, or on the
+running loop with a real runtime) and for a client stream: for tests of the listeners.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import ipaddress
+from pathlib import Path
+from typing import Any, cast
 
-from egressgw.config.model import ProxyConfig
+from egressgw.config.model import ProxyConfig, load_policy
+from egressgw.decision.guard import Guard
+from egressgw.decision.path import Runtime
 from egressgw.flow import Flow
+from egressgw.identity.static import StaticInventory
+from egressgw.net.rawstream import Reactor
+from egressgw.resolver import ResolveError, Resolver
 
 
 class FakeHub:
@@ -85,3 +93,50 @@ class FakeStream:
     def close_quietly(self) -> None:
         """Close without a connection_lost."""
         self.closed_how = "quietly"
+
+
+POLICY = """\
+default: deny
+tiers:
+  - name: t
+    rules:
+      - name: not-this-name
+        action: deny
+        to: {domains: ["blocked.test"]}
+      - name: loopback
+        action: allow
+        to: {cidrs: ["127.0.0.1/32"]}
+"""
+
+
+class NoNames:
+    """A resolver that knows no name (tests connect to addresses)."""
+
+    def cached(self, name: str, now: float) -> None:
+        """Nothing is cached."""
+        return None
+
+    async def resolve(self, name: str) -> Any:
+        """Every name is unknown."""
+        raise ResolveError(name, "no such name")
+
+
+def loopback_runtime(tmp_path: Path) -> Runtime:
+    """A runtime allowing 127.0.0.1 (the guard lets it through) and refusing ``blocked.test``."""
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    return Runtime(
+        policy=load_policy((tmp_path / "policy.yaml",), set()),
+        guard=Guard([ipaddress.ip_network("127.0.0.1/32")]),
+        inventory=StaticInventory([]),
+        resolver=cast(Resolver, NoNames()),
+    )
+
+
+class LiveHub(FakeHub):
+    """A FakeHub on the running loop with the gateway's epoll set and a real runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.loop = asyncio.get_running_loop()
+        self.reactor = Reactor(self.loop)
