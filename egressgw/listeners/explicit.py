@@ -45,7 +45,7 @@ from egressgw.listeners.connection import (
     Nobody,
     Refuse,
 )
-from egressgw.listeners.forward import ForwardConnection, Request, via_field
+from egressgw.listeners.forward import ForwardConnection, Request
 from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection
 from egressgw.net.rawstream import RawStream
 from egressgw.wire import framing
@@ -126,7 +126,6 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         self.parser = httptools.HttpRequestParser(self)
         self.last_active = hub.clock
         self.head_deadline = hub.clock + limits.head_timeout
-        self.via_header = via_field(limits.via)
 
     # -- stream callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: RawStream) -> None:
@@ -362,10 +361,16 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             return
         was_tunnel = self.mode is Mode.TUNNEL
         self._to(Mode.CLOSED)
-        if self.items_waiter is not None and not self.items_waiter.done():
-            self.items_waiter.set_result(None)
-        if self.http_task is not None and not self.http_task.done():
-            self.http_task.cancel()
+        task = self.http_task
+        if task is not None:
+            # Only a task sets the forwarding state (waiter, upstream): a tunnel decided at once,
+            # most of them, has none to look at.
+            if self.items_waiter is not None and not self.items_waiter.done():
+                self.items_waiter.set_result(None)
+            if not task.done():
+                task.cancel()
+            if self.upstream is not None and self.upstream.transport is not None:
+                self.upstream.transport.close()
         # The destination's stream is closed quietly: this connection needs no connection_lost
         # from it. So is the client's, unless bytes wait to be sent to the client: then the
         # connection counts as open (a draining gateway waits for it) until they are out.
@@ -373,8 +378,6 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             self.pipe.close_quietly()
         if self.connecting is not None:
             self.connecting.cancel()
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
         flushing = self.transport is not None and self.transport.get_write_buffer_size() > 0
         if self.transport is not None:
             if flushing:

@@ -313,7 +313,7 @@ class ForwardConnection(Connection):
     upstream: _HttpUpstream | None = None
     upstream_key: tuple[IPAddress, int] | None = None
     exchanging = False  # an absolute-form request is being relayed
-    via_header: bytes  # this gateway's Via field, set by the constructor
+    via_header = b""  # this gateway's Via field, set once forwarding begins
 
     def _limit_pending(self) -> None:
         """Stop reading a client whose requests wait beyond the limits (backpressure).
@@ -335,6 +335,8 @@ class ForwardConnection(Connection):
             self.items_waiter.set_result(None)
         if self.http_task is None:
             self._to(Mode.HTTP)
+            # Only forwarding needs it: a tunnel never computes it.
+            self.via_header = via_field(self.limits.via)
             self.http_task = spawn(self._serve_http(), name="http-client")
 
     async def _next_item(self) -> Request | bytes | None:
