@@ -54,6 +54,7 @@ from typing import Any, Protocol
 from egressgw.config.model import ProxyConfig
 from egressgw.decision.path import Runtime
 from egressgw.flow import Flow
+from egressgw.identity.workload import Credential, parse_credential
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.wire.responses import to_error_response
 
@@ -172,6 +173,18 @@ class Connection:
     def close(self) -> None:
         """Close both sides and record the end of the current flow."""
         raise NotImplementedError  # the connection class that joins the pieces closes them all
+
+    def _credential(self, header: bytes) -> Credential | None:
+        """A Proxy-Authorization value -> the credential a flow presents; None when malformed.
+
+        No inventory verifies a credential yet, so a malformed one is no credential (counted as
+        ``bad_credential``) rather than a 407 that would lock clients out for nothing.
+        """
+        try:
+            return parse_credential(header)
+        except ValueError:
+            self.hub.count_error("bad_credential")
+            return None
 
     def _to(self, mode: Mode) -> None:
         """Change mode, as _TRANSITIONS allows (IllegalTransition otherwise)."""

@@ -280,6 +280,11 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 raise Refuse(431, "request trailers too large")
             return
         req.headers.append((name, value))
+        # The first byte first: most heads have no Proxy-Authorization, and a tunnel's cost is
+        # counted per instruction.
+        if name[0] in b"Pp" and name.lower() == b"proxy-authorization":
+            # Twice is malformed (b"" parses as no credential): which one would identity trust?
+            req.proxy_authorization = value if req.proxy_authorization is None else b""
         if len(req.headers) > self.limits.max_headers:
             raise Refuse(431, f"more than {self.limits.max_headers} header fields")
 
@@ -348,12 +353,12 @@ class ClientConnection(TunnelConnection, ForwardConnection):
     # -- dispatch ------------------------------------------------------------------------------
     def _begin_connect(self, rest: bytes) -> None:
         req = self.request
-        assert req is not None and self.transport is not None
+        assert req is not None
         if self.mode is Mode.HTTP and (self.exchanging or self.items):
             # A tunnel's 200 must not overtake the answers still owed on this connection.
             self._refuse(400, "CONNECT while earlier requests are being answered")
             return
-        self._open_tunnel(req.url, rest)
+        self._open_tunnel(req.url, rest, req.proxy_authorization)
 
     def close(self) -> None:
         """Close both sides and record the end of the current flow."""

@@ -71,6 +71,7 @@ class Request:
         "http10",
         "keep_alive",
         "method",
+        "proxy_authorization",
         "url",
     )
 
@@ -83,6 +84,9 @@ class Request:
         self.http10 = False  # an HTTP/1.0 client: answered without chunked coding or 1xx
         self.framing = framing.NO_BODY  # as read, and so as forwarded
         self.body_done = False
+        # Its Proxy-Authorization value (b"" when sent twice): read for identity, never
+        # forwarded (framing.HOP_BY_HOP), never logged.
+        self.proxy_authorization: bytes | None = None
 
 
 class _HttpUpstream(asyncio.Protocol):
@@ -374,6 +378,8 @@ class ForwardConnection(Connection):
         flow = self._new_flow()
         flow.protocol = "http"
         flow.method = req.method.decode("ascii")
+        if req.proxy_authorization is not None:
+            flow.credential = self._credential(req.proxy_authorization)
         try:
             target = _parse_target(req.url)
         except ValueError as e:

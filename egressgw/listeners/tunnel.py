@@ -108,11 +108,15 @@ class TunnelConnection(Connection):
         )
 
     # -- CONNECT -----------------------------------------------------------------------------------
-    def _open_tunnel(self, target: bytes, rest: bytes) -> None:
-        """Decide a tunnel to ``target`` (``host:port``); ``rest``: the client's bytes after it."""
+    def _open_tunnel(self, target: bytes, rest: bytes, authorization: bytes | None) -> None:
+        """Decide a tunnel to ``target`` (``host:port``) for a client that presented
+        ``authorization`` (a Proxy-Authorization value); ``rest``: its bytes after the request.
+        """
         self._to(Mode.CHECKING)
         self.peek_buffer = rest
         flow = self._new_flow()
+        if authorization is not None:
+            flow.credential = self._credential(authorization)
         flow.protocol = "tls"  # assumed until the first bytes say otherwise
         try:
             flow.host, flow.port = parse_authority(target.decode("ascii"))

@@ -68,7 +68,7 @@ async def open_tunnel(tmp_path: Path, port: int) -> tuple[LiveHub, ClientConnect
     stream = RawStream(hub.reactor, ours, conn, ("127.0.0.9", 50000))
     conn.connection_made(stream)
     stream.resume_reading()
-    conn._open_tunnel(f"127.0.0.1:{port}".encode(), b"")
+    conn._open_tunnel(f"127.0.0.1:{port}".encode(), b"", None)
     return hub, conn, theirs
 
 
