@@ -38,7 +38,7 @@ import httptools
 import structlog
 
 from egressgw.decision.names import Host, parse_host
-from egressgw.decision.path import check_flow, check_flow_now
+from egressgw.decision.path import check_flow_latest, check_flow_now
 from egressgw.flow import Flow, ip_text
 from egressgw.listeners.connection import FAMILIES, Connection, IPAddress, Mode, Nobody, Refuse
 from egressgw.net.dial import open_socket
@@ -390,7 +390,7 @@ class ForwardConnection(Connection):
         # Decided at once when the name's answer is cached (most requests), with no coroutine.
         verdict = check_flow_now(self.hub.runtime, flow, self.hub.loop.time())
         if verdict is None:
-            verdict = await check_flow(self.hub.runtime, flow)
+            verdict = await check_flow_latest(self.hub, flow)
         if not verdict.allowed:
             flow.status = verdict.status
             self.hub.flow_decided(flow)

@@ -30,7 +30,7 @@ import _socket
 from typing import Any
 
 from egressgw.decision.names import parse_authority, parse_host
-from egressgw.decision.path import check_flow, check_flow_now, recheck_tunnel
+from egressgw.decision.path import check_flow_latest, check_flow_now, recheck_tunnel
 from egressgw.decision.verdict import Verdict
 from egressgw.flow import Flow, ip_text
 from egressgw.listeners.connection import FAMILIES, Connection, Mode
@@ -130,7 +130,7 @@ class TunnelConnection(Connection):
             self._connect(flow, verdict)
 
     async def _resolve_then_connect(self, flow: Flow) -> None:
-        verdict = await check_flow(self.hub.runtime, flow)
+        verdict = await check_flow_latest(self.hub, flow)
         if self.mode is not Mode.CLOSED:
             self._connect(flow, verdict)
 

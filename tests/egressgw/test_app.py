@@ -14,6 +14,7 @@ from egressgw.app import Gateway
 from egressgw.config.model import load_config
 from egressgw.flow import Flow
 from egressgw.identity.workload import Peer
+from tests.support.scripted_dns import ScriptedDns
 
 ALLOW_ECHO = """\
 default: deny
@@ -361,3 +362,53 @@ async def test_a_reload_asked_for_during_a_reload_runs_once_after_it(
     await asyncio.wait_for(_reloads_done(gateway), 10)
     assert loads == 2 and gateway.metrics.reloads == {"ok": 2}
     assert gateway.runtime.policy.default == "deny" and not gateway.runtime.policy.tiers
+
+
+ALLOW_SLOW_NAME = """\
+default: deny
+tiers:
+  - name: t
+    rules:
+      - name: slow
+        action: allow
+        to: {domains: ["slow.test"]}
+"""
+
+
+async def test_a_lookup_that_spans_a_reload_is_decided_by_the_new_policy(tmp_path: Path) -> None:
+    """A CONNECT whose name is still being resolved when a deny-all reload lands is refused."""
+    (tmp_path / "policy.yaml").write_text(ALLOW_SLOW_NAME)
+    server, port = await echo_server()
+    with ScriptedDns({"slow.test": ["127.0.0.1"]}, delays={"slow.test": 1.0}) as dns:
+        (tmp_path / "gw.yaml").write_text(
+            "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+            "reload: {watch: false}\n"
+            f"resolver: {{nameservers: ['127.0.0.1:{dns.port}'], timeout: 5s, ipv6: false}}\n"
+            "guard: {allow: ['127.0.0.1/32']}\npolicy: {files: [policy.yaml]}\n"
+            "sinks: [{type: file, path: events.jsonl}]\n"
+        )
+        gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+        await gw.start()
+        try:
+            assert gw.proxy_address is not None
+            async with server:
+                reader, writer = await asyncio.open_connection(*gw.proxy_address)
+                writer.write(f"CONNECT slow.test:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                for _ in range(200):  # the lookup is in flight
+                    if dns.queries:
+                        break
+                    await asyncio.sleep(0.01)
+                assert dns.queries
+                (tmp_path / "policy.yaml").write_text(DENY_ALL)
+                assert await gw.reload() is True
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                writer.close()
+                # The refusal reads the client until its EOF: let it close before the stop.
+                for _ in range(200):
+                    if not gw.reactor.readers:
+                        break
+                    await asyncio.sleep(0.01)
+        finally:
+            await gw.stop()
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert b"no rule allows unknown 127.0.0.1 -> slow.test:" in head, head
