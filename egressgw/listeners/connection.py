@@ -170,8 +170,10 @@ class Connection:
     limits: ProxyConfig
     last_active: float  # hub.clock when bytes last moved
 
-    def close(self) -> None:
-        """Close both sides and record the end of the current flow."""
+    def close(self, reason: str | None = None) -> None:
+        """Close both sides and record the end of the current flow (``reason``: why, when the
+        gateway cuts it, e.g. at shutdown; the flow keeps an error it already had).
+        """
         raise NotImplementedError  # the connection class that joins the pieces closes them all
 
     def _credential(self, header: bytes) -> Credential | None:

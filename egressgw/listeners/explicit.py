@@ -360,8 +360,10 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             return
         self._open_tunnel(req.url, rest, req.proxy_authorization)
 
-    def close(self) -> None:
-        """Close both sides and record the end of the current flow."""
+    def close(self, reason: str | None = None) -> None:
+        """Close both sides and record the end of the current flow (``reason``: why, when the
+        gateway cuts it, e.g. at shutdown; the flow keeps an error it already had).
+        """
         if self.mode is Mode.CLOSED:
             return
         was_tunnel = self.mode is Mode.TUNNEL
@@ -390,6 +392,8 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             else:
                 self.transport.close_quietly()
         flow = self.flow
+        if reason is not None and flow is not None and flow.error is None:
+            flow.error = reason  # before the end event, which reports it
         if was_tunnel and flow is not None:
             if self.peeking:
                 self._decide_peeked(protocol="tcp", sni=None, closing=True)

@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import ipaddress
+import json
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -412,3 +413,28 @@ async def test_a_lookup_that_spans_a_reload_is_decided_by_the_new_policy(tmp_pat
             await gw.stop()
     assert head.startswith(b"HTTP/1.1 403"), head
     assert b"no rule allows unknown 127.0.0.1 -> slow.test:" in head, head
+
+
+async def test_a_tunnel_cut_at_the_drain_timeout_says_so_in_its_end_event(tmp_path: Path) -> None:
+    """A tunnel still open when proxy.drain_timeout passes ends with the shutdown as its reason."""
+    (tmp_path / "policy.yaml").write_text(ALLOW_ECHO)
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0', drain_timeout: 0.2s}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "reload: {watch: false}\nguard: {allow: ['127.0.0.1/32']}\n"
+        "policy: {files: [policy.yaml]}\nsinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    server, port = await echo_server()
+    async with server:
+        try:
+            _, reader, writer = await tunnel(gw, port)
+            writer.write(b"abc")
+            assert await reader.readexactly(3) == b"abc"
+        finally:
+            await gw.stop()
+        assert await reader.read() == b""
+        writer.close()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    [end] = [e for e in events if e["event"]["action"] == "connection_ended"]
+    assert end["event"]["reason"] == "gateway shutdown: proxy.drain_timeout passed", end

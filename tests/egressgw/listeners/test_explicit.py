@@ -1,6 +1,7 @@
 """Tests of the explicit proxy's client connection (fake hub and client stream)."""
 
 import asyncio
+import ipaddress
 import socket
 from pathlib import Path
 
@@ -95,3 +96,16 @@ async def test_a_malformed_proxy_authorization_is_counted_and_is_no_credential(
     hub, flow = await decided_flow(tmp_path, head)
     assert flow.credential is None and flow.verdict is not None
     assert hub.errors.count("bad_credential") == 1
+
+
+@pytest.mark.parametrize(("earlier", "recorded"), [(None, "cut"), ("upstream: reset", None)])
+def test_close_records_its_reason_unless_the_flow_already_failed(
+    earlier: str | None, recorded: str | None
+) -> None:
+    """close(reason) sets the ended flow's error before its end event; an earlier error stays."""
+    hub, _, conn = connect(buffered=0)
+    conn.mode = Mode.TUNNEL
+    conn.flow = flow = Flow(ipaddress.ip_address("127.0.0.9"), 50000, 0.0, 0.0)
+    flow.error = earlier
+    conn.close("cut")
+    assert hub.ended == [flow] and flow.error == (recorded or earlier)
