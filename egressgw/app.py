@@ -444,7 +444,7 @@ class Gateway:
             except TimeoutError:
                 log.warning("drain timeout: closing open connections", open=len(self.connections))
         for conn in list(self.connections):
-            conn.close()
+            conn.close("gateway shutdown: proxy.drain_timeout passed")
         await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
         if self.server is not None:
             self.reactor.close()

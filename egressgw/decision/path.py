@@ -305,6 +305,29 @@ async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
     return _decide_replayed(rt, flow, resolution)
 
 
+class HoldsRuntime(Protocol):
+    """Whatever holds the runtime in force (the gateway): a reload replaces its ``runtime``."""
+
+    runtime: Runtime
+
+
+async def check_flow_latest(holder: HoldsRuntime, flow: Flow) -> Verdict:
+    """``check_flow``, decided by the runtime in force once the name is resolved.
+
+    A lookup may outlast a reload: the flow is then decided by the policy after the reload, not
+    the one it started under (a reload that refuses a destination refuses flows still waiting).
+    """
+    host = flow.host
+    assert host is not None
+    if host.name is None:
+        return _decide_replayed(holder.runtime, flow, None)
+    try:
+        resolution: Resolution | ResolveError = await holder.runtime.resolver.resolve(host.name)
+    except ResolveError as e:
+        resolution = e
+    return _decide_replayed(holder.runtime, flow, resolution)
+
+
 def _decide_replayed(
     rt: Runtime, flow: Flow, resolution: Resolution | ResolveError | None
 ) -> Verdict:

@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import ipaddress
+import json
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -16,6 +17,7 @@ from egressgw.config.model import load_config
 from egressgw.flow import Flow
 from egressgw.identity.workload import Peer
 from feeds.refresh import FeedStatus
+from tests.support.scripted_dns import ScriptedDns
 
 ALLOW_ECHO = """\
 default: deny
@@ -408,3 +410,78 @@ async def test_shutdown_turns_unready_keeps_accepting_until_hurried(
         assert gateway.proxy_address is not None
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(*gateway.proxy_address)
+
+
+ALLOW_SLOW_NAME = """\
+default: deny
+tiers:
+  - name: t
+    rules:
+      - name: slow
+        action: allow
+        to: {domains: ["slow.test"]}
+"""
+
+
+async def test_a_lookup_that_spans_a_reload_is_decided_by_the_new_policy(tmp_path: Path) -> None:
+    """A CONNECT whose name is still being resolved when a deny-all reload lands is refused."""
+    (tmp_path / "policy.yaml").write_text(ALLOW_SLOW_NAME)
+    server, port = await echo_server()
+    with ScriptedDns({"slow.test": ["127.0.0.1"]}, delays={"slow.test": 1.0}) as dns:
+        (tmp_path / "gw.yaml").write_text(
+            "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+            "reload: {watch: false}\n"
+            f"resolver: {{nameservers: ['127.0.0.1:{dns.port}'], timeout: 5s, ipv6: false}}\n"
+            "guard: {allow: ['127.0.0.1/32']}\npolicy: {files: [policy.yaml]}\n"
+            "sinks: [{type: file, path: events.jsonl}]\n"
+        )
+        gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+        await gw.start()
+        try:
+            assert gw.proxy_address is not None
+            async with server:
+                reader, writer = await asyncio.open_connection(*gw.proxy_address)
+                writer.write(f"CONNECT slow.test:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                for _ in range(200):  # the lookup is in flight
+                    if dns.queries:
+                        break
+                    await asyncio.sleep(0.01)
+                assert dns.queries
+                (tmp_path / "policy.yaml").write_text(DENY_ALL)
+                assert await gw.reload() is True
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                writer.close()
+                # The refusal reads the client until its EOF: let it close before the stop.
+                for _ in range(200):
+                    if not gw.reactor.readers:
+                        break
+                    await asyncio.sleep(0.01)
+        finally:
+            await gw.stop()
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert b"no rule allows unknown 127.0.0.1 -> slow.test:" in head, head
+
+
+async def test_a_tunnel_cut_at_the_drain_timeout_says_so_in_its_end_event(tmp_path: Path) -> None:
+    """A tunnel still open when proxy.drain_timeout passes ends with the shutdown as its reason."""
+    (tmp_path / "policy.yaml").write_text(ALLOW_ECHO)
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0', drain_timeout: 0.2s}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "reload: {watch: false}\nguard: {allow: ['127.0.0.1/32']}\n"
+        "policy: {files: [policy.yaml]}\nsinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    server, port = await echo_server()
+    async with server:
+        try:
+            _, reader, writer = await tunnel(gw, port)
+            writer.write(b"abc")
+            assert await reader.readexactly(3) == b"abc"
+        finally:
+            await gw.stop()
+        assert await reader.read() == b""
+        writer.close()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    [end] = [e for e in events if e["event"]["action"] == "connection_ended"]
+    assert end["event"]["reason"] == "gateway shutdown: proxy.drain_timeout passed", end

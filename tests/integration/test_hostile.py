@@ -636,3 +636,46 @@ def test_a_client_reset_ends_a_tunnel_as_success_only_after_the_exchange(
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST_LINGER)
     end = end_of(gateway.flow_events(PAYMENTS, port, ended=True))
     assert field(end, "event.outcome") == outcome, end
+
+
+SECRET = "s3cret-proxy-token"
+
+
+def test_proxy_authorization_is_read_never_forwarded_nor_recorded(
+    gateway: Gateway, upstream: RawUpstream
+) -> None:
+    """Neither an absolute-form request nor a tunnel carries the credential upstream or to logs."""
+    heads: list[bytes] = []
+    upstream.set_script(serve_requests(heads))
+    with client(gateway) as conn:
+        reply = conn.request(
+            f"GET http://{upstream.authority}/ HTTP/1.1\r\nHost: {upstream.authority}\r\n"
+            f"Proxy-Authorization: Bearer {SECRET}\r\n\r\n".encode()
+        )
+        port = conn.local_port
+    assert reply.status == 200, reply
+    end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert len(heads) == 1 and b"proxy-authorization" not in heads[0].lower(), heads
+
+    def script(peer: RawPeer) -> None:
+        if peer.read_exact(4):
+            peer.send(b"pong")
+        peer.closed_by_gateway(SETTLE)
+
+    upstream.clear()
+    upstream.set_script(script)
+    with client(gateway) as conn:
+        established = conn.request(
+            f"CONNECT {upstream.authority} HTTP/1.1\r\nHost: x\r\n"
+            f"proxy-authorization: Bearer {SECRET}\r\n\r\n".encode(),
+            head_only=True,
+        )
+        assert established.status == 200, established
+        conn.send(b"ping")
+        conn.sock.settimeout(SETTLE)
+        assert conn.sock.recv(4) == b"pong"
+        port = conn.local_port
+    end_of(gateway.flow_events(PAYMENTS, port, ended=True))
+    assert bytes(upstream.received[0]) == b"ping"
+    assert SECRET.encode() not in gateway.events_path.read_bytes()
+    assert SECRET not in gateway.logs()

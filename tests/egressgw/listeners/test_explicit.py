@@ -1,60 +1,18 @@
-"""Tests of the proxy's connection shell (fake hub and client stream) and request heads."""
+"""Tests of the explicit proxy's client connection (fake hub and client stream)."""
 
+import asyncio
 import ipaddress
-from typing import Any
+import socket
+from pathlib import Path
 
 import pytest
 
-from egressgw.config.model import ProxyConfig
-from egressgw.decision.names import Host
 from egressgw.flow import Flow
-from egressgw.listeners.explicit import (
-    _TRANSITIONS,
-    ClientConnection,
-    IllegalTransition,
-    Mode,
-    Request,
-    _request_head,
-)
-from egressgw.wire.framing import parse_request_framing
-
-
-class FakeHub:
-    """The gateway as a connection sees it; records what it is told."""
-
-    def __init__(self) -> None:
-        self.limits = ProxyConfig()
-        self.clock = 0.0
-        self.open: set[ClientConnection] = set()
-        self.closed: list[ClientConnection] = []
-
-    def connection_opened(self, conn: ClientConnection) -> str | None:
-        self.open.add(conn)
-        return None
-
-    def connection_closed(self, conn: ClientConnection) -> None:
-        self.open.discard(conn)
-        self.closed.append(conn)
-
-
-class FakeStream:
-    """A client stream holding ``buffered`` bytes it has not sent yet."""
-
-    def __init__(self, buffered: int) -> None:
-        self.buffered = buffered
-        self.closed_how = ""
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.9", 50000) if name == "peername" else default
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def close(self) -> None:
-        self.closed_how = "close"
-
-    def close_quietly(self) -> None:
-        self.closed_how = "quietly"
+from egressgw.identity.workload import Credential
+from egressgw.listeners.connection import Mode
+from egressgw.listeners.explicit import ClientConnection
+from egressgw.net.rawstream import RawStream
+from tests.support.hub import FakeHub, FakeStream, LiveHub, loopback_runtime
 
 
 def connect(buffered: int) -> tuple[FakeHub, FakeStream, ClientConnection]:
@@ -85,68 +43,69 @@ def test_a_connection_still_sending_counts_as_open_until_its_stream_is_gone() ->
     assert hub.closed == [conn] and not hub.open
 
 
-def test_request_head_drops_hop_by_hop_and_named_headers_and_chains_via() -> None:
-    """A header named by a later Connection header is dropped; an incoming Via is extended."""
-    req = Request()
-    req.method = b"GET"
-    req.headers = [
-        (b"X-Hop", b"secret"),
-        (b"Host", b"elsewhere.test"),
-        (b"Via", b"1.1 first"),
-        (b"Accept", b"*/*"),
-        (b"Connection", b"keep-alive, X-Hop"),
-        (b"Keep-Alive", b"timeout=5"),
-    ]
-    flow = Flow(ipaddress.ip_address("127.0.0.9"), 50000, 0.0, 0.0)
-    flow.host, flow.port = Host("allowed.test", None), 8080
-    head = _request_head(req, b"/x?y=1", flow, b"Via: 1.1 egressgw\r\n")
-    assert head == (
-        b"GET /x?y=1 HTTP/1.1\r\nHost: allowed.test:8080\r\n"
-        b"Accept: */*\r\n"
-        b"Via: 1.1 first, 1.1 egressgw\r\n"
-        b"\r\n"
-    )
+async def decided_flow(tmp_path: Path, head: bytes) -> tuple[LiveHub, Flow]:
+    """Send a request head on a real client socket; the first flow the connection decided."""
+    hub = LiveHub(loopback_runtime(tmp_path))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    conn = ClientConnection(hub)  # type: ignore[arg-type]
+    stream = RawStream(hub.reactor, ours, conn, ("127.0.0.9", 50000))
+    conn.connection_made(stream)
+    stream.resume_reading()
+    theirs.sendall(head)
+    for _ in range(200):
+        if hub.decided:
+            break
+        await asyncio.sleep(0.01)
+    conn.close()
+    hub.reactor.close()
+    ours.close()  # a refusal lingers on it (close_after_reading) longer than the test
+    theirs.close()
+    return hub, hub.decided[0]
 
 
-def test_request_head_forwards_the_length_the_body_was_read_with() -> None:
-    """`Connection: Content-Length` cannot remove the length: the body's framing goes along."""
-    req = Request()
-    req.method = b"POST"
-    req.headers = [
-        (b"Connection", b"Content-Length, Transfer-Encoding, Host"),
-        (b"Content-Length", b"50"),
-    ]
-    req.framing = parse_request_framing(req.headers)
-    flow = Flow(ipaddress.ip_address("127.0.0.9"), 50000, 0.0, 0.0)
-    flow.host, flow.port = Host("allowed.test", None), 8080
-    head = _request_head(req, b"/benign", flow, b"Via: 1.1 egressgw\r\n")
-    assert head == (
-        b"POST /benign HTTP/1.1\r\nHost: allowed.test:8080\r\n"
-        b"Via: 1.1 egressgw\r\n"
-        b"Content-Length: 50\r\n"
-        b"\r\n"
-    )
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"
+        b"proxy-authorization: Bearer s3cret\r\n\r\n",
+        b"GET http://unknown.test/ HTTP/1.1\r\nHost: unknown.test\r\n"
+        b"Proxy-Authorization: Bearer s3cret\r\n\r\n",
+    ],
+    ids=["connect", "absolute-form"],
+)
+async def test_proxy_authorization_becomes_the_flows_credential(
+    tmp_path: Path, head: bytes
+) -> None:
+    """A Proxy-Authorization field (any case) is the credential identity is asked about."""
+    hub, flow = await decided_flow(tmp_path, head)
+    assert flow.credential == Credential("bearer", "s3cret")
+    assert "bad_credential" not in hub.errors
 
 
-def test_every_mode_has_its_transitions_and_closed_is_final() -> None:
-    """The table covers every Mode; CLOSED leads nowhere and every other mode can close."""
-    assert set(_TRANSITIONS) == set(Mode)
-    assert _TRANSITIONS[Mode.CLOSED] == ()
-    assert all(
-        Mode.CLOSED in allowed for mode, allowed in _TRANSITIONS.items() if mode is not Mode.CLOSED
-    )
+@pytest.mark.parametrize(
+    "fields",
+    [b"Proxy-Authorization: Bearer\r\n", b"Proxy-Authorization: Basic a\r\n" * 2],
+    ids=["no-value", "twice"],
+)
+async def test_a_malformed_proxy_authorization_is_counted_and_is_no_credential(
+    tmp_path: Path, fields: bytes
+) -> None:
+    """A malformed (or repeated) field is no credential, counted, and the flow still decided."""
+    head = b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n" + fields + b"\r\n"
+    hub, flow = await decided_flow(tmp_path, head)
+    assert flow.credential is None and flow.verdict is not None
+    assert hub.errors.count("bad_credential") == 1
 
 
-@pytest.mark.parametrize("old", list(Mode), ids=lambda m: m.name)
-@pytest.mark.parametrize("new", list(Mode), ids=lambda m: m.name)
-def test_a_transition_is_made_only_when_the_table_allows_it(old: Mode, new: Mode) -> None:
-    """_to changes the mode along the table and raises IllegalTransition for any other pair."""
-    _, _, conn = connect(buffered=0)
-    conn.mode = old
-    if new in _TRANSITIONS[old]:
-        conn._to(new)
-        assert conn.mode is new
-    else:
-        with pytest.raises(IllegalTransition) as raised:
-            conn._to(new)
-        assert conn.mode is old and (raised.value.old, raised.value.new) == (old, new)
+@pytest.mark.parametrize(("earlier", "recorded"), [(None, "cut"), ("upstream: reset", None)])
+def test_close_records_its_reason_unless_the_flow_already_failed(
+    earlier: str | None, recorded: str | None
+) -> None:
+    """close(reason) sets the ended flow's error before its end event; an earlier error stays."""
+    hub, _, conn = connect(buffered=0)
+    conn.mode = Mode.TUNNEL
+    conn.flow = flow = Flow(ipaddress.ip_address("127.0.0.9"), 50000, 0.0, 0.0)
+    flow.error = earlier
+    conn.close("cut")
+    assert hub.ended == [flow] and flow.error == (recorded or earlier)
