@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import structlog
 from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio.config import ConfigException
 
 from egressgw.config import policyobjects as po
 from egressgw.kube import Api, ApiError, ListWatch, check
@@ -35,6 +37,7 @@ log = structlog.get_logger("egressgw.policy")
 # A burst of changes (a kubectl apply of many objects, a re-list) becomes one rebuild.
 DEFAULT_SETTLE = 0.2
 STATUS_RETRY = 5.0
+LIST_TIMEOUT = 10.0  # a one-off list (check, explain): a tool must not hang on a dead API
 
 # kind -> (plural, namespaced)
 RESOURCES = {
@@ -203,7 +206,7 @@ async def list_objects(api: Api) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for kind, (plural, _) in RESOURCES.items():
         response = await custom.list_cluster_custom_object(
-            po.GROUP, po.VERSION, plural, _preload_content=False
+            po.GROUP, po.VERSION, plural, _preload_content=False, _request_timeout=LIST_TIMEOUT
         )
         await check(response)
         try:
@@ -215,3 +218,22 @@ async def list_objects(api: Api) -> list[dict[str, Any]]:
                 obj.setdefault("kind", kind)
                 out.append(obj)
     return out
+
+
+async def read_objects(kubeconfig: Path | None) -> list[dict[str, Any]]:
+    """Every policy resource, read once with a client of its own (for ``check``, ``explain``).
+
+    Raises ``ResourcesUnreadable`` saying why when there is no API configuration or it fails.
+    """
+    api = Api(kubeconfig)
+    try:
+        await api.open()
+        return await list_objects(api)
+    except (ConfigException, ApiError, aiohttp.ClientError, OSError, TimeoutError) as e:
+        raise ResourcesUnreadable(str(e) or type(e).__name__) from e
+    finally:
+        await api.aclose()
+
+
+class ResourcesUnreadable(Exception):
+    """The policy resources could not be read from the API."""
