@@ -42,12 +42,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from egressgw import __version__
 from egressgw.admin.server import AdminServer
 from egressgw.config import model as cfgmod
+from egressgw.config import policyobjects
+from egressgw.config.kubernetes import PolicyWatcher
 from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
 from egressgw.decision.answers import AnswerLog
 from egressgw.decision.guard import Guard
 from egressgw.decision.names import parse_ip_port
 from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource
+from egressgw.decision.policy import Policy
 from egressgw.flow import Flow
 from egressgw.identity.kubernetes import PodWatcher
 from egressgw.identity.podindex import PodIndex
@@ -70,6 +73,7 @@ from egressgw.record.dnsevents import DnsExchange
 from egressgw.resolver import Resolver
 from egressgw.threats import MatcherThreats
 from feeds.refresh import FeedManager, FeedStatus, MissingFeedData, UpdateReport
+from feeds.spec import FeedSpec
 from siem.exporter import Exporter
 from siem.firewall import to_nft_set
 from siem.tasks import spawn
@@ -218,6 +222,13 @@ class Gateway:
             self.inventory = FirstKnown(self.pods, self.static_inventory)
         services = Services(build_resolver(cfg), self.inventory, self.threats)
         self.runtime = build_runtime(cfg, services)
+        # Policy resources (policy.kubernetes): the files' policy they join, the objects as last
+        # watched, what was judged of them, and the feeds ThreatFeeds define.
+        self.file_policy: Policy = self.runtime.policy
+        self.policy_watcher: PolicyWatcher | None = None
+        self.policy_objects: list[Mapping[str, Any]] = []
+        self.policy_judged: policyobjects.Judged | None = None
+        self.resource_feeds: dict[str, FeedSpec] = {}
         self.exporter = Exporter.from_config(
             cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry
         )
@@ -426,7 +437,48 @@ class Gateway:
         )
         self._tasks.append(spawn(self.pod_watcher.run(), name="pod-watch"))
         if self.config.policy.kubernetes:
-            log.warning("policy.kubernetes: policy resources are not watched yet; files only")
+            self.policy_watcher = PolicyWatcher(
+                self.kube_api, self.apply_policy_objects, watch_timeout=kube.watch_timeout
+            )
+            self._tasks.append(spawn(self.policy_watcher.run(), name="policy-watch"))
+
+    async def apply_policy_objects(
+        self, objects: list[Mapping[str, Any]]
+    ) -> Mapping[policyobjects.Key, policyobjects.Verdict]:
+        """Judge the policy resources, serve their feeds and swap in the combined policy."""
+        async with self._reload_lock:
+            self.policy_objects = objects
+            judged = await self._judge_objects(self.file_policy, self.config)
+            self.runtime = Runtime.over(self.runtime.services, judged.policy, self.runtime.guard)
+        refused = sum(not v.accepted for v in judged.verdicts.values())
+        log.info(
+            "policy resources applied",
+            objects=len(judged.verdicts),
+            refused=refused,
+            feeds=len(judged.feeds),
+            rules=sum(len(t.rules) for t in judged.policy.tiers),
+        )
+        return judged.verdicts
+
+    async def _judge_objects(self, files: Policy, cfg: Config) -> policyobjects.Judged:
+        """Judge the last watched objects against ``files`` and serve the feeds they define."""
+        last_good = self.policy_judged.in_force if self.policy_judged is not None else None
+        judged = policyobjects.judge(
+            self.policy_objects, files, {f.name for f in cfg.feeds}, last_good
+        )
+        wanted = {f.name: f for f in judged.feeds}
+        for name in [n for n in self.resource_feeds if n not in wanted]:
+            await self.feeds.remove(name)
+            del self.resource_feeds[name]
+        for name, spec in wanted.items():
+            if self.resource_feeds.get(name) != spec:
+                await self.feeds.add(spec)
+                self.resource_feeds[name] = spec
+                if not self.feeds.status()[name].has_data:
+                    spawn(self.feeds.update_now([name]), name=f"feed-first-fetch-{name}")
+        self.threats.refresh()
+        self.policy_judged = judged
+        return judged
 
     async def stop(self) -> None:
         """Stop accepting, drain open connections, flush events."""
@@ -515,11 +567,18 @@ class Gateway:
         if cfg.identity.kubernetes != self.config.identity.kubernetes:
             log.warning("identity.kubernetes changes only on restart")
         new_resolver = runtime.resolver is not self.runtime.resolver
+        files = runtime.policy
+        if self.policy_watcher is not None:
+            # The resources join the new files' tiers: judged again, their status rewritten.
+            judged = await self._judge_objects(files, cfg)
+            runtime = Runtime.over(runtime.services, judged.policy, runtime.guard)
+            self.policy_watcher.poke()
         # Inventory and runtime change together, with no flow decided in between.
         if identities is not None:
             self.static_inventory.update(identities)
         self.config = cfg
         self.limits = cfg.proxy
+        self.file_policy = files
         self.runtime = runtime
         self.metrics.count_reload("ok")
         log.info(
@@ -588,6 +647,8 @@ class Gateway:
             return "starting"
         if self.pod_watcher is not None and not self.pod_watcher.ready:
             return "kubernetes: pods not listed yet"
+        if self.policy_watcher is not None and not self.policy_watcher.ready:
+            return "kubernetes: policy resources not listed yet"
         if self.egress_problems:
             return f"egress_ips: {'; '.join(self.egress_problems)}"
         return self._feed_readiness()[0]

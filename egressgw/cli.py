@@ -20,11 +20,13 @@ from pydantic import ValidationError
 from egressgw import __version__
 from egressgw.app import Gateway, build_runtime, build_services
 from egressgw.config import model as cfgmod
+from egressgw.config import policyobjects
+from egressgw.config.kubernetes import ResourcesUnreadable, read_objects
 from egressgw.config.source import ConfigError
 from egressgw.decision.guard import effective_ip
 from egressgw.decision.names import parse_authority, parse_ip_port
-from egressgw.decision.path import check_flow
-from egressgw.decision.policy import Destination
+from egressgw.decision.path import Runtime, check_flow
+from egressgw.decision.policy import Destination, Policy
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
 from egressgw.net import nft
@@ -105,19 +107,30 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if cfg is not None:
             errors.extend(cfgmod.feed_file_errors(args.config, cfg))
     if cfg is not None:
+        warnings = cfgmod.unbuilt(cfg)
+        resources = ""
         try:
             rt = build_runtime(cfg, build_services(cfg))
         except ConfigError as e:
             errors.extend(e.errors)
+        else:
+            judged, unread = uvloop.run(_resources(cfg, rt.policy))
+            if unread is not None:
+                warnings.append(unread)
+            if judged is not None:
+                refused = [(k, v) for k, v in judged.verdicts.items() if not v.accepted]
+                errors.extend(f"{policyobjects.describe(k)}: {v.message}" for k, v in refused)
+                resources = f", {len(judged.verdicts)} resources"
+                rt = Runtime.over(rt.services, judged.policy, rt.guard)
         if not errors:
             rules = sum(len(t.rules) for t in rt.policy.tiers)
             print(
                 f"ok: {args.config or '(embedded defaults)'}: {len(rt.policy.tiers)} tiers, "
                 f"{rules} rules, default {rt.policy.default}, {len(cfg.feeds)} feeds, "
-                f"{len(cfg.sinks)} sinks",
+                f"{len(cfg.sinks)} sinks{resources}",
                 file=out,
             )
-            for warning in cfgmod.unbuilt(cfg):
+            for warning in warnings:
                 print(f"warning: {warning}", file=out)
             return 0
     for line in errors:
@@ -143,20 +156,47 @@ def _no_data_message(data: Sequence[feeds_cli.FeedData], what: str) -> str | Non
     )
 
 
+async def _resources(
+    cfg: cfgmod.Config, files: Policy
+) -> tuple[policyobjects.Judged | None, str | None]:
+    """The policy resources judged against the files' policy (``policy.kubernetes``), or why
+    they could not be read (a warning: the files alone are still checked)."""
+    kube = cfg.identity.kubernetes
+    if not cfg.policy.kubernetes or kube is None:
+        return None, None
+    try:
+        objects = await read_objects(kube.kubeconfig)
+    except ResourcesUnreadable as e:
+        return None, f"policy.kubernetes: resources not read from the API: {e}"
+    return policyobjects.judge(objects, files, {f.name for f in cfg.feeds}), None
+
+
 async def _explain(
     cfg: cfgmod.Config, base: Path, source: str, target: str, protocol: str, fetch: bool
 ) -> tuple[int, list[str]]:
     src = ipaddress.ip_address(source)
     host, port = parse_authority(target)
-    # The feed data the running gateway serves: stored, refreshed where it would have been.
-    manager, data = await feeds_cli.current_data(
-        cfg.feeds, base, cfg.state_dir / "feeds", fetch=fetch
+    judged, unread = await _resources(
+        cfg, cfgmod.load_policy(cfg.policy.files, {f.name for f in cfg.feeds})
     )
+    specs = [*cfg.feeds, *(judged.feeds if judged is not None else ())]
+    # The feed data the running gateway serves: stored, refreshed where it would have been.
+    manager, data = await feeds_cli.current_data(specs, base, cfg.state_dir / "feeds", fetch=fetch)
     lines = _feed_lines(data)
+    if unread is not None:
+        lines.append(f"warning:     {unread}")
+    if judged is not None:
+        refused = [policyobjects.describe(k) for k, v in judged.verdicts.items() if not v.accepted]
+        lines.append(
+            f"resources:   {len(judged.verdicts)} from the API"
+            + (f", refused: {', '.join(refused)}" if refused else "")
+        )
     refusal = _no_data_message(data, "explain")
     if refusal is not None:
         return feeds_cli.EXIT_NO_DATA, [*lines, refusal]
     rt = build_runtime(cfg, build_services(cfg, MatcherThreats(lambda: manager.matcher)))
+    if judged is not None:
+        rt = Runtime.over(rt.services, judged.policy, rt.guard)
     flow = Flow(src, 0, 0.0, 0.0)
     flow.host, flow.port, flow.protocol = host, port, protocol  # type: ignore[assignment]
     verdict = await check_flow(rt, flow)
@@ -189,7 +229,7 @@ async def _explain(
             lines.append(f"audit:       {'; '.join(d.audits)}")
     lines.append(
         f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
-        f"({d.rule_ref if d is not None else 'no rule'}): {verdict.reason}"
+        f"({d.rule_source if d is not None else 'no rule'}): {verdict.reason}"
     )
     return (0 if verdict.allowed else EXIT_DENY), lines
 

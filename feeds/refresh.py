@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -293,6 +294,44 @@ class FeedManager:
             await self._session.close()
             self._session = None
             self._own_session = False
+
+    async def add(self, spec: FeedSpec) -> None:
+        """Serve one more feed, or a changed definition of one (defined while running).
+
+        Its stored data, if any, is served at once; once started, it refreshes on its own
+        schedule (``update_now`` fetches it sooner).
+        """
+        current = self._feeds.get(spec.name)
+        if current is not None:
+            if current.spec == spec:
+                return
+            await self.remove(spec.name)
+        f = _FeedState(spec)
+        self._feeds[spec.name] = f
+        self._locks[spec.name] = asyncio.Lock()
+        self._metrics.age.labels(feed=spec.name).set_function(self._age_function(spec.name))
+        if spec.enabled:
+            await asyncio.to_thread(self._load_stored, f, self.state_dir)
+            await self._rebuild()
+            if self._session is not None:  # started: else start() begins its refreshes
+                self._spawn(self._loop(f), name=f"feed-refresh-{spec.name}")
+
+    async def remove(self, name: str) -> None:
+        """Stop refreshing and serving a feed; its stored data stays on disk."""
+        if self._feeds.pop(name, None) is None:
+            return
+        mine = [t for t in self._tasks if t.get_name() == f"feed-refresh-{name}"]
+        for task in mine:
+            task.cancel()
+        await asyncio.gather(*mine, return_exceptions=True)
+        self._locks.pop(name, None)
+        self._default_provenance.pop(name, None)
+        for metric in (self._metrics.entries, self._metrics.age, self._metrics.rejected_lines):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+        with contextlib.suppress(KeyError):
+            self._metrics.last_success.remove(name)
+        await self._rebuild()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

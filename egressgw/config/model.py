@@ -509,7 +509,8 @@ def _duplicate_names(doc: YamlDocument, seen_tiers: dict[str, str]) -> list[str]
     return out
 
 
-def _check_expressions(spec: RuleSpec) -> list[tuple[list[str | int], str]]:
+def check_expressions(spec: RuleSpec) -> list[tuple[list[str | int], str]]:
+    """Label selector requirements the schema lets through but Kubernetes refuses: (key, why)."""
     problems: list[tuple[list[str | int], str]] = []
     for i, e in enumerate(spec.from_.matchExpressions):
         if e.operator in ("In", "NotIn") and not e.values:
@@ -565,7 +566,7 @@ def load_policy(paths: tuple[Path, ...], feed_names: set[str]) -> policy.Policy:
                 for fi, feed in enumerate(rule.to.feeds):
                     if feed != "*" and feed not in feed_names:
                         err([*key, "to", "feeds", fi], _no_feed(feed))
-                for sub, msg in _check_expressions(rule):
+                for sub, msg in check_expressions(rule):
                     err([*key, *sub], msg)
             tiers.append(
                 policy.Tier(tier.name, tuple(compile_rule(r) for r in tier.rules), tier.default)

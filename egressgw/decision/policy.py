@@ -58,11 +58,18 @@ class Decision:
     reason: str
     audits: tuple[str, ...] = ()
     steps: tuple[str, ...] = ()
+    # The Kubernetes object the deciding rule came from (``EgressPolicy payments/psp``), if any.
+    origin: str | None = None
 
     @property
     def rule_ref(self) -> str:
         """``tier/rule``, or ``default`` for the policy default."""
         return f"{self.tier}/{self.rule}" if self.tier else self.rule
+
+    @property
+    def rule_source(self) -> str:
+        """``rule_ref`` with the object it came from, when it came from one."""
+        return self.rule_ref if self.origin is None else f"{self.rule_ref} ({self.origin})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +185,8 @@ class Rule:
     source: SourceSelector = field(default_factory=SourceSelector)
     destination: DestinationSelector = field(default_factory=DestinationSelector)
     audit: bool = False
+    # Where the rule was written when not in a policy file: ``EgressPolicy payments/psp``.
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +219,10 @@ class Policy:
         for tier in self.tiers:
             outcome = self._decide_tier(tier, w, d, audits, steps)
             if outcome is not None:
-                action, rule_name = outcome
+                action, rule_name, origin = outcome
                 reason = f"{action} by {tier.name}/{rule_name}"
                 return Decision(
-                    action, tier.name, rule_name, reason, tuple(audits), tuple(steps or ())
+                    action, tier.name, rule_name, reason, tuple(audits), tuple(steps or ()), origin
                 )
         if steps is not None:
             steps.append(f"no tier decided: policy default {self.default}")
@@ -229,36 +238,38 @@ class Policy:
     @staticmethod
     def _decide_tier(
         tier: Tier, w: Workload, d: Destination, audits: list[str], steps: list[str] | None
-    ) -> tuple[Literal["allow", "deny"], str] | None:
+    ) -> tuple[Literal["allow", "deny"], str, str | None] | None:
         for rule in tier.rules:
             ref = f"{tier.name}/{rule.name}"
+            # The steps (explain) say which object a rule came from; audits name the rule only.
+            shown = ref if steps is None or rule.origin is None else f"{ref} ({rule.origin})"
             if not rule.source.matches(w):
                 if steps is not None:
-                    steps.append(f"{ref}: source not selected")
+                    steps.append(f"{shown}: source not selected")
                 continue
             if not rule.destination.matches(d):
                 if steps is not None:
-                    steps.append(f"{ref}: destination not selected")
+                    steps.append(f"{shown}: destination not selected")
                 continue
             if rule.audit:
                 audits.append(f"would {rule.action} by {ref}")
                 if steps is not None:
-                    steps.append(f"{ref}: matches, audit only: would {rule.action}")
+                    steps.append(f"{shown}: matches, audit only: would {rule.action}")
                 continue
             if rule.action == "pass":
                 if steps is not None:
-                    steps.append(f"{ref}: matches: pass to the next tier")
+                    steps.append(f"{shown}: matches: pass to the next tier")
                 return None
             if steps is not None:
-                steps.append(f"{ref}: matches: {rule.action}")
-            return rule.action, rule.name
+                steps.append(f"{shown}: matches: {rule.action}")
+            return rule.action, rule.name, rule.origin
         if tier.default == "pass":
             if steps is not None:
                 steps.append(f"{tier.name}: no rule decided, tier default pass")
             return None
         if steps is not None:
             steps.append(f"{tier.name}: no rule decided, tier default {tier.default}")
-        return tier.default, "default"
+        return tier.default, "default", None
 
 
 ALLOW_ALL = Policy(tiers=(), default="allow")

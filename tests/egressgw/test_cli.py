@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from egressgw.cli import main
+from tests.support.kube_apiserver import ThreadedKubeApi
 
 
 @pytest.fixture
@@ -211,3 +212,68 @@ def test_check_accepts_the_kubernetes_contract_once_its_kubeconfig_exists(
     (tmp_path / "kubeconfig.yaml").write_text("apiVersion: v1\nkind: Config\n")
     assert main(["check", "--config", config]) == 0
     assert capsys.readouterr().out.startswith("ok: ")
+
+
+def test_check_and_explain_show_policy_resources(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``policy.kubernetes`` both read the resources from the API: ``check`` refuses an
+    invalid one naming it and the key, ``explain`` names the object a deciding rule came from."""
+    (tmp_path / "policy.yaml").write_text(
+        "default: deny\ntiers: [{name: security}, {name: apps}]\n"
+    )
+    threaded = ThreadedKubeApi(tmp_path / "api")
+    with threaded as server:
+        path = tmp_path / "gw.yaml"
+        path.write_text(
+            f"identity:\n  kubernetes: {{kubeconfig: {server.kubeconfig}}}\n"
+            "  static: [{cidr: 10.1.1.1/32, namespace: payments}]\n"
+            "policy: {files: [policy.yaml], kubernetes: true}\n"
+            "resolver: {nameservers: ['127.0.0.1:9'], timeout: 1}\n"
+        )
+        rule = {"name": "psp", "action": "allow", "to": {"cidrs": ["203.0.113.7/32"]}}
+        threaded.call(
+            server.create,
+            {
+                "apiVersion": "egressgw.io/v1alpha1",
+                "kind": "EgressPolicy",
+                "metadata": {"name": "allow-psp", "namespace": "payments"},
+                "spec": {"rules": [rule]},
+            },
+        )
+        threaded.call(
+            server.create,
+            {
+                "apiVersion": "egressgw.io/v1alpha1",
+                "kind": "GlobalEgressPolicy",
+                "metadata": {"name": "broken"},
+                "spec": {"tier": "platform", "rules": []},
+            },
+        )
+        assert main(["check", "--config", str(path)]) == 1
+        out = capsys.readouterr().out
+        assert (
+            "GlobalEgressPolicy broken: spec.tier: no tier named 'platform' in the policy files "
+            "(tiers: security, apps)"
+        ) in out
+        threaded.call(server.delete, "GlobalEgressPolicy", "broken")
+        assert main(["check", "--config", str(path)]) == 0
+        assert ", 1 resources" in capsys.readouterr().out
+        args = ["explain", "--config", str(path), "--from", "10.1.1.1", "--to", "203.0.113.7:443"]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "resources:   1 from the API" in out
+        assert "apps/psp (EgressPolicy payments/allow-psp): matches: allow" in out
+        assert (
+            out.rstrip()
+            .splitlines()[-1]
+            .startswith("decision:    ALLOW (apps/psp (EgressPolicy payments/allow-psp))")
+        )
+        args[4] = "10.1.1.2"  # not of namespace payments: the EgressPolicy does not apply
+        assert main(args) == 3
+        assert "apps/psp (EgressPolicy payments/allow-psp): source not selected" in (
+            capsys.readouterr().out
+        )
+    # The API gone: the files alone are checked, with a warning.
+    assert main(["check", "--config", str(path)]) == 0
+    assert "warning: policy.kubernetes: resources not read from the API" in capsys.readouterr().out

@@ -272,3 +272,29 @@ async def test_seed_of_another_source_is_ignored(tmp_path: Path) -> None:
     manager.load_state()
     assert not manager.ready
     assert load_feed(tmp_path / "state", "remote") is None
+
+
+async def test_feeds_added_and_removed_while_running(
+    feed_server: FeedServer, tmp_path: Path
+) -> None:
+    """A feed added to a started manager is refreshed and served; removed, it is neither."""
+    feed_server.serve("/ips", IPS)
+    manager = _manager([], tmp_path)
+    await manager.start()
+    try:
+        spec = _spec("late", feed_server.url("/ips"))
+        await manager.add(spec)
+        assert "late" in manager.status() and not manager.ready
+        assert any(t.get_name() == "feed-refresh-late" for t in manager._tasks)
+        [report] = await manager.update_now(["late"])
+        assert report.status == "updated" and manager.matcher.match_ip("5.6.1.1")
+        await manager.add(spec)  # the same definition again: nothing changes
+        assert manager.matcher.match_ip("5.6.1.1")
+        await manager.remove("late")
+        assert manager.status() == {} and manager.ready
+        assert manager.matcher.match_ip("5.6.1.1") == ()
+        assert not any(t.get_name() == "feed-refresh-late" for t in manager._tasks)
+        await manager.add(spec)  # its stored data is served again at once
+        assert manager.matcher.match_ip("5.6.1.1")
+    finally:
+        await manager.stop()
