@@ -230,8 +230,9 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             if flow is not None and exc is not None and not self._closed_after_exchange(exc):
                 flow.error = flow.error or f"client: {exc}"
             self.close()
-        else:
-            self._forget()  # closed earlier, with bytes still to send: they are out now
+        # The stream is gone: whatever it still holds will never be sent, so nothing is left to
+        # wait for (close() counts a failed stream's unsent bytes as still flushing).
+        self._forget()
 
     def pause_writing(self) -> None:
         if self.pipe is not None:

@@ -98,6 +98,18 @@ async def test_a_malformed_proxy_authorization_is_counted_and_is_no_credential(
     assert hub.errors.count("bad_credential") == 1
 
 
+def test_a_stream_lost_with_bytes_unsent_leaves_the_books() -> None:
+    """The client's stream failed with bytes it never got: the connection is gone at once.
+
+    (A failed stream keeps its unsent bytes; counting them as "still flushing" left such a
+    connection on the gateway's books for good.)
+    """
+    hub, stream, conn = connect(buffered=4096)  # what the failed stream never sent
+    conn.connection_lost(ConnectionResetError("reset by peer"))
+    assert conn.mode is Mode.CLOSED and stream.closed_how == "close"
+    assert hub.closed == [conn] and not hub.open
+
+
 @pytest.mark.parametrize(("earlier", "recorded"), [(None, "cut"), ("upstream: reset", None)])
 def test_close_records_its_reason_unless_the_flow_already_failed(
     earlier: str | None, recorded: str | None
