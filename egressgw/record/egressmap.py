@@ -11,10 +11,11 @@ Rules (the admin page and API read it; the proxy only ever adds to it):
   buckets, enough for the longest window. A bucket holds, per edge seen in it, one list of
   counters: flows, allowed, denied, would-deny, bytes out, bytes in.
 - **Hot path** (``flow_decided``, ``flow_ended``, called for every flow): one dict lookup of the
-  flow's (workload, host, port) to its edge (the edge is worked out once per key), one lookup
-  of the edge's counters in the current bucket, integer additions. A new bucket clears the slot
-  it reuses (``dict.clear``). Time comes from the flow (``started_mono``, ``ended_mono``): a flow
-  older than the current bucket counts in the current bucket.
+  flow's (source address, host, port) to its workload and edge (the edge is worked out once per
+  key and workload), one lookup of the edge's counters in the current bucket, integer
+  additions; the end reuses the decision's counters while the bucket is the same. A new bucket
+  clears the slot it reuses (``dict.clear``). Time comes from the flow (``started_mono``,
+  ``ended_mono``): a flow older than the current bucket counts in the current bucket.
 - **Bounded**: at most ``max_edges`` edges; flows of new edges beyond that count on one edge,
   ``other``. The key cache holds at most ``max_keys`` keys and is emptied whole when full.
   ``sweep()`` (off the hot path) drops edges idle for the whole span. Denied and would-deny
@@ -140,7 +141,7 @@ class EgressMap:
         self._ids = [-1] * self.span  # which bucket each slot holds
         self._cur_id = -1
         self._cur: dict[Edge, list[int]] = self._buckets[0]
-        self._keys: dict[tuple[Workload, Any, int], Edge] = {}
+        self._keys: dict[tuple[str, Any, int], tuple[Workload, Edge]] = {}
         self._edges: dict[tuple[str, str, str, int], Edge] = {}
         self.other = Edge("other", "other", "other", 0)
         self._recent: collections.deque[tuple[int, float, str, Edge, str, Verdict, Any]] = (
@@ -152,12 +153,26 @@ class EgressMap:
         self._next_sweep = 0.0
 
     # -- hot path ---------------------------------------------------------------------------
+    # The key cache is keyed by (source address, host name, port): strings hash once and keep
+    # their hash, where Workload and Host are dataclasses hashed field by field in Python. The
+    # cached workload is compared by identity: the inventories hand out one object per workload.
     def flow_decided(self, flow: Flow) -> None:
         """Count the flow on its edge in the current bucket."""
-        edge = self._keys.get((flow.workload, flow.host, flow.port))
-        if edge is None:
+        host = flow.host
+        name = host.name if host is not None else None
+        cached = self._keys.get((flow.source_text, name if name is not None else host, flow.port))
+        if cached is None or cached[0] is not flow.workload:
             edge = self._edge_for(flow)
-        counters = self._counters(edge, flow.started_mono)
+        else:
+            edge = cached[1]
+        bucket_id = int(flow.started_mono // self.bucket)
+        if bucket_id > self._cur_id:
+            self._advance(bucket_id)
+        counters = self._cur.get(edge)
+        if counters is None:
+            counters = self._cur[edge] = [0, 0, 0, 0, 0, 0]
+        flow.map_counters = counters
+        flow.map_bucket = edge.bucket_id = self._cur_id
         verdict = flow.verdict or UNDECIDED
         i = _ACTION_INDEX[verdict.action]
         counters[FLOWS] += 1
@@ -178,23 +193,28 @@ class EgressMap:
         """Add the flow's bytes to its edge in the current bucket."""
         if not (flow.bytes_out or flow.bytes_in):
             return
-        edge = self._keys.get((flow.workload, flow.host, flow.port))
-        if edge is None:
-            edge = self._edge_for(flow)
-        counters = self._counters(edge, flow.ended_mono or flow.started_mono)
+        counters = flow.map_counters
+        bucket_id = int((flow.ended_mono or flow.started_mono) // self.bucket)
+        if counters is None or bucket_id != flow.map_bucket or bucket_id != self._cur_id:
+            # A later bucket than the decision's (a long flow): find the edge's counters there.
+            host = flow.host
+            name = host.name if host is not None else None
+            cached = self._keys.get(
+                (flow.source_text, name if name is not None else host, flow.port)
+            )
+            if cached is None or cached[0] is not flow.workload:
+                edge = self._edge_for(flow)
+            else:
+                edge = cached[1]
+            if bucket_id > self._cur_id:
+                self._advance(bucket_id)
+            counters = self._cur.get(edge)
+            if counters is None:
+                counters = self._cur[edge] = [0, 0, 0, 0, 0, 0]
+            edge.bucket_id = self._cur_id
         counters[BYTES_OUT] += flow.bytes_out
         counters[BYTES_IN] += flow.bytes_in
         self.version += 1
-
-    def _counters(self, edge: Edge, t: float) -> list[int]:
-        bucket_id = int(t // self.bucket)
-        if bucket_id > self._cur_id:
-            self._advance(bucket_id)
-        edge.bucket_id = self._cur_id
-        counters = self._cur.get(edge)
-        if counters is None:
-            counters = self._cur[edge] = [0, 0, 0, 0, 0, 0]
-        return counters
 
     def _advance(self, bucket_id: int) -> None:
         # Once per bucket: clear the slots the new bucket and any skipped ones reuse.
@@ -220,7 +240,9 @@ class EgressMap:
                 edge = self._edges[key] = Edge(*key)
         if len(self._keys) >= self.max_keys:
             self._keys.clear()
-        self._keys[(flow.workload, flow.host, flow.port)] = edge
+        name = host.name if host is not None else None
+        key2 = (flow.source_text, name if name is not None else host, flow.port)
+        self._keys[key2] = (flow.workload, edge)
         return edge
 
     # -- off the hot path -------------------------------------------------------------------

@@ -163,3 +163,25 @@ def test_window_totals_match_a_brute_force_count(
         want = [a for b, a in counted if b > now_id - window // 60]
         assert sum(c[0] for c in got.values()) == len(want)
         assert sum(c[2] for c in got.values()) == want.count("connection_denied")
+
+
+def test_a_new_workload_at_the_same_address_gets_its_own_edge() -> None:
+    """The key cache is checked against the flow's workload: a replaced pod is not misattributed."""
+    m = EgressMap()
+    m.flow_decided(flow(SHOP, "api.stripe.test", ALLOW))
+    m.flow_decided(flow(BILLING, "api.stripe.test", ALLOW))  # same source address, new owner
+    apps = sorted(e["source"]["app"] for e in m.graph(1000, 300)["edges"])
+    assert apps == ["cart", "invoicer"]
+
+
+def test_bytes_of_a_long_flow_count_in_the_bucket_it_ended() -> None:
+    """A flow ending minutes after its decision adds its bytes to the later bucket."""
+    m = EgressMap()
+    f = flow(SHOP, "api.stripe.test", ALLOW, t=1000.0)
+    m.flow_decided(f)
+    f.bytes_out, f.bytes_in, f.ended_mono = 7, 9, 1000.0 + 600
+    m.flow_ended(f)
+    (late,) = m.graph(1600, 300)["edges"]
+    assert (late["flows"], late["bytes_out"], late["bytes_in"]) == (0, 7, 9)
+    (both,) = m.graph(1600, 3600)["edges"]
+    assert (both["flows"], both["bytes_in"]) == (1, 9)
