@@ -667,7 +667,21 @@ def read_config(path: Path) -> tuple[Config | None, list[str]]:
     for i, sink in enumerate(cfg.sinks):
         for key, problem in [*tls_file_problems(sink), *secret_file_problems(sink)]:
             errors.append(f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: {problem}")
+    if cfg.admin.auth is not None:
+        token_problem = _token_file_problem(path.parent / cfg.admin.auth.token_file)
+        if token_problem is not None:
+            line = doc.line_of(["admin", "auth", "token_file"])
+            errors.append(f"{path}:{line}: admin.auth.token_file: {token_problem}")
     return cfg, errors
+
+
+def _token_file_problem(path: Path) -> str | None:
+    """Why the admin token file cannot serve, or None (the gateway reads it when it starts)."""
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    return None if token else f"{path} is empty"
 
 
 def feed_file_errors(path: Path, cfg: Config) -> list[str]:
