@@ -343,15 +343,23 @@ class Gateway:
         loop = self.loop = asyncio.get_running_loop()
         self.started_at = time.monotonic()
         proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
+        metrics_listen = self.config.admin.metrics_listen
         try:
             sock = listen_socket(proxy_listen)
         except OSError as e:
             raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
         try:
             try:
-                await self.admin.start(admin_listen, self._admin_token())
+                await self.admin.start(
+                    admin_listen, self._admin_token(), metrics=metrics_listen is None
+                )
             except OSError as e:
                 raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            if metrics_listen is not None:
+                try:
+                    await self.admin.start_metrics(metrics_listen)
+                except OSError as e:
+                    raise OSError(f"admin.metrics_listen {metrics_listen}: {_reason(e)}") from e
             if self.dns is not None:
                 try:
                     await self.dns.start(str(self.config.dns.listen))
@@ -515,6 +523,8 @@ class Gateway:
         if (
             cfg.proxy.listen != self.config.proxy.listen
             or cfg.admin.listen != self.config.admin.listen
+            or cfg.admin.metrics_listen != self.config.admin.metrics_listen
+            or cfg.admin.auth != self.config.admin.auth
         ):
             log.warning("listen addresses change only on restart")
         if cfg.sinks != self.config.sinks or cfg.spool != self.config.spool:

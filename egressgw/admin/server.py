@@ -85,6 +85,8 @@ class AdminServer:
         self.registry = registry
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._token: bytes | None = None
         self._streams = 0
         self._closing = asyncio.Event()  # set by stop(): open streams end
@@ -93,17 +95,19 @@ class AdminServer:
         files = importlib.resources.files(__package__).joinpath("static")
         self._static = {name: files.joinpath(name).read_bytes() for name in STATIC}
 
-    async def start(self, listen: str, token: str | None = None) -> None:
+    async def start(self, listen: str, token: str | None = None, metrics: bool = True) -> None:
         """Listen on ``listen`` (``IP:port``); ``address`` says where (port 0 picks one).
 
-        ``token``: the bearer token the egress map's page and API require, if any.
+        ``token``: the bearer token the egress map's page and API require, if any. ``metrics``:
+        serve ``/metrics`` here (False when ``start_metrics`` serves it on its own listener).
         """
         self._token = token.encode() if token else None
         self._closing.clear()
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+        if metrics:
+            app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/edl/{kind}", self._edl)
         app.router.add_get("/", self._page)
         app.router.add_get("/static/{name}", self._asset)
@@ -112,17 +116,21 @@ class AdminServer:
         app.router.add_get("/api/v1/stream", self._stream)
         app.router.add_get("/api/v1/explain", self._explain)
         self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        ip, port = parse_ip_port(listen)
-        site = web.TCPSite(self._runner, str(ip), port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)  # uvloop's Server is no asyncio.Server
-        if sockets:
-            self.address = sockets[0].getsockname()[:2]
+        self.address = await _serve(self._runner, listen)
+
+    async def start_metrics(self, listen: str) -> None:
+        """Serve ``/metrics`` on ``listen`` instead (``metrics_address`` says where)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        self.metrics_address = await _serve(self._metrics_runner, listen)
 
     async def stop(self) -> None:
         """Close the listener and every open admin connection."""
         self._closing.set()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -324,6 +332,16 @@ class AdminServer:
         except ValueError as e:
             raise web.HTTPBadRequest(text=f"to: {e}\n") from e
         return _json({"from": source, "to": target, "allowed": allowed, "lines": lines})
+
+
+async def _serve(runner: web.AppRunner, listen: str) -> tuple[str, int] | None:
+    """Start ``runner`` on ``listen`` (``IP:port``); the bound address (port 0 picks one)."""
+    await runner.setup()
+    ip, port = parse_ip_port(listen)
+    site = web.TCPSite(runner, str(ip), port, reuse_address=True)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None)  # uvloop's Server is no asyncio.Server
+    return sockets[0].getsockname()[:2] if sockets else None
 
 
 def _json(value: Any) -> web.Response:

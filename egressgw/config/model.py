@@ -184,6 +184,9 @@ class AdminConfig(_Model):
     """The admin HTTP server (/healthz, /readyz, /metrics, the egress map at / and /api/v1)."""
 
     listen: ListenAddress = DEFAULT_ADMIN_LISTEN
+    # /metrics on a listener of its own (and no longer on ``listen``): Prometheus reaches it
+    # without reaching the egress map.
+    metrics_listen: ListenAddress | None = None
     auth: AdminAuthConfig | None = None
     map: EgressMapConfig = EgressMapConfig()
 

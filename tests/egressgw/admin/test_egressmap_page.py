@@ -269,3 +269,26 @@ async def test_page_in_headless_chromium_shows_namespaces_destinations_and_denie
         timeout=90,
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_metrics_listen_moves_metrics_to_a_listener_of_its_own(tmp_path: Path) -> None:
+    """With admin.metrics_listen, /metrics answers there and no longer on admin.listen."""
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0'}\n"
+        "admin: {listen: '127.0.0.1:0', metrics_listen: '127.0.0.1:0'}\n"
+        "reload: {watch: false}\nsinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    try:
+        assert gw.admin.metrics_address is not None
+        metrics = "http://{}:{}/metrics".format(*gw.admin.metrics_address)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(metrics) as r:
+                assert r.status == 200 and "egressgw_flows_total" in await r.text()
+            async with http.get(base(gw) + "/metrics") as r:
+                assert r.status == 404
+            async with http.get(base(gw) + "/api/v1/graph") as r:  # no admin.auth: open
+                assert r.status == 200
+    finally:
+        await gw.stop()
