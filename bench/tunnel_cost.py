@@ -172,7 +172,7 @@ class FakeLoop:
             callback(*args)
 
 
-def build(first_bytes: bytes) -> Callable[[], None]:
+def build(first_bytes: bytes, egress_map: bool = True) -> Callable[[], None]:
     """A gateway on fake sockets, and a function that runs one tunnel through it."""
     socket_module = types.SimpleNamespace(socket=FakeSocket)
     rawstream_module._socket = socket_module  # type: ignore[assignment]
@@ -182,7 +182,14 @@ def build(first_bytes: bytes) -> Callable[[], None]:
     (workdir / "egressgw.yaml").write_text(proxy_bench.config_yaml())
     (workdir / "feed-ips.txt").write_text("203.0.113.1\n")
     (workdir / "feed-domains.txt").write_text("bad1.evil.test\n")
-    gateway = Gateway(cfgmod.load_config(workdir / "egressgw.yaml"), workdir / "egressgw.yaml")
+    cfg = cfgmod.load_config(workdir / "egressgw.yaml")
+    if not egress_map:
+        cfg = cfg.model_copy(
+            update={
+                "admin": cfg.admin.model_copy(update={"map": cfgmod.EgressMapConfig(enabled=False)})
+            }
+        )
+    gateway = Gateway(cfg, workdir / "egressgw.yaml")
     loop = FakeLoop()
     gateway.loop = loop  # type: ignore[assignment]
     reactor = rawstream_module.Reactor(loop)  # type: ignore[arg-type]
@@ -261,8 +268,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7, help="timed runs; the best is printed")
     ap.add_argument("--counted", type=int, default=200, help="tunnels traced for the counts")
     ap.add_argument("--tls", action="store_true", help="the client's first bytes are a ClientHello")
+    ap.add_argument(
+        "--no-map", action="store_true", help="without the egress map (admin.map.enabled: false)"
+    )
     args = ap.parse_args()
-    tunnel = build(proxy_bench.client_hello(TARGET.split(":")[0]) if args.tls else REQUEST)
+    first = proxy_bench.client_hello(TARGET.split(":")[0]) if args.tls else REQUEST
+    tunnel = build(first, egress_map=not args.no_map)
     ops, calls, top = count(tunnel, args.counted)
     best = min(timeit.repeat(tunnel, number=args.tunnels, repeat=args.repeat))
     print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (counted)")

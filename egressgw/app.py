@@ -26,6 +26,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import time
@@ -48,8 +49,8 @@ from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
 from egressgw.decision.answers import AnswerLog
 from egressgw.decision.guard import Guard
-from egressgw.decision.names import parse_ip_port
-from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource
+from egressgw.decision.names import parse_authority, parse_ip_port
+from egressgw.decision.path import NoThreats, Runtime, Services, ThreatSource, explain_flow
 from egressgw.decision.policy import Policy
 from egressgw.flow import Flow
 from egressgw.identity.kubernetes import PodWatcher
@@ -70,6 +71,7 @@ from egressgw.record.consumers import (
     FlowMetrics,
 )
 from egressgw.record.dnsevents import DnsExchange
+from egressgw.record.egressmap import EgressMap
 from egressgw.resolver import Resolver
 from egressgw.threats import MatcherThreats
 from feeds.refresh import FeedManager, FeedStatus, MissingFeedData, UpdateReport
@@ -256,6 +258,13 @@ class Gateway:
             FlowMetrics(self.metrics),
             FlowEvents(self.exporter.submit, self.observer),
         ]
+        self.egress_map: EgressMap | None = None
+        if cfg.admin.map.enabled:
+            m = cfg.admin.map
+            self.egress_map = EgressMap(
+                windows=m.windows, max_edges=m.max_edges, recent=m.recent_flows
+            )
+            self.consumers.append(self.egress_map)
         self.dns_consumers: list[DnsConsumer] = [
             DnsMetrics(self.metrics),
             DnsEvents(self.exporter.submit, self.observer),
@@ -345,15 +354,23 @@ class Gateway:
         loop = self.loop = asyncio.get_running_loop()
         self.started_at = time.monotonic()
         proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
+        metrics_listen = self.config.admin.metrics_listen
         try:
             sock = listen_socket(proxy_listen)
         except OSError as e:
             raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
         try:
             try:
-                await self.admin.start(admin_listen)
+                await self.admin.start(
+                    admin_listen, self._admin_token(), metrics=metrics_listen is None
+                )
             except OSError as e:
                 raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            if metrics_listen is not None:
+                try:
+                    await self.admin.start_metrics(metrics_listen)
+                except OSError as e:
+                    raise OSError(f"admin.metrics_listen {metrics_listen}: {_reason(e)}") from e
             if self.dns is not None:
                 try:
                     await self.dns.start(str(self.config.dns.listen))
@@ -558,6 +575,8 @@ class Gateway:
         if (
             cfg.proxy.listen != self.config.proxy.listen
             or cfg.admin.listen != self.config.admin.listen
+            or cfg.admin.metrics_listen != self.config.admin.metrics_listen
+            or cfg.admin.auth != self.config.admin.auth
         ):
             log.warning("listen addresses change only on restart")
         if cfg.sinks != self.config.sinks or cfg.spool != self.config.spool:
@@ -637,8 +656,36 @@ class Gateway:
             self.clock = now = time.monotonic()
             for conn in list(self.connections):
                 conn.expire(now)
+            if self.egress_map is not None:
+                self.egress_map.sweep(now)  # walks its edges once a minute at most
 
     # -- what the admin server reads -------------------------------------------------------------
+    def _admin_token(self) -> str | None:
+        """The admin.auth token, read from its file (a mounted Secret) when the server starts."""
+        auth = self.config.admin.auth
+        if auth is None:
+            return None
+        path = auth.token_file if auth.token_file.is_absolute() else self.base_dir / auth.token_file
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise OSError(f"admin.auth.token_file {path}: {_reason(e)}") from e
+        if not token:
+            raise OSError(f"admin.auth.token_file {path}: empty")
+        return token
+
+    async def explain(self, source: str, target: str, protocol: str) -> tuple[bool, list[str]]:
+        """Decide a flow now with the runtime in force, as ``egressgw explain`` prints it.
+
+        The same resolver (and its cache), feeds matcher and policy as the proxy's flows; no
+        event is written and no metric counted.
+        """
+        host, port = parse_authority(target)
+        flow = Flow(ipaddress.ip_address(source), 0, time.time(), time.monotonic())
+        flow.host, flow.port, flow.protocol = host, port, protocol  # type: ignore[assignment]
+        verdict, lines = await explain_flow(self.runtime, flow)
+        return verdict.allowed, lines
+
     def readiness(self) -> str | None:
         """None when serving, else why not (starting, shutting down, feeds without data)."""
         if self.stopping:

@@ -23,10 +23,9 @@ from egressgw.config import model as cfgmod
 from egressgw.config import policyobjects
 from egressgw.config.kubernetes import ResourcesUnreadable, read_objects
 from egressgw.config.source import ConfigError
-from egressgw.decision.guard import effective_ip
 from egressgw.decision.names import parse_authority, parse_ip_port
-from egressgw.decision.path import Runtime, check_flow
-from egressgw.decision.policy import Destination, Policy
+from egressgw.decision.path import Runtime, explain_flow
+from egressgw.decision.policy import Policy
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
 from egressgw.net import nft
@@ -199,38 +198,8 @@ async def _explain(
         rt = Runtime.over(rt.services, judged.policy, rt.guard)
     flow = Flow(src, 0, 0.0, 0.0)
     flow.host, flow.port, flow.protocol = host, port, protocol  # type: ignore[assignment]
-    verdict = await check_flow(rt, flow)
-    w = flow.workload
-    lines += [
-        f"source:      {src} -> "
-        + (
-            f"namespace {w.namespace}, pod {w.pod}, labels {dict(w.labels)}"
-            if w.known
-            else "unknown"
-        ),
-        f"destination: {host}:{port} ({protocol})",
-    ]
-    if flow.resolved:
-        lines.append(f"resolved:    {', '.join(map(str, flow.resolved))}")
-    if flow.cnames:
-        lines.append(f"cname chain: {' -> '.join(flow.cnames)}")
-    for t in flow.threats:
-        lines.append(f"feed match:  {t['feed']}: {t['matched']['atomic']}")
-    d = verdict.decision
-    if d is not None:
-        ip = effective_ip(flow.ip) if flow.ip is not None else None
-        feeds = frozenset(t["feed"] for t in flow.threats)
-        traced = rt.policy.decide(
-            w, Destination(host.name, ip, port, flow.protocol, feeds), trace=True
-        )
-        lines.append("steps:")
-        lines.extend(f"  {s}" for s in traced.steps)
-        if d.audits:
-            lines.append(f"audit:       {'; '.join(d.audits)}")
-    lines.append(
-        f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
-        f"({d.rule_source if d is not None else 'no rule'}): {verdict.reason}"
-    )
+    verdict, steps = await explain_flow(rt, flow)
+    lines += steps
     return (0 if verdict.allowed else EXIT_DENY), lines
 
 

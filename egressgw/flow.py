@@ -79,6 +79,10 @@ class Flow:
     # What the events consumer recorded of the decision (record.events.to_common): the end event
     # reuses the parts that do not change instead of building them twice.
     event_common: dict[str, Any] | None = None
+    # Where the egress map counted the decision (record.egressmap): the end adds its bytes there
+    # without looking the edge up again while the bucket is the same.
+    map_counters: list[int] | None = None
+    map_bucket = -1
 
     def __init__(
         self,

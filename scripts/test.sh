@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(curl dnsutils dnsmasq squid rsyslog rsyslog-gnutls rsyslog-relp nftables iptables iproute2 conntrack wrk kubernetes-client)
+SYSTEM_PACKAGES=(curl dnsutils dnsmasq squid rsyslog rsyslog-gnutls rsyslog-relp nftables iptables iproute2 conntrack wrk kubernetes-client chromium)
 # A package whose program is already installed from elsewhere is not installed again (kubectl
 # from another package would conflict with Debian's).
 declare -A PROGRAM_OF=([kubernetes-client]=kubectl)

@@ -47,6 +47,10 @@ from siem.tlsfiles import tls_file_problems
 
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3128"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
+# The egress map's bounds (record.egressmap): minute buckets, so windows are whole minutes.
+DEFAULT_MAP_WINDOWS = (300.0, 3600.0)
+DEFAULT_MAP_MAX_EDGES = 5_000
+DEFAULT_MAP_RECENT_FLOWS = 500
 DEFAULT_MAX_CONNECTIONS = 10_000
 # A tenth of max_connections: one source (a pod, or a node's pods behind SNAT) cannot take the
 # gateway from the rest, while far above what ordinary clients keep open (browsers 6 per host,
@@ -151,10 +155,40 @@ class ProxyConfig(_Model):
     via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
+class AdminAuthConfig(_Model):
+    """A bearer token the egress map's page and API require (a mounted Secret)."""
+
+    token_file: Path
+
+
+class EgressMapConfig(_Model):
+    """The egress map: windowed per-edge counts and recent refused flows, in memory."""
+
+    enabled: bool = True
+    windows: tuple[Duration, ...] = DEFAULT_MAP_WINDOWS
+    max_edges: int = Field(DEFAULT_MAP_MAX_EDGES, ge=1)
+    recent_flows: int = Field(DEFAULT_MAP_RECENT_FLOWS, ge=1)
+
+    @field_validator("windows")
+    @classmethod
+    def _whole_minutes(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if not values:
+            raise ValueError("at least one window")
+        for v in values:
+            if v % 60:
+                raise ValueError(f"window {v:g}s is not a whole number of minutes")
+        return values
+
+
 class AdminConfig(_Model):
-    """The admin HTTP server (/healthz, /readyz, /metrics)."""
+    """The admin HTTP server (/healthz, /readyz, /metrics, the egress map at / and /api/v1)."""
 
     listen: ListenAddress = DEFAULT_ADMIN_LISTEN
+    # /metrics on a listener of its own (and no longer on ``listen``): Prometheus reaches it
+    # without reaching the egress map.
+    metrics_listen: ListenAddress | None = None
+    auth: AdminAuthConfig | None = None
+    map: EgressMapConfig = EgressMapConfig()
 
 
 class ResolverConfig(_Model):
@@ -637,7 +671,21 @@ def read_config(path: Path) -> tuple[Config | None, list[str]]:
     for i, sink in enumerate(cfg.sinks):
         for key, problem in [*tls_file_problems(sink), *secret_file_problems(sink)]:
             errors.append(f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: {problem}")
+    if cfg.admin.auth is not None:
+        token_problem = _token_file_problem(path.parent / cfg.admin.auth.token_file)
+        if token_problem is not None:
+            line = doc.line_of(["admin", "auth", "token_file"])
+            errors.append(f"{path}:{line}: admin.auth.token_file: {token_problem}")
     return cfg, errors
+
+
+def _token_file_problem(path: Path) -> str | None:
+    """Why the admin token file cannot serve, or None (the gateway reads it when it starts)."""
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    return None if token else f"{path} is empty"
 
 
 def feed_file_errors(path: Path, cfg: Config) -> list[str]:

@@ -418,3 +418,39 @@ def recheck_tunnel(rt: Runtime, flow: Flow, protocol: FlowProtocol, sni: str | N
             return _deny(flow, sni_verdict.decision, f"TLS server name {sni}: {sni_verdict.reason}")
     # Decided last so the flow records the requested name's rule.
     return decide_addresses(rt, flow, (flow.ip,))
+
+
+async def explain_flow(rt: Runtime, flow: Flow) -> tuple[Verdict, list[str]]:
+    """Decide a new flow as ``check_flow`` does and say how, step by step (``egressgw explain``)."""
+    verdict = await check_flow(rt, flow)
+    host = flow.host
+    assert host is not None
+    w = flow.workload
+    who = f"namespace {w.namespace}, pod {w.pod}, labels {dict(w.labels)}" if w.known else "unknown"
+    lines = [
+        f"source:      {flow.source_ip} -> {who}",
+        f"destination: {host}:{flow.port} ({flow.protocol})",
+    ]
+    if flow.resolved:
+        lines.append(f"resolved:    {', '.join(map(str, flow.resolved))}")
+    if flow.cnames:
+        lines.append(f"cname chain: {' -> '.join(flow.cnames)}")
+    for t in flow.threats:
+        lines.append(f"feed match:  {t['feed']}: {t['matched']['atomic']}")
+    d = verdict.decision
+    if d is not None:
+        ip = effective_ip(flow.ip) if flow.ip is not None else None
+        traced = rt.policy.decide(
+            w,
+            Destination(host.name, ip, flow.port, flow.protocol, _feed_names(flow.threats)),
+            trace=True,
+        )
+        lines.append("steps:")
+        lines.extend(f"  {s}" for s in traced.steps)
+        if d.audits:
+            lines.append(f"audit:       {'; '.join(d.audits)}")
+    lines.append(
+        f"decision:    {'ALLOW' if verdict.allowed else 'DENY'} "
+        f"({d.rule_source if d is not None else 'no rule'}): {verdict.reason}"
+    )
+    return verdict, lines

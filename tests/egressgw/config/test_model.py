@@ -334,3 +334,22 @@ def test_check_names_a_missing_secret_file(tmp_path: Path) -> None:
         load_config(path)
     missing = f"cannot read {tmp_path / 'hec-token'}: No such file or directory"
     assert e.value.errors == [f"{path}:4: sinks[0].token_file: {missing}"]
+
+
+def test_admin_auth_and_map_keys(tmp_path: Path) -> None:
+    """admin.auth needs a readable, non-empty token file; map windows are whole minutes."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("admin:\n  auth: {token_file: admin-token}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    missing = f"cannot read {tmp_path / 'admin-token'}: No such file or directory"
+    assert e.value.errors == [f"{path}:2: admin.auth.token_file: {missing}"]
+    (tmp_path / "admin-token").write_text("\n")
+    with pytest.raises(ConfigError, match="admin-token is empty"):
+        load_config(path)
+    (tmp_path / "admin-token").write_text("t0ken\n")
+    cfg = load_config(path)
+    assert cfg.admin.map.enabled and cfg.admin.map.windows == (300.0, 3600.0)
+    path.write_text("admin: {map: {windows: [90s]}}\n")
+    with pytest.raises(ConfigError, match="not a whole number of minutes"):
+        load_config(path)
