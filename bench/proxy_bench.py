@@ -844,13 +844,14 @@ tiers:
 """
 
 
-def config_yaml() -> str:
+def config_yaml(egress_map: bool = True) -> str:
     """Return the contract-shaped gateway configuration used by the benchmark."""
     return f"""\
 proxy:
   listen: "{EGRESSGW_LISTEN[0]}:{EGRESSGW_LISTEN[1]}"
 admin:
   listen: "{EGRESSGW_ADMIN[0]}:{EGRESSGW_ADMIN[1]}"
+  map: {{enabled: {"true" if egress_map else "false"}}}
 resolver:
   nameservers: ["{DNS_IP}:53"]
 guard:
@@ -892,12 +893,14 @@ sinks:
 """
 
 
-def start_egressgw(workdir: Path, ready_timeout: float, feed_entries: int) -> Daemon:
+def start_egressgw(
+    workdir: Path, ready_timeout: float, feed_entries: int, egress_map: bool = True
+) -> Daemon:
     """Write the gateway's config, policy and feeds, start it and wait for /readyz."""
     gw_dir = workdir / "egressgw"
     gw_dir.mkdir()
     (gw_dir / "policy.yaml").write_text(policy_yaml())
-    (gw_dir / "egressgw.yaml").write_text(config_yaml())
+    (gw_dir / "egressgw.yaml").write_text(config_yaml(egress_map))
     # documentation ranges and names: in the feeds, never contacted
     ips = [
         f"203.0.113.{i % 256}" if i < 256 else f"198.51.{i // 256}.{i % 256}"
@@ -1301,6 +1304,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_READY_TIMEOUT,
         help=f"seconds to wait for egressgw /readyz (default {DEFAULT_READY_TIMEOUT:.0f})",
     )
+    p.add_argument(
+        "--no-map",
+        action="store_true",
+        help="run egressgw with the egress map off (admin.map.enabled: false), to measure its cost",
+    )
     p.add_argument("--json", type=Path, help="also write the raw samples to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, events)")
     p.add_argument("--verbose", "-v", action="store_true", help="print every sample")
@@ -1367,7 +1375,9 @@ def bench_main(args: argparse.Namespace) -> int:
                 daemons.append(squid)
                 proxies["squid"] = (SQUID_LISTEN, squid)
             if "egressgw" in args.path_list:
-                gw = start_egressgw(workdir, args.ready_timeout, args.feed_entries)
+                gw = start_egressgw(
+                    workdir, args.ready_timeout, args.feed_entries, egress_map=not args.no_map
+                )
                 daemons.append(gw)
                 proxies["egressgw"] = (EGRESSGW_LISTEN, gw)
             for path, (addr, daemon) in proxies.items():
