@@ -206,6 +206,7 @@ class Gateway:
         self.config = cfg
         self.config_path = config_path
         self.limits = cfg.proxy
+        self.egress_ips: Mapping[str, Any] = cfg.egress_ips
         self.connections: set[ClientConnection] = set()
         self.per_source: dict[str, int] = {}  # open client connections by source address
         self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
@@ -597,6 +598,7 @@ class Gateway:
             self.static_inventory.update(identities)
         self.config = cfg
         self.limits = cfg.proxy
+        self.egress_ips = cfg.egress_ips
         self.file_policy = files
         self.runtime = runtime
         self.metrics.count_reload("ok")

@@ -713,11 +713,6 @@ def feed_file_errors(path: Path, cfg: Config) -> list[str]:
 def unbuilt(cfg: Config) -> list[str]:
     """Keys set in ``cfg`` whose feature this version does not have yet, each saying so."""
     out = []
-    if cfg.egress_ips:
-        out.append(
-            "egress_ips: the addresses are checked at start (readiness) but connections do not "
-            "leave from them yet: the explicit listener does not pass them to the dialer"
-        )
     if cfg.transparent.listen is not None:
         out.append(
             f"transparent.listen {cfg.transparent.listen}: the transparent listener is not built "

@@ -49,6 +49,7 @@ import enum
 import ipaddress
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from egressgw.config.model import ProxyConfig
@@ -75,6 +76,7 @@ class Hub(Protocol):
     loop: asyncio.AbstractEventLoop
     reactor: Reactor  # the epoll set of the proxy's sockets
     clock: float  # a coarse monotonic clock, updated by the idle sweeper
+    egress_ips: Mapping[str, IPAddress]  # namespace -> source address (``egress_ips``)
 
     def flow_decided(self, flow: Flow) -> None:
         """Record a decided flow (event and metrics)."""

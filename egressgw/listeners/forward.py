@@ -39,6 +39,7 @@ import structlog
 
 from egressgw.decision.names import Host, parse_host
 from egressgw.decision.path import check_flow_latest, check_flow_now
+from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
 from egressgw.listeners.connection import FAMILIES, Connection, IPAddress, Mode, Nobody, Refuse
 from egressgw.net.dial import open_socket
@@ -315,7 +316,7 @@ class ForwardConnection(Connection):
     items: deque[Request | bytes | None] | None = None  # absolute-form requests and bodies
     items_waiter: asyncio.Future[None] | None = None
     upstream: _HttpUpstream | None = None
-    upstream_key: tuple[IPAddress, int] | None = None
+    upstream_key: tuple[IPAddress, int, str | None] | None = None  # destination and source
     exchanging = False  # an absolute-form request is being relayed
     via_header = b""  # this gateway's Via field, set once forwarding begins
 
@@ -402,9 +403,17 @@ class ForwardConnection(Connection):
         self.hub.flow_decided(flow)
         assert verdict.ip is not None
         upstream = self.upstream  # the connection kept alive from the last request, if it fits
-        if upstream is None or upstream.closed or self.upstream_key != (verdict.ip, flow.port):
+        egress_ips = self.hub.egress_ips
+        source = egress_source(flow.workload, egress_ips) if egress_ips else None
+        # An upstream is kept per (destination, source address): a request of another namespace
+        # (after an identity change) never rides a connection that leaves from another address.
+        if (
+            upstream is None
+            or upstream.closed
+            or self.upstream_key != (verdict.ip, flow.port, source)
+        ):
             try:
-                upstream = await self._connect_upstream(verdict.ip, flow.port)
+                upstream = await self._connect_upstream(verdict.ip, flow.port, source)
             except TimeoutError:
                 return self._http_upstream_failed(
                     flow, 504, f"connect to {verdict.ip}:{flow.port} timed out"
@@ -466,9 +475,11 @@ class ForwardConnection(Connection):
         self.upstream = None
         self.upstream_key = None
 
-    async def _connect_upstream(self, ip: IPAddress, port: int) -> _HttpUpstream:
+    async def _connect_upstream(
+        self, ip: IPAddress, port: int, source: str | None = None
+    ) -> _HttpUpstream:
         """A new upstream connection for absolute-form requests, in place of the kept one."""
-        key = (ip, port)
+        key = (ip, port, source)
         self._drop_upstream()
         loop = asyncio.get_running_loop()
         limit = self.limits.max_header_bytes
@@ -477,6 +488,7 @@ class ForwardConnection(Connection):
             (ip_text(ip), port),
             FAMILIES[ip.version],
             self.limits.connect_timeout,
+            source,
         )
         _, upstream = await loop.create_connection(lambda: _HttpUpstream(self, limit), sock=sock)
         self.upstream = upstream

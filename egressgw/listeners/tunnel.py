@@ -32,6 +32,7 @@ from typing import Any
 from egressgw.decision.names import parse_authority, parse_host
 from egressgw.decision.path import check_flow_latest, check_flow_now, recheck_tunnel
 from egressgw.decision.verdict import Verdict
+from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
 from egressgw.listeners.connection import FAMILIES, Connection, Mode
 from egressgw.net.dial import Dial, dial
@@ -144,6 +145,7 @@ class TunnelConnection(Connection):
         assert ip is not None
         if not flow.ip_str or flow.ip is not ip:
             flow.ip_str = ip_text(ip)
+        egress_ips = self.hub.egress_ips
         self.connecting = dial(
             self.hub.reactor,
             (flow.ip_str, flow.port),
@@ -151,6 +153,7 @@ class TunnelConnection(Connection):
             self._connected,
             self._connect_failed,
             self.limits.connect_timeout,
+            egress_source(flow.workload, egress_ips) if egress_ips else None,
         )
 
     def _connect_failed(self, exc: OSError) -> None:

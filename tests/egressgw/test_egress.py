@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from pathlib import Path
 
@@ -63,3 +64,53 @@ async def test_readiness_checks_each_address_is_on_the_node(
             "egress_ips: 192.0.2.123 (payments) is not an address of this node: "
             "Cannot assign requested address"
         )
+
+
+async def test_connections_leave_from_the_namespace_address(tmp_path: Path) -> None:
+    """A payments tunnel and a payments request reach the upstream from 127.0.0.55; a source
+    of no listed namespace from the kernel's choice (127.0.0.1)."""
+    seen: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("peername")[0])
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "guard: {allow: ['127.0.0.0/8']}\n"
+        "identity: {static: [{cidr: '127.0.0.5/32', namespace: payments}]}\n"
+        "egress_ips: {payments: '127.0.0.55'}\nsinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(path), path)
+    await gw.start()
+    assert gw.proxy_address is not None
+    try:
+        async with server:
+            for source, request in (
+                (
+                    "127.0.0.5",
+                    f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+                ),
+                ("127.0.0.5", f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+                ("127.0.0.1", f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ):
+                reader, writer = await asyncio.open_connection(
+                    *gw.proxy_address, local_addr=(source, 0)
+                )
+                writer.write(request.encode())
+                async with asyncio.timeout(5):
+                    answer = await reader.read(4096)
+                    while b"ok" not in answer:
+                        more = await reader.read(4096)
+                        assert more, answer
+                        answer += more
+                writer.close()
+    finally:
+        await gw.stop()
+    assert seen == ["127.0.0.55", "127.0.0.55", "127.0.0.1"]

@@ -24,6 +24,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.limits = ProxyConfig()
         self.clock = 0.0
+        self.egress_ips: dict[str, Any] = {}
         self.open: set[Any] = set()
         self.closed: list[Any] = []
         self.decided: list[Flow] = []
