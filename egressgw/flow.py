@@ -30,6 +30,11 @@ def _new_flow_ids() -> None:
 os.register_at_fork(after_in_child=_new_flow_ids)
 
 
+def new_id(kind: str = "") -> str:
+    """A process-unique id from the flows' counter; ``kind`` (e.g. ``d``) marks other records."""
+    return f"{_PREFIX}{kind}{next(_COUNTER):08x}"
+
+
 _IP_TEXT: dict[IPAddress, str] = {}
 _IP_TEXT_CACHE = 65536  # addresses repeat; str() of an ipaddress object is not free
 

@@ -320,18 +320,6 @@ class ForwardConnection(Connection):
     exchanging = False  # an absolute-form request is being relayed
     via_header = b""  # this gateway's Via field, set once forwarding begins
 
-    def _limit_pending(self) -> None:
-        """Stop reading a client whose requests wait beyond the limits (backpressure).
-
-        What one read brings is parsed whole, so the queue may pass a limit by one read's worth.
-        """
-        limits = self.limits
-        if (
-            self.pending_bytes > limits.max_pending_bytes
-            or self.pending_requests >= limits.max_pipelined_requests
-        ):
-            self._pause_reading()
-
     def _push(self, item: Request | bytes | None) -> None:
         if self.items is None:
             self.items = deque()

@@ -10,34 +10,20 @@ flow events.
 
 from __future__ import annotations
 
-import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from egressgw.decision.dnsanswer import DnsVerdict
+from egressgw.flow import new_id
 from egressgw.identity.workload import UNKNOWN, Workload
 from egressgw.record.events import ECS_VERSION, to_threat
 from egressgw.record.events import to_timestamp as timestamp
 from egressgw.wire.dnsmsg import Record
 
-_PREFIX = os.urandom(6).hex()
-_COUNTER = itertools.count(1)
-
-
-def _new_ids() -> None:
-    # A forked worker draws a prefix of its own, as flow ids do.
-    global _PREFIX, _COUNTER
-    _PREFIX = os.urandom(6).hex()
-    _COUNTER = itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_new_ids)
-
 
 def new_exchange_id() -> str:
     """A process-unique id for one DNS exchange (``d`` marks it apart from flow ids)."""
-    return f"{_PREFIX}d{next(_COUNTER):08x}"
+    return new_id("d")
 
 
 @dataclass(slots=True)
