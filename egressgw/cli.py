@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import ipaddress
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+import structlog
 import uvloop
 from pydantic import ValidationError
 
@@ -38,6 +40,8 @@ from siem.firewall import to_nft_set
 
 EXIT_DENY = 3
 EXIT_NOT_INSTALLED = 3  # `node status`: the rules are not installed
+
+log = structlog.get_logger("egressgw.cli")
 
 
 def _load(path: Path | None) -> cfgmod.Config:
@@ -66,6 +70,26 @@ async def _serve(cfg: cfgmod.Config, path: Path | None) -> None:
     await gateway.shutdown()
 
 
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Lift the soft limit on open descriptors to the hard one; return (before, after).
+
+    Each client connection holds one descriptor and its destination another, and a lookup up to
+    two more: the common soft default (1,024) runs out long before ``proxy.max_connections``,
+    and a gateway out of descriptors refuses everyone. The hard limit is the operator's (or the
+    container runtime's) choice; the soft one is only a default.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit", soft=soft, hard=hard, error=str(e))
+            return soft, soft
+        log.info("open-file limit raised", before=soft, after=hard)
+        return soft, hard
+    return soft, soft
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the gateway until SIGTERM."""
     try:
@@ -79,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     configure_logging(cfg.log.level, cfg.log.format)
+    raise_descriptor_limit()
     try:
         uvloop.run(_serve(cfg, args.config))
     except ConfigError as e:

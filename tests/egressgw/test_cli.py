@@ -1,6 +1,10 @@
 """Tests of the ``egressgw feeds`` and ``explain`` subcommands on local files (no network)."""
 
+import resource
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +281,37 @@ def test_check_and_explain_show_policy_resources(
     # The API gone: the files alone are checked, with a warning.
     assert main(["check", "--config", str(path)]) == 0
     assert "warning: policy.kubernetes: resources not read from the API" in capsys.readouterr().out
+
+
+def test_run_lifts_the_soft_descriptor_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """`egressgw run` started with a soft limit of 256 open files runs with the hard limit."""
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "sinks: [{type: file, path: events.jsonl}]\n"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-file limit is {hard}: nothing to lift")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "egressgw"),
+            "run",
+            "--config",
+            str(tmp_path / "gw.yaml"),
+        ],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        soft = "256"
+        for _ in range(100):
+            limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+            soft = next(line for line in limits if line.startswith("Max open files")).split()[3]
+            if soft != "256":
+                break
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert soft == (str(hard) if hard != resource.RLIM_INFINITY else "unlimited")
