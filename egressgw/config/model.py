@@ -712,13 +712,7 @@ def feed_file_errors(path: Path, cfg: Config) -> list[str]:
 
 def unbuilt(cfg: Config) -> list[str]:
     """Keys set in ``cfg`` whose feature this version does not have yet, each saying so."""
-    out = []
-    if cfg.transparent.listen is not None:
-        out.append(
-            f"transparent.listen {cfg.transparent.listen}: the transparent listener is not built "
-            "yet: the gateway does not listen there, so TCP that `egressgw node setup` redirects "
-            "to it is refused (DNS proxy, node rules and firewall work)"
-        )
+    out: list[str] = []
     return out
 
 
