@@ -1,11 +1,14 @@
-"""Tests of the transparent listener in network namespaces the test makes: a pod namespace whose
-TCP the node rules redirect to the gateway, a remote namespace with HTTP and HTTPS upstreams,
-and real curl with no proxy settings. Allowed by Host and by SNI, denied by an address rule,
-a spoofed SNI refused; each flow has its decision event.
+"""Tests of the transparent listener. In network namespaces the test makes (a pod namespace
+whose TCP the node rules redirect to the gateway, a remote namespace with HTTP and HTTPS
+upstreams, real curl with no proxy settings): allowed by Host and by SNI, denied by an address
+rule, a spoofed SNI refused, a flow by address allowed by the name the pod resolved through the
+gateway's DNS proxy; each flow has its decision event. In process: a connection nothing
+redirected is reset.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from egressgw.app import Gateway
+from egressgw.config.model import load_config
 from tests.support import field
 from tests.support.dnsmasq import dnsmasq_args, dnsmasq_path
 from tests.support.gateway import dump_yaml, egressgw_executable
@@ -128,6 +133,7 @@ def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
             "proxy": {"listen": "127.0.0.1:3128"},
             "admin": {"listen": "127.0.0.1:9090"},
             "transparent": {"listen": "0.0.0.0:15001"},
+            "dns": {"listen": "0.0.0.0:5300", "upstreams": ["127.0.0.1:5353"]},
             "resolver": {"nameservers": ["127.0.0.1:5353"], "ipv6": False},
             "node": {"pod_cidrs": ["10.99.0.0/24"]},
             "identity": {"static": [{"cidr": "10.99.0.2/32", "namespace": "payments"}]},
@@ -211,3 +217,56 @@ def test_transparent_flows_are_bound_decided_and_recorded(node: tuple[NetNs, Pat
     assert field(spoof_e, "event.reason").startswith(
         "name good.test is not bound to 203.0.113.11: it resolves to 203.0.113.10"
     )
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_a_flow_by_address_is_judged_by_the_name_the_pod_resolved(node: tuple[NetNs, Path]) -> None:
+    """No name in the bytes: denied by address, then allowed once the DNS proxy gave it a name."""
+    pod, tmp_path = node
+    before = pod.run([*CURL, "http://203.0.113.10/"])
+    assert before.returncode != 0 and before.stdout == ""
+    # Any DNS server the pod asks: the node rules send port 53 to the gateway's DNS proxy.
+    answer = pod.run(["dig", "@192.0.2.53", "+short", "+tries=1", "+time=3", "good.test"])
+    assert answer.stdout.strip() == "203.0.113.10", answer.stdout + answer.stderr
+    after = pod.run([*CURL, "http://203.0.113.10/"])
+    assert after.stdout == "hello from 203.0.113.10", after.stderr
+
+    denied, allowed = decisions(tmp_path, 2)[:2]
+    assert field(denied, "event.action") == "connection_denied"
+    assert field(denied, "destination.domain") is None
+    assert "default" in field(denied, "event.reason")
+    assert field(allowed, "event.action") == "connection_allowed"
+    assert field(allowed, "destination.domain") == "good.test"
+    assert field(allowed, "rule.name") == "good-by-name"
+
+
+async def test_a_connection_nothing_redirected_is_reset_and_counted(tmp_path: Path) -> None:
+    """Connecting to the port itself has no original destination: reset, counted, forgotten."""
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0'}\n"
+        "admin: {listen: '127.0.0.1:0'}\n"
+        "transparent: {listen: '127.0.0.1:0'}\n"
+        "sinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    try:
+        address = gw.transparent_address
+        assert address is not None
+
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: good.test\r\n\r\n")
+                return await reader.read(100)
+            finally:
+                writer.close()
+
+        # The reset may come before the client saw its connect complete, or after.
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(exchange(), 5)
+        assert gw.metrics.errors.get("not_redirected") == 1
+        assert not gw.connections
+    finally:
+        await gw.stop()
