@@ -241,6 +241,33 @@ def test_a_flow_by_address_is_judged_by_the_name_the_pod_resolved(node: tuple[Ne
     assert field(allowed, "rule.name") == "good-by-name"
 
 
+SILENT_CLIENT = """
+import socket, time
+s = socket.create_connection(("203.0.113.10", 80), timeout=5)
+start = time.monotonic()
+try:
+    got = s.recv(100)
+except ConnectionResetError:
+    got = b"reset"
+print(got.decode(), round(time.monotonic() - start))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_a_client_that_sends_nothing_is_decided_by_address_after_the_peek(
+    node: tuple[NetNs, Path],
+) -> None:
+    """A server-first client is decided by address once the peek times out (here: reset)."""
+    pod, tmp_path = node
+    out = pod.run([sys.executable, "-c", SILENT_CLIENT])
+    assert out.stdout.split() == ["reset", "1"], out.stdout + out.stderr
+    (denied,) = decisions(tmp_path, 1)
+    assert field(denied, "event.action") == "connection_denied"
+    assert field(denied, "network.protocol") == "tcp"
+    assert field(denied, "destination.ip") == "203.0.113.10"
+
+
 async def test_a_connection_nothing_redirected_is_reset_and_counted(tmp_path: Path) -> None:
     """Connecting to the port itself has no original destination: reset, counted, forgotten."""
     (tmp_path / "gw.yaml").write_text(
