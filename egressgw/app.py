@@ -207,6 +207,7 @@ class Gateway:
         self.config = cfg
         self.config_path = config_path
         self.limits = cfg.proxy
+        self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips: Mapping[str, Any] = cfg.egress_ips
         self.connections: set[ClientConnection | TransparentConnection] = set()
         self.per_source: dict[str, int] = {}  # open client connections by source address
@@ -625,6 +626,7 @@ class Gateway:
             self.static_inventory.update(identities)
         self.config = cfg
         self.limits = cfg.proxy
+        self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips = cfg.egress_ips
         self.file_policy = files
         self.runtime = runtime

@@ -61,6 +61,9 @@ DEFAULT_MAX_HEADERS = 100
 DEFAULT_MAX_PIPELINED_REQUESTS = 16
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# Seconds a transparent connection's first bytes are waited for before it is decided by address
+# (server-first protocols such as SMTP and SSH send nothing until the server spoke).
+DEFAULT_PEEK_TIMEOUT = 1.0
 DEFAULT_HEAD_TIMEOUT = 30.0
 # nginx's proxy_read_timeout is 60 s; twice that leaves room for long-poll APIs that hold their
 # response head, and stays well below idle_timeout.
@@ -276,6 +279,7 @@ class TransparentConfig(_Model):
     """The transparent listener (pod egress redirected by the node's nftables rules)."""
 
     listen: ListenAddress | None = None
+    peek_timeout: Duration = DEFAULT_PEEK_TIMEOUT
 
 
 def _upstream(value: str) -> str:

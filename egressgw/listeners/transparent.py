@@ -12,8 +12,8 @@ Rules:
   mode, and the namespace's ``egress_ips`` source). A connection that was not redirected (no
   original destination, or the listener's own address) is reset and counted.
 - The first bytes are read as a TLS ClientHello (the SNI) or an HTTP/1 request head (the Host),
-  up to ``PEEK_TIMEOUT`` seconds: a client that sends nothing first (SMTP, SSH: the server
-  speaks first) is decided by address. Other bytes are a ``tcp`` flow with no name.
+  for up to ``transparent.peek_timeout``: a client that sends nothing first (SMTP, SSH: the
+  server speaks first) is decided by address. Other bytes are a ``tcp`` flow with no name.
 - A claimed name must be bound to the original address (``decision.binding``): the gateway's
   DNS proxy gave this client that address for it within its TTL, or the gateway's resolver
   resolves it there. Otherwise the connection is refused, whatever policy says of the name
@@ -56,8 +56,6 @@ from egressgw.wire.httphost import parse_http_host
 from egressgw.wire.tlshello import MAX_HELLO_SIZE, TLS_HANDSHAKE, parse_client_hello
 from siem.tasks import spawn
 
-# Seconds the first client bytes are waited for before the flow is decided by address alone.
-PEEK_TIMEOUT = 1.0
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 
 
@@ -66,6 +64,7 @@ class TransparentHub(Hub, Protocol):
 
     answers: AnswerLog  # the DNS proxy's answers, per client
     exempt_mark: int | None  # SO_MARK of outbound connections (node mode)
+    peek_timeout: float  # transparent.peek_timeout
 
     def connection_opened(self, conn: TransparentConnection) -> str | None:
         """Register a client connection (None), or refuse it: which limit it would pass."""
@@ -110,7 +109,7 @@ class TransparentConnection(TunnelConnection):
         if refusal is not None:
             self._refuse_flow(self._flow_to_original("tcp"), refusal)
             return
-        self.peek_timer = self.hub.loop.call_later(PEEK_TIMEOUT, self._peek_timed_out)
+        self.peek_timer = self.hub.loop.call_later(self.hub.peek_timeout, self._peek_timed_out)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.hub.clock
