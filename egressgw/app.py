@@ -59,6 +59,7 @@ from egressgw.identity.workload import FirstKnown, Inventory, IPNetwork, Workloa
 from egressgw.kube import Api
 from egressgw.listeners.dns import DnsProxy
 from egressgw.listeners.explicit import ClientConnection
+from egressgw.listeners.transparent import TransparentConnection
 from egressgw.metrics import Metrics
 from egressgw.net import nft
 from egressgw.net.rawstream import Listener, Reactor
@@ -206,8 +207,9 @@ class Gateway:
         self.config = cfg
         self.config_path = config_path
         self.limits = cfg.proxy
+        self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips: Mapping[str, Any] = cfg.egress_ips
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientConnection | TransparentConnection] = set()
         self.per_source: dict[str, int] = {}  # open client connections by source address
         self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
         base = config_path.parent if config_path else Path.cwd()
@@ -251,6 +253,8 @@ class Gateway:
         # Configured egress source addresses this node does not have (checked at start).
         self.egress_problems: list[str] = []
         self.server: Listener | None = None
+        self.transparent: Listener | None = None  # transparent.listen
+        self.transparent_address: tuple[str, int] | None = None
         self.reactor: Reactor  # set by start(), with the loop
         self.admin = AdminServer(self, self.metrics.registry)
         self.metrics.registry.register(_ReadinessCollector(self))
@@ -276,6 +280,8 @@ class Gateway:
         if cfg.dns.listen is not None:
             mark = cfg.node.exempt_mark if cfg.node.enabled else None
             self.dns = DnsProxy(self, cfg.dns, self.answers, mark)
+        # The gateway's own connections carry the node rules' exemption mark (node mode).
+        self.exempt_mark: int | None = cfg.node.exempt_mark if cfg.node.enabled else None
         # The node's nftables set of blocklisted IPs, refreshed after every feed update.
         self.node_firewall = cfg.node.enabled and cfg.node.firewall
         self._firewall_lock = asyncio.Lock()
@@ -320,7 +326,7 @@ class Gateway:
         """A tunnel ended."""
         self.metrics.tunnels -= 1
 
-    def connection_opened(self, conn: ClientConnection) -> str | None:
+    def connection_opened(self, conn: ClientConnection | TransparentConnection) -> str | None:
         """Admit a connection (None), or say which connection limit refuses it."""
         limits = self.limits
         if len(self.connections) >= limits.max_connections:
@@ -336,7 +342,7 @@ class Gateway:
         self.connections.add(conn)
         return None
 
-    def connection_closed(self, conn: ClientConnection) -> None:
+    def connection_closed(self, conn: ClientConnection | TransparentConnection) -> None:
         """Forget a connection."""
         if conn in self.connections:
             self.connections.discard(conn)
@@ -360,7 +366,16 @@ class Gateway:
             sock = listen_socket(proxy_listen)
         except OSError as e:
             raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
+        socks = [sock]
         try:
+            transparent_listen = self.config.transparent.listen
+            transparent_sock: socket.socket | None = None
+            if transparent_listen is not None:
+                try:
+                    transparent_sock = listen_socket(transparent_listen)
+                except OSError as e:
+                    raise OSError(f"transparent.listen {transparent_listen}: {_reason(e)}") from e
+                socks.append(transparent_sock)
             try:
                 await self.admin.start(
                     admin_listen, self._admin_token(), metrics=metrics_listen is None
@@ -381,7 +396,8 @@ class Gateway:
             await self.feeds.start()
             await self._start_kubernetes()
         except BaseException:
-            sock.close()
+            for s in socks:
+                s.close()
             await self._close_services()
             raise
         self.threats.refresh()  # the feeds' stored data, loaded by start()
@@ -401,6 +417,15 @@ class Gateway:
         )
         self.server.start()
         self.proxy_address = self.server.address
+        if transparent_sock is not None:
+            self.transparent = Listener(
+                self.reactor,
+                transparent_sock,
+                lambda: TransparentConnection(self),
+                on_error=self.metrics.count_error,
+            )
+            self.transparent.start()
+            self.transparent_address = self.transparent.address
         self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
         if self.config_path is not None and self.config.reload.watch:
             self._tasks.append(spawn(self._watch(), name="config-watcher"))
@@ -412,6 +437,7 @@ class Gateway:
             policy=[str(p) for p in self.config.policy.files] or "allow all (embedded)",
             tiers=len(self.runtime.policy.tiers),
             dns=self.config.dns.listen,
+            transparent=self.config.transparent.listen,
         )
         for warning in cfgmod.unbuilt(self.config):
             log.warning(warning)
@@ -504,6 +530,8 @@ class Gateway:
         self.ready = False
         if self.server is not None:
             self.server.close()
+        if self.transparent is not None:
+            self.transparent.close()
         if self.dns is not None:
             self.dns.close()
         if self.connections:
@@ -598,6 +626,7 @@ class Gateway:
             self.static_inventory.update(identities)
         self.config = cfg
         self.limits = cfg.proxy
+        self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips = cfg.egress_ips
         self.file_policy = files
         self.runtime = runtime

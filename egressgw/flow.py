@@ -69,6 +69,9 @@ class Flow:
     method: str | None = None
     url: str | None = None
     sni: str | None = None
+    # A transparent flow's name, bound to its address (SNI, Host, or the name the client's DNS
+    # answer gave): what policy judged, while ``host`` stays the original address.
+    bound_name: str | None = None
     ip: IPAddress | None = None  # the destination address connected to
     ip_str = ""  # ``ip`` as text, once known (the socket and both events need it)
     resolved: tuple[IPAddress, ...] = ()

@@ -61,6 +61,9 @@ DEFAULT_MAX_HEADERS = 100
 DEFAULT_MAX_PIPELINED_REQUESTS = 16
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# Seconds a transparent connection's first bytes are waited for before it is decided by address
+# (server-first protocols such as SMTP and SSH send nothing until the server spoke).
+DEFAULT_PEEK_TIMEOUT = 1.0
 DEFAULT_HEAD_TIMEOUT = 30.0
 # nginx's proxy_read_timeout is 60 s; twice that leaves room for long-poll APIs that hold their
 # response head, and stays well below idle_timeout.
@@ -276,6 +279,7 @@ class TransparentConfig(_Model):
     """The transparent listener (pod egress redirected by the node's nftables rules)."""
 
     listen: ListenAddress | None = None
+    peek_timeout: Duration = DEFAULT_PEEK_TIMEOUT
 
 
 def _upstream(value: str) -> str:
@@ -712,13 +716,7 @@ def feed_file_errors(path: Path, cfg: Config) -> list[str]:
 
 def unbuilt(cfg: Config) -> list[str]:
     """Keys set in ``cfg`` whose feature this version does not have yet, each saying so."""
-    out = []
-    if cfg.transparent.listen is not None:
-        out.append(
-            f"transparent.listen {cfg.transparent.listen}: the transparent listener is not built "
-            "yet: the gateway does not listen there, so TCP that `egressgw node setup` redirects "
-            "to it is refused (DNS proxy, node rules and firewall work)"
-        )
+    out: list[str] = []
     return out
 
 

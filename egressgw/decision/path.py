@@ -385,6 +385,20 @@ def _decide_resolved(
     return decide_addresses(rt, flow, ips)
 
 
+def decide_transparent(rt: Runtime, flow: Flow, name: str | None) -> Verdict:
+    """Decide a redirected connection to its original address (``flow.host``), judging ``name``.
+
+    ``name`` must already be bound to that address (``decision.binding``): policy then judges
+    the name with the address, so a domain rule allows a connection made only by address.
+    """
+    flow.workload = rt.inventory.lookup(Peer(flow.source_ip, flow.credential))
+    host = flow.host
+    assert host is not None and host.ip is not None
+    flow.bound_name = name
+    flow.name_threats = rt.threats.match_name(name) if name is not None else ()
+    return decide_addresses(rt, flow, (host.ip,), name=name)
+
+
 def decide_without_address(rt: Runtime, flow: Flow, dns_reason: str) -> Verdict:
     """A listed name that does not resolve: policy still decides, so the feed match is recorded."""
     assert flow.host is not None

@@ -16,8 +16,9 @@ Evaluation order:
 
 Domains: ``allowed.test`` matches that name only; ``*.allowed.test`` matches every name below it
 at any depth (``a.allowed.test``, ``a.b.allowed.test``) but not ``allowed.test`` itself.
-Protocols: ``http`` (absolute-form requests), ``tls`` (tunnels whose client sent a TLS
-ClientHello), ``tcp`` (any other tunnel).
+Protocols: ``http`` (absolute-form requests; transparent connections that start with an HTTP/1
+request head), ``tls`` (tunnels and transparent connections whose client sent a TLS
+ClientHello), ``tcp`` (any other).
 """
 
 from __future__ import annotations

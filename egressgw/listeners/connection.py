@@ -8,6 +8,7 @@ A client connection is one class built from three pieces, each in its own module
     tunnel.py      TunnelConnection: a CONNECT tunnel's destination side (dial, peek, relay)
     forward.py     ForwardConnection: absolute-form requests relayed through an upstream
     explicit.py    ClientConnection(TunnelConnection, ForwardConnection): request heads, dispatch
+    transparent.py TransparentConnection(TunnelConnection): redirected TCP, no request head
 
 Why mixins over one state object and not objects of their own: the pieces share one
 connection's state (its mode, flow, stream and backpressure flags), and a tunnel costs every

@@ -11,8 +11,9 @@ Rules:
   first: then neither, and the socket is closed. ``exc`` is a ``TimeoutError`` after
   ``connect_timeout`` seconds, else an ``OSError`` with the connect's errno.
 - ``source`` binds the local address (the port stays the kernel's choice, picked at connect);
-  ``mark`` sets SO_MARK for policy routing. Both are for the listeners that need them (the
-  transparent one, workers with per-tenant egress addresses); the explicit proxy uses neither.
+  ``mark`` sets SO_MARK for policy routing. Both are for the listeners that need them: tunnels
+  and upstreams take the namespace's ``egress_ips`` source; the transparent listener also marks
+  its connections with ``node.exempt_mark`` in node mode.
 """
 
 from __future__ import annotations

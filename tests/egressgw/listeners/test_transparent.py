@@ -1,0 +1,299 @@
+"""Tests of the transparent listener. In network namespaces the test makes (a pod namespace
+whose TCP the node rules redirect to the gateway, a remote namespace with HTTP and HTTPS
+upstreams, real curl with no proxy settings): allowed by Host and by SNI, denied by an address
+rule, a spoofed SNI refused, a flow by address allowed by the name the pod resolved through the
+gateway's DNS proxy; each flow has its decision event. In process: a connection nothing
+redirected is reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egressgw.app import Gateway
+from egressgw.config.model import load_config
+from tests.support import field
+from tests.support.dnsmasq import dnsmasq_args, dnsmasq_path
+from tests.support.gateway import dump_yaml, egressgw_executable
+from tests.support.netns import NetNs, netns_unavailable
+
+READY_TIMEOUT = 20.0
+CURL = ["curl", "--noproxy", "*", "-s", "-S", "--max-time", "5"]
+
+# Answers each request with the address it was received on: which upstream the flow reached.
+UPSTREAM = """
+import http.server, ssl, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from " + self.connection.getsockname()[0]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+plain = http.server.ThreadingHTTPServer(("0.0.0.0", 80), H)
+tls = http.server.ThreadingHTTPServer(("0.0.0.0", 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+threading.Thread(target=tls.serve_forever, daemon=True).start()
+print("ready", flush=True)
+plain.serve_forever()
+"""
+
+POLICY = """
+default: deny
+tiers:
+  - name: platform
+    rules:
+      - name: good-by-name
+        action: allow
+        to: {domains: ["good.test"], ports: [80, 443]}
+      - name: no-eleven
+        action: deny
+        to: {cidrs: ["203.0.113.11/32"]}
+"""
+
+
+def sh(*args: str) -> None:
+    """Run a command in the test's own namespace; fail the test if it fails."""
+    subprocess.run(args, check=True, capture_output=True, timeout=10)
+
+
+def link(a: NetNs, a_ip: str, b: NetNs, b_ip: str, name: str) -> None:
+    """A veth pair between two namespaces with an address (CIDR) on each end, both up."""
+    sh("ip", "link", "add", f"{name}a", "netns", a.name, "type", "veth", "peer", f"{name}b",
+       "netns", b.name)  # fmt: skip
+    for ns, dev, ip in ((a, f"{name}a", a_ip), (b, f"{name}b", b_ip)):
+        assert ns.run(["ip", "addr", "add", ip, "dev", dev]).returncode == 0
+        assert ns.run(["ip", "link", "set", dev, "up"]).returncode == 0
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
+    """Pod -> node (gateway, dnsmasq, node rules) -> remote (upstreams on .10 and .11)."""
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    exe = dnsmasq_path()
+    if exe is None:
+        pytest.skip("dnsmasq is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+       "-nodes", "-subj", "/CN=good.test", "-days", "1",
+       "-keyout", str(key), "-out", str(cert))  # fmt: skip
+    with ExitStack() as stack:
+        gw, pod, remote = (stack.enter_context(NetNs()) for _ in range(3))
+        tag = os.getpid() % 10000
+        link(pod, "10.99.0.2/24", gw, "10.99.0.1/24", f"tp{tag}")
+        link(remote, "203.0.113.10/24", gw, "203.0.113.1/24", f"tr{tag}")
+        assert (
+            remote.run(["ip", "addr", "add", "203.0.113.11/24", "dev", f"tr{tag}a"]).returncode == 0
+        )
+        assert pod.run(["ip", "route", "add", "default", "via", "10.99.0.1"]).returncode == 0
+        assert remote.run(["ip", "route", "add", "default", "via", "203.0.113.1"]).returncode == 0
+        upstream = subprocess.Popen(
+            remote.command([sys.executable, "-c", UPSTREAM, str(cert), str(key)]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        stack.callback(_stop, upstream)
+        assert upstream.stdout is not None
+        stack.callback(upstream.stdout.close)
+        assert upstream.stdout.readline().strip() == "ready"
+        # The gateway's resolver: good.test is 203.0.113.10 (and only that).
+        names = dnsmasq_args(exe, 5353, {"good.test": "203.0.113.10"}, {}, extra=["--user=root"])
+        dns_proc = subprocess.Popen(gw.command(names), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
+        stack.callback(_stop, dns_proc)
+        (tmp_path / "policy.yaml").write_text(POLICY)
+        config: dict[str, Any] = {
+            "proxy": {"listen": "127.0.0.1:3128"},
+            "admin": {"listen": "127.0.0.1:9090"},
+            "transparent": {"listen": "0.0.0.0:15001"},
+            "dns": {"listen": "0.0.0.0:5300", "upstreams": ["127.0.0.1:5353"]},
+            "resolver": {"nameservers": ["127.0.0.1:5353"], "ipv6": False},
+            "node": {"pod_cidrs": ["10.99.0.0/24"]},
+            "identity": {"static": [{"cidr": "10.99.0.2/32", "namespace": "payments"}]},
+            "policy": {"files": ["policy.yaml"]},
+            "sinks": [{"type": "file", "path": "events.jsonl"}],
+            "reload": {"watch": False},
+        }
+        path = tmp_path / "gw.yaml"
+        dump_yaml(config, path)
+        setup = gw.run([str(egressgw_executable()), "node", "setup", "--config", str(path)])
+        assert setup.returncode == 0, setup.stderr
+        err = (tmp_path / "gw.stderr").open("wb")
+        stack.callback(err.close)
+        proc = subprocess.Popen(
+            gw.command([str(egressgw_executable()), "run", "--config", str(path)]),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        stack.callback(_stop, proc)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while gw.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                      "http://127.0.0.1:9090/readyz"]).stdout != "200":  # fmt: skip
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("gateway not ready:\n" + (tmp_path / "gw.stderr").read_text())
+            time.sleep(0.1)
+        yield pod, tmp_path
+
+
+def decisions(tmp_path: Path, count: int) -> list[dict[str, Any]]:
+    """The flow decision events once ``count`` of them are written (fails after 5 s)."""
+    file = tmp_path / "events.jsonl"
+    deadline = time.monotonic() + 5
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        text = file.read_text() if file.exists() else ""
+        events = [json.loads(x) for x in text.splitlines()]
+        found = [
+            e
+            for e in events
+            if field(e, "event.action") in ("connection_allowed", "connection_denied")
+        ]
+        if len(found) >= count:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"{len(found)} decision events, expected {count}: {found}")
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_transparent_flows_are_bound_decided_and_recorded(node: tuple[NetNs, Path]) -> None:
+    """Host and SNI allow by name; an address rule denies; a spoofed SNI is refused; all logged."""
+    pod, tmp_path = node
+    http = pod.run([*CURL, "--resolve", "good.test:80:203.0.113.10", "http://good.test/"])
+    assert http.stdout == "hello from 203.0.113.10", http.stderr
+    tls = pod.run([*CURL, "-k", "--resolve", "good.test:443:203.0.113.10", "https://good.test/"])
+    assert tls.stdout == "hello from 203.0.113.10", tls.stderr
+    by_ip = pod.run([*CURL, "http://203.0.113.11/"])
+    assert by_ip.returncode != 0 and by_ip.stdout == ""
+    spoofed = pod.run(
+        [*CURL, "-k", "--resolve", "good.test:443:203.0.113.11", "https://good.test/"]
+    )
+    assert spoofed.returncode != 0 and spoofed.stdout == ""
+
+    events = decisions(tmp_path, 4)
+    assert all(field(e, "source.ip") == "10.99.0.2" for e in events)
+    assert all(field(e, "kubernetes.namespace") == "payments" for e in events)
+    http_e, tls_e, ip_e, spoof_e = events[:4]
+    assert field(http_e, "event.action") == "connection_allowed"
+    assert field(http_e, "destination.ip") == "203.0.113.10"
+    assert field(http_e, "destination.port") == 80
+    assert field(http_e, "destination.domain") == "good.test"
+    assert field(http_e, "rule.name") == "good-by-name"
+    assert field(tls_e, "event.action") == "connection_allowed"
+    assert field(tls_e, "tls.client.server_name") == "good.test"
+    assert field(tls_e, "rule.name") == "good-by-name"
+    assert field(ip_e, "event.action") == "connection_denied"
+    assert field(ip_e, "destination.ip") == "203.0.113.11"
+    assert field(ip_e, "rule.name") == "no-eleven"
+    assert field(spoof_e, "event.action") == "connection_denied"
+    assert field(spoof_e, "destination.ip") == "203.0.113.11"
+    assert field(spoof_e, "event.reason").startswith(
+        "name good.test is not bound to 203.0.113.11: it resolves to 203.0.113.10"
+    )
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_a_flow_by_address_is_judged_by_the_name_the_pod_resolved(node: tuple[NetNs, Path]) -> None:
+    """No name in the bytes: denied by address, then allowed once the DNS proxy gave it a name."""
+    pod, tmp_path = node
+    before = pod.run([*CURL, "http://203.0.113.10/"])
+    assert before.returncode != 0 and before.stdout == ""
+    # Any DNS server the pod asks: the node rules send port 53 to the gateway's DNS proxy.
+    answer = pod.run(["dig", "@192.0.2.53", "+short", "+tries=1", "+time=3", "good.test"])
+    assert answer.stdout.strip() == "203.0.113.10", answer.stdout + answer.stderr
+    after = pod.run([*CURL, "http://203.0.113.10/"])
+    assert after.stdout == "hello from 203.0.113.10", after.stderr
+
+    denied, allowed = decisions(tmp_path, 2)[:2]
+    assert field(denied, "event.action") == "connection_denied"
+    assert field(denied, "destination.domain") is None
+    assert "default" in field(denied, "event.reason")
+    assert field(allowed, "event.action") == "connection_allowed"
+    assert field(allowed, "destination.domain") == "good.test"
+    assert field(allowed, "rule.name") == "good-by-name"
+
+
+SILENT_CLIENT = """
+import socket, time
+s = socket.create_connection(("203.0.113.10", 80), timeout=5)
+start = time.monotonic()
+try:
+    got = s.recv(100)
+except ConnectionResetError:
+    got = b"reset"
+print(got.decode(), round(time.monotonic() - start))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_a_client_that_sends_nothing_is_decided_by_address_after_the_peek(
+    node: tuple[NetNs, Path],
+) -> None:
+    """A server-first client is decided by address once the peek times out (here: reset)."""
+    pod, tmp_path = node
+    out = pod.run([sys.executable, "-c", SILENT_CLIENT])
+    assert out.stdout.split() == ["reset", "1"], out.stdout + out.stderr
+    (denied,) = decisions(tmp_path, 1)
+    assert field(denied, "event.action") == "connection_denied"
+    assert field(denied, "network.protocol") == "tcp"
+    assert field(denied, "destination.ip") == "203.0.113.10"
+
+
+async def test_a_connection_nothing_redirected_is_reset_and_counted(tmp_path: Path) -> None:
+    """Connecting to the port itself has no original destination: reset, counted, forgotten."""
+    (tmp_path / "gw.yaml").write_text(
+        "proxy: {listen: '127.0.0.1:0'}\n"
+        "admin: {listen: '127.0.0.1:0'}\n"
+        "transparent: {listen: '127.0.0.1:0'}\n"
+        "sinks: [{type: file, path: events.jsonl}]\n"
+    )
+    gw = Gateway(load_config(tmp_path / "gw.yaml"), tmp_path / "gw.yaml")
+    await gw.start()
+    try:
+        address = gw.transparent_address
+        assert address is not None
+
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: good.test\r\n\r\n")
+                return await reader.read(100)
+            finally:
+                writer.close()
+
+        # The reset may come before the client saw its connect complete, or after.
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(exchange(), 5)
+        assert gw.metrics.errors.get("not_redirected") == 1
+        assert not gw.connections
+    finally:
+        await gw.stop()
