@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 from egressgw.config.model import ProxyConfig
 from egressgw.decision.path import Runtime
-from egressgw.flow import Flow
+from egressgw.flow import Flow, ip_text
 from egressgw.identity.workload import Credential, parse_credential
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.wire.responses import to_error_response
@@ -179,6 +179,10 @@ class Connection:
         """
         raise NotImplementedError  # the connection class that joins the pieces closes them all
 
+    def _forget(self) -> None:
+        """The client's stream is gone: leave the gateway's books and cut reference cycles."""
+        raise NotImplementedError  # the joining class knows what it holds
+
     def _credential(self, header: bytes) -> Credential | None:
         """A Proxy-Authorization value -> the credential a flow presents; None when malformed.
 
@@ -279,3 +283,18 @@ class Connection:
         if flow.ended_mono is None:
             flow.ended_mono = time.monotonic()
             self.hub.flow_ended(flow)
+
+
+_SOURCE_IPS: dict[str, tuple[IPAddress, str]] = {}
+_SOURCE_IP_CACHE = 65536  # clients are few and repeat: parse each address once
+
+
+def source_ip(text: str) -> tuple[IPAddress, str]:
+    """A peer address as the socket spells it -> (address, canonical text)."""
+    found = _SOURCE_IPS.get(text)
+    if found is None:
+        ip = ipaddress.ip_address(text.partition("%")[0])
+        if len(_SOURCE_IPS) >= _SOURCE_IP_CACHE:
+            _SOURCE_IPS.clear()
+        found = _SOURCE_IPS[text] = (ip, ip_text(ip))
+    return found

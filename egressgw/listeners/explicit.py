@@ -31,19 +31,17 @@ Rules:
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Protocol
 
 import httptools
 import structlog
 
-from egressgw.flow import ip_text
 from egressgw.listeners.connection import (
     Hub,
-    IPAddress,
     Mode,
     Nobody,
     Refuse,
+    source_ip,
 )
 from egressgw.listeners.forward import ForwardConnection, Request
 from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection
@@ -132,7 +130,7 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
-            ip, self.peer_text = _source_ip(peer[0])
+            ip, self.peer_text = source_ip(peer[0])
             self.peer = (ip, peer[1])
         refusal = self.hub.connection_opened(self)
         if refusal is not None:
@@ -223,16 +221,6 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 return
             self._check_held()
             return
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.mode is not Mode.CLOSED:
-            flow = self.flow
-            if flow is not None and exc is not None and not self._closed_after_exchange(exc):
-                flow.error = flow.error or f"client: {exc}"
-            self.close()
-        # The stream is gone: whatever it still holds will never be sent, so nothing is left to
-        # wait for (close() counts a failed stream's unsent bytes as still flushing).
-        self._forget()
 
     def pause_writing(self) -> None:
         if self.pipe is not None:
@@ -428,18 +416,3 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 self.flow.error = self.flow.error or "idle timeout"
             self.hub.count_error("idle_timeout")
             self.close()
-
-
-_SOURCE_IPS: dict[str, tuple[IPAddress, str]] = {}
-_SOURCE_IP_CACHE = 65536  # clients are few and repeat: parse each address once
-
-
-def _source_ip(text: str) -> tuple[IPAddress, str]:
-    """A peer address as the socket spells it -> (address, canonical text)."""
-    found = _SOURCE_IPS.get(text)
-    if found is None:
-        ip = ipaddress.ip_address(text.partition("%")[0])
-        if len(_SOURCE_IPS) >= _SOURCE_IP_CACHE:
-            _SOURCE_IPS.clear()
-        found = _SOURCE_IPS[text] = (ip, ip_text(ip))
-    return found

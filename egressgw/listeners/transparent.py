@@ -45,9 +45,8 @@ from egressgw.decision.verdict import Verdict
 from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
 from egressgw.identity.workload import Peer
-from egressgw.listeners.connection import FAMILIES, Hub, IPAddress, Mode
-from egressgw.listeners.explicit import _source_ip
-from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection, _TunnelUpstream
+from egressgw.listeners.connection import FAMILIES, Hub, IPAddress, Mode, source_ip
+from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection, TunnelUpstream
 from egressgw.net.dial import dial
 from egressgw.net.origdst import original_dst
 from egressgw.net.rawstream import RawStream
@@ -92,7 +91,7 @@ class TransparentConnection(TunnelConnection):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
-            ip, self.peer_text = _source_ip(peer[0])
+            ip, self.peer_text = source_ip(peer[0])
             self.peer = (ip, peer[1])
         sock = transport.get_extra_info("socket")
         try:
@@ -133,14 +132,6 @@ class TransparentConnection(TunnelConnection):
             self.client_eof = True  # passed on once connected
             return True
         return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.mode is not Mode.CLOSED:
-            flow = self.flow
-            if flow is not None and exc is not None and not self._closed_after_exchange(exc):
-                flow.error = flow.error or f"client: {exc}"
-            self.close()
-        self._forget()
 
     def pause_writing(self) -> None:
         if self.pipe is not None:
@@ -285,7 +276,7 @@ class TransparentConnection(TunnelConnection):
             return
         flow = self.flow
         assert flow is not None
-        self.pipe = RawStream(self.hub.reactor, sock, _TunnelUpstream(self))
+        self.pipe = RawStream(self.hub.reactor, sock, TunnelUpstream(self))
         self._to(Mode.TUNNEL)
         self.hub.tunnel_opened()
         self.pipe.resume_reading()

@@ -46,7 +46,7 @@ from siem.tasks import spawn
 MAX_PENDING_BODY = 256 * 1024
 
 
-class _TunnelUpstream:
+class TunnelUpstream:
     """The destination side of a tunnel as its RawStream sees it: everything goes to the client."""
 
     __slots__ = ("client",)
@@ -94,6 +94,17 @@ class TunnelConnection(Connection):
                 pipe_transport.write_eof()
             return True
         return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The client's stream is gone: close what is left and leave the gateway's books."""
+        if self.mode is not Mode.CLOSED:
+            flow = self.flow
+            if flow is not None and exc is not None and not self._closed_after_exchange(exc):
+                flow.error = flow.error or f"client: {exc}"
+            self.close()
+        # Whatever the stream still holds will never be sent, so nothing is left to wait for
+        # (close() counts a failed stream's unsent bytes as still flushing).
+        self._forget()
 
     def _closed_after_exchange(self, exc: Exception) -> bool:
         """A tunnel's client reset after it got every byte the destination sent (see the
@@ -169,7 +180,7 @@ class TunnelConnection(Connection):
         if self.mode is Mode.CLOSED:
             sock.close()
             return
-        self.pipe = RawStream(self.hub.reactor, sock, _TunnelUpstream(self))
+        self.pipe = RawStream(self.hub.reactor, sock, TunnelUpstream(self))
         self._to(Mode.TUNNEL)
         self.hub.tunnel_opened()
         self.write(CONNECT_ESTABLISHED)
