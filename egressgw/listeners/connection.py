@@ -290,10 +290,16 @@ _SOURCE_IP_CACHE = 65536  # clients are few and repeat: parse each address once
 
 
 def source_ip(text: str) -> tuple[IPAddress, str]:
-    """A peer address as the socket spells it -> (address, canonical text)."""
+    """A peer address as the socket spells it -> (address, canonical text).
+
+    An IPv4 client of a dual-stack listener is spelt ``::ffff:a.b.c.d``: it is that IPv4
+    address, which identity, policy and events know it by.
+    """
     found = _SOURCE_IPS.get(text)
     if found is None:
         ip = ipaddress.ip_address(text.partition("%")[0])
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         if len(_SOURCE_IPS) >= _SOURCE_IP_CACHE:
             _SOURCE_IPS.clear()
         found = _SOURCE_IPS[text] = (ip, ip_text(ip))

@@ -46,6 +46,7 @@ from egressgw.decision.dnsanswer import DnsVerdict, is_internal, judge_answer, j
 from egressgw.decision.names import parse_ip_port
 from egressgw.decision.path import Runtime
 from egressgw.identity.workload import Peer
+from egressgw.listeners.connection import source_ip
 from egressgw.net.dial import SO_MARK
 from egressgw.record.dnsevents import DnsExchange
 from egressgw.wire import dnsmsg
@@ -199,8 +200,7 @@ class DnsProxy:
         except ValueError:
             self.hub.count_error("dns_malformed")
             return dnsmsg.formerr(wire), None
-        client_text = addr[0]
-        client = ipaddress.ip_address(client_text)
+        client, client_text = source_ip(addr[0])  # a dual-stack socket's IPv4 client unmapped
         name, qtype = dnsmsg.question(query)
         rt = self.hub.runtime
         w = rt.inventory.lookup(Peer(client))

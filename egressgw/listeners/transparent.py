@@ -21,9 +21,16 @@ Rules:
 - Policy judges the bound name with the address (``decide_transparent``); with no name, the
   name the client got the address for from the DNS proxy, if any, else the address alone. One
   decision path: identity, feeds, policy and events are the explicit proxy's.
-- A refusal is a reset (``SO_LINGER`` 0) after the decision event: there is no protocol in
-  which to say why, and a reset tells the client at once.
+- A refusal comes after the decision event. Plain HTTP is answered in its own protocol (403
+  with the reason, or 502/504 when the connect fails) and closed; any other protocol has none
+  in which to say why, and is reset (``SO_LINGER`` 0), which tells the client at once.
 - The peeked bytes go to the destination first, unchanged, then bytes flow socket to socket.
+- Plain HTTP stays read after its first head (``listeners.hostwatch``): every later request
+  on the connection (keep-alive, pipelined) must name the same host, or the connection is reset
+  before that request reaches the destination, with a refused flow of its own; else one
+  permitted name would carry requests for any other name served at the same address. Reading
+  stops at a request that asks to change protocols (WebSocket): after it the bytes are opaque,
+  as a TLS connection's are after its ClientHello.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
 from egressgw.identity.workload import Peer
 from egressgw.listeners.connection import FAMILIES, Hub, IPAddress, Mode, source_ip
+from egressgw.listeners.hostwatch import HostWatch
 from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection, TunnelUpstream
 from egressgw.net.dial import dial
 from egressgw.net.origdst import original_dst
@@ -78,6 +86,8 @@ class TransparentConnection(TunnelConnection):
     """One redirected client connection (the protocol of a RawStream)."""
 
     hub: TransparentHub
+    claimed: str | None = None  # the name the first bytes claimed (None: an address or none)
+    host_watch: HostWatch | None = None  # plain HTTP: the Host of each later request
     original: tuple[IPAddress, int] | None = None
     peek_timer: asyncio.TimerHandle | None = None
 
@@ -114,7 +124,8 @@ class TransparentConnection(TunnelConnection):
         self.last_active = self.hub.clock
         mode = self.mode
         if mode is Mode.TUNNEL:
-            self._tunnel_from_client(data)
+            if self.host_watch is None or self._hosts_hold(data):
+                self._tunnel_from_client(data)
         elif mode is Mode.HEAD:
             self.peek_buffer += data
             self._peek()
@@ -202,6 +213,7 @@ class TransparentConnection(TunnelConnection):
     def _begin(self, protocol: Any, claimed: str | None) -> None:
         """Bind the claimed name to the original address, then decide (see the docstring)."""
         flow = self._begin_flow(protocol)
+        self.claimed = claimed
         if protocol == "tls":
             flow.sni = claimed
         ip = flow.host.ip if flow.host is not None else None
@@ -240,7 +252,7 @@ class TransparentConnection(TunnelConnection):
         verdict = decide_transparent(self.hub.runtime, flow, binding.name)
         if not verdict.allowed:
             self.hub.flow_decided(flow)
-            self._reset()
+            self._refuse(verdict.status, verdict.reason)
             return
         self._connect(flow, verdict)
 
@@ -249,7 +261,7 @@ class TransparentConnection(TunnelConnection):
         flow.workload = self.hub.runtime.inventory.lookup(Peer(flow.source_ip, flow.credential))
         flow.verdict = Verdict.deny(reason)
         self.hub.flow_decided(flow)
-        self._reset()
+        self._refuse(403, reason)
 
     # -- connect and relay ---------------------------------------------------------------------
     def _connect(self, flow: Flow, verdict: Verdict) -> None:
@@ -276,6 +288,12 @@ class TransparentConnection(TunnelConnection):
             return
         flow = self.flow
         assert flow is not None
+        if flow.protocol == "http":
+            # Requests pipelined behind the first, read while deciding, are held to its host too.
+            self.host_watch = HostWatch()
+            if not self._hosts_hold(self.peek_buffer):
+                sock.close()
+                return
         self.pipe = RawStream(self.hub.reactor, sock, TunnelUpstream(self))
         self._to(Mode.TUNNEL)
         self.hub.tunnel_opened()
@@ -285,12 +303,69 @@ class TransparentConnection(TunnelConnection):
             self.pipe.write_eof()
         self.resume_client_reading()
         if self.transport is not None:
-            self.transport.relay(self.pipe, self._count_out)
+            if self.host_watch is None:
+                self.transport.relay(self.pipe, self._count_out)
             self.pipe.relay(self.transport, self.flow_bytes_in)
         self.hub.flow_decided(flow)
 
     def _refuse(self, status: int, reason: str) -> None:
-        """No protocol to answer in: a refusal (the connect failed) is a reset."""
+        """Plain HTTP is answered (403, 502, 504) and closed; any other protocol is reset."""
+        if self.flow is not None and self.flow.protocol == "http" and self.mode is Mode.CHECKING:
+            super()._refuse(status, reason)
+        else:
+            self._reset()
+
+    # -- later requests of plain HTTP ----------------------------------------------------------
+    def _hosts_hold(self, data: bytes) -> bool:
+        """True if every request head completed in ``data`` names the connection's host;
+        else the connection is reset and a refused flow of its own says why.
+        """
+        watch = self.host_watch
+        assert watch is not None
+        try:
+            hosts = watch.feed(data)
+        except ValueError as e:
+            self._cut_later(None, f"later request on a kept-alive connection: {e}")
+            return False
+        for text in hosts:
+            name: str | None = None
+            if text is not None:
+                try:
+                    name = parse_host(text).name
+                except ValueError:
+                    self._cut_later(None, f"invalid HTTP Host {text[:100]!r} on a later request")
+                    return False
+            if name != self.claimed:
+                first = self.claimed or "no name"
+                self._cut_later(
+                    name,
+                    f"HTTP Host {name or text} on a connection bound to {first}: "
+                    "a new name needs a new connection",
+                )
+                return False
+        if watch.upgraded:
+            # Opaque from here on (see the docstring): socket to socket, as any tunnel.
+            self.host_watch = None
+            if self.transport is not None and self.pipe is not None:
+                self.transport.relay(self.pipe, self._count_out)
+        return True
+
+    def _cut_later(self, name: str | None, reason: str) -> None:
+        """A later request is refused: its own denied flow, then a reset of the connection."""
+        current = self.flow
+        refused = self._flow_to_original("http")
+        if name is not None:
+            assert refused.host is not None
+            refused.host = Host(name, refused.host.ip)
+        refused.workload = self.hub.runtime.inventory.lookup(
+            Peer(refused.source_ip, refused.credential)
+        )
+        refused.verdict = Verdict.deny(reason)
+        self.hub.flow_decided(refused)
+        self.flow = current  # the connection's flow ends with the reason it was cut
+        if current is not None and current.error is None:
+            current.error = f"refused: {reason}"
+        self.peek_buffer = b""
         self._reset()
 
     def _reset(self) -> None:

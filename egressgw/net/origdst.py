@@ -4,6 +4,10 @@ The kernel's conntrack keeps the address a redirected connection was sent to; th
 socket reads it with ``SO_ORIGINAL_DST`` (IPv4, at ``SOL_IP``) or ``IP6T_SO_ORIGINAL_DST``
 (IPv6, at ``SOL_IPV6``, which is ``IPPROTO_IPV6``; both option number 80). Either answers with
 a ``sockaddr_in`` / ``sockaddr_in6`` whose port and address are in network byte order.
+
+A dual-stack listener (bound to ``::``) accepts IPv4 clients on IPv6 sockets: their conntrack
+entry is IPv4, so the IPv6 option finds nothing (ENOENT) and the IPv4 one, asked of the same
+socket, answers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ def parse_sockaddr(raw: bytes) -> tuple[IPAddress, int]:
 def original_dst(sock: _socket.socket) -> tuple[IPAddress, int]:
     """Where the client sent this redirected connection (OSError when nothing redirected it)."""
     if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6)
-        return parse_sockaddr(raw)
+        try:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6)
+        except FileNotFoundError:
+            pass  # an IPv4 client of a dual-stack listener (see above)
+        else:
+            return parse_sockaddr(raw)
     return parse_sockaddr(sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))

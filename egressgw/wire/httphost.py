@@ -59,11 +59,12 @@ def parse_http_host(buf: bytes) -> HttpHost | None:
         if name.lower() == b"host":
             if host is not None:
                 raise ValueError("more than one Host field")
-            host = _strip_port(value.strip(b" \t").decode("latin-1"))
+            host = strip_port(value.strip(b" \t").decode("latin-1"))
     return HttpHost(host or None)
 
 
-def _strip_port(authority: str) -> str:
+def strip_port(authority: str) -> str:
+    """An authority (``host[:port]``, IPv6 bracketed) without its port."""
     if authority.startswith("["):
         return authority[: authority.find("]") + 1] if "]" in authority else authority
     host, _, _ = authority.partition(":")

@@ -35,6 +35,7 @@ CURL = ["curl", "--noproxy", "*", "-s", "-S", "--max-time", "5"]
 UPSTREAM = """
 import http.server, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: later requests may share the connection
     def do_GET(self):
         body = ("hello from " + self.connection.getsockname()[0]).encode()
         self.send_response(200)
@@ -163,9 +164,9 @@ def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
 
 
 def decisions(tmp_path: Path, count: int) -> list[dict[str, Any]]:
-    """The flow decision events once ``count`` of them are written (fails after 5 s)."""
+    """The flow decision events once ``count`` of them are written (fails after 15 s)."""
     file = tmp_path / "events.jsonl"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     found: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         text = file.read_text() if file.exists() else ""
@@ -191,7 +192,10 @@ def test_transparent_flows_are_bound_decided_and_recorded(node: tuple[NetNs, Pat
     tls = pod.run([*CURL, "-k", "--resolve", "good.test:443:203.0.113.10", "https://good.test/"])
     assert tls.stdout == "hello from 203.0.113.10", tls.stderr
     by_ip = pod.run([*CURL, "http://203.0.113.11/"])
-    assert by_ip.returncode != 0 and by_ip.stdout == ""
+    # Plain HTTP is refused in HTTP, with the reason.
+    assert by_ip.stdout == (
+        "egressgw: 403 Forbidden: denied by platform/no-eleven (payments -> 203.0.113.11:80)\n"
+    ), by_ip.stderr
     spoofed = pod.run(
         [*CURL, "-k", "--resolve", "good.test:443:203.0.113.11", "https://good.test/"]
     )
@@ -225,7 +229,9 @@ def test_a_flow_by_address_is_judged_by_the_name_the_pod_resolved(node: tuple[Ne
     """No name in the bytes: denied by address, then allowed once the DNS proxy gave it a name."""
     pod, tmp_path = node
     before = pod.run([*CURL, "http://203.0.113.10/"])
-    assert before.returncode != 0 and before.stdout == ""
+    assert before.stdout.startswith("egressgw: 403 Forbidden: denied by policy default"), (
+        before.stdout
+    )
     # Any DNS server the pod asks: the node rules send port 53 to the gateway's DNS proxy.
     answer = pod.run(["dig", "@192.0.2.53", "+short", "+tries=1", "+time=3", "good.test"])
     assert answer.stdout.strip() == "203.0.113.10", answer.stdout + answer.stderr
@@ -239,6 +245,66 @@ def test_a_flow_by_address_is_judged_by_the_name_the_pod_resolved(node: tuple[Ne
     assert field(allowed, "event.action") == "connection_allowed"
     assert field(allowed, "destination.domain") == "good.test"
     assert field(allowed, "rule.name") == "good-by-name"
+
+
+# Requests on one kept-alive connection, each naming the Host given; each one's outcome.
+KEEP_ALIVE_CLIENT = """
+import http.client, sys
+c = http.client.HTTPConnection("203.0.113.10", 80, timeout=5)
+out = []
+for host in sys.argv[1:]:
+    try:
+        c.request("GET", "/", headers={"Host": host})
+        r = c.getresponse()
+        out.append(f"{r.status} {r.read().decode()}")
+    except (OSError, http.client.HTTPException) as e:
+        out.append(type(e).__name__)
+        break
+print("|".join(out))
+"""
+
+PIPELINED_CLIENT = """
+import socket
+s = socket.create_connection(("203.0.113.10", 80), timeout=5)
+first = b"GET / HTTP/1.1\\r\\nHost: good.test\\r\\n\\r\\n"
+s.sendall(first + first.replace(b"good.test", b"other.test"))
+got = b""
+try:
+    while chunk := s.recv(4096):
+        got += chunk
+except ConnectionResetError:
+    got += b"|reset"
+print(got.decode(errors="replace"))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_a_later_request_may_not_name_another_host(node: tuple[NetNs, Path]) -> None:
+    """Keep-alive goes on under one name; another Host on the same connection is cut before it
+    reaches the destination, whether it comes after a response or pipelined behind the first.
+    """
+    pod, tmp_path = node
+    out = pod.run([sys.executable, "-c", KEEP_ALIVE_CLIENT, "good.test", "good.test", "other.test"])
+    served = "200 hello from 203.0.113.10"
+    outcomes = out.stdout.strip().split("|")
+    assert outcomes[:2] == [served, served], out.stdout + out.stderr
+    assert len(outcomes) == 3 and not outcomes[2].startswith("200"), out.stdout
+    piped = pod.run([sys.executable, "-c", PIPELINED_CLIENT])
+    assert "hello from" not in piped.stdout, piped.stdout  # not even the first went out
+
+    allowed, cut, held = decisions(tmp_path, 3)[:3]
+    assert field(allowed, "event.action") == "connection_allowed"
+    assert field(allowed, "destination.domain") == "good.test"
+    for denied in (cut, held):
+        assert field(denied, "event.action") == "connection_denied"
+        assert field(denied, "destination.domain") == "other.test"
+        assert field(denied, "destination.ip") == "203.0.113.10"
+        assert field(denied, "kubernetes.namespace") == "payments"
+        assert field(denied, "event.reason") == (
+            "HTTP Host other.test on a connection bound to good.test: "
+            "a new name needs a new connection"
+        )
 
 
 SILENT_CLIENT = """
