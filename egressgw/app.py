@@ -200,6 +200,22 @@ def _split(listen: str) -> tuple[str, int]:
     return str(ip), port
 
 
+def restart_only(running: Config, loaded: Config) -> list[tuple[str, object, object]]:
+    """The node-mode settings a reload cannot apply that differ: (key, running, loaded)."""
+    pairs = [
+        ("transparent.listen", running.transparent.listen, loaded.transparent.listen),
+        ("dns.listen", running.dns.listen, loaded.dns.listen),
+        ("dns.max_records", running.dns.max_records, loaded.dns.max_records),
+        (
+            "dns.max_records_per_client",
+            running.dns.max_records_per_client,
+            loaded.dns.max_records_per_client,
+        ),
+        ("node", running.node, loaded.node),
+    ]
+    return [(key, str(old), str(new)) for key, old, new in pairs if old != new]
+
+
 class Gateway:
     """The gateway process's state; the proxy's connections see it as their Hub."""
 
@@ -614,6 +630,8 @@ class Gateway:
             log.warning("feed definitions change only on restart")
         if cfg.identity.kubernetes != self.config.identity.kubernetes:
             log.warning("identity.kubernetes changes only on restart")
+        for key, old, new in restart_only(self.config, cfg):
+            log.warning(f"{key} changes only on restart", running=old, configured=new)
         new_resolver = runtime.resolver is not self.runtime.resolver
         files = runtime.policy
         if self.policy_watcher is not None:
@@ -628,6 +646,8 @@ class Gateway:
         self.limits = cfg.proxy
         self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips = cfg.egress_ips
+        if self.dns is not None:
+            self.dns.configure(cfg.dns)
         self.file_policy = files
         self.runtime = runtime
         self.metrics.count_reload("ok")

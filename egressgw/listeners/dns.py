@@ -101,17 +101,23 @@ class DnsProxy:
         self, hub: DnsHub, cfg: DnsConfig, answers: AnswerLog, mark: int | None = None
     ) -> None:
         self.hub = hub
-        self.cfg = cfg
         self.answers = answers
         self.mark = mark
-        self.upstreams = [_address(u) for u in cfg.upstreams]
-        self.sinkhole: IPAddress | None = cfg.sinkhole if cfg.blocked_answer == "sinkhole" else None
+        self.configure(cfg)
         self.inflight = 0
         self.per_source: dict[str, int] = {}
         self.address: tuple[str, int] | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_clients: set[asyncio.StreamWriter] = set()
+
+    def configure(self, cfg: DnsConfig) -> None:
+        """Take (new) settings: upstreams, blocked answers, bounds and timeouts apply from the
+        next query on; ``listen`` and the answer records' bounds only at start.
+        """
+        self.cfg = cfg
+        self.upstreams = [_address(u) for u in cfg.upstreams]
+        self.sinkhole: IPAddress | None = cfg.sinkhole if cfg.blocked_answer == "sinkhole" else None
 
     # -- listeners ------------------------------------------------------------------------------
     async def start(self, listen: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from egressgw.app import Gateway, feed_readiness
+from egressgw.app import Gateway, feed_readiness, restart_only
 from egressgw.config.model import load_config
 from egressgw.flow import Flow
 from egressgw.identity.workload import Peer
@@ -485,3 +485,42 @@ async def test_a_tunnel_cut_at_the_drain_timeout_says_so_in_its_end_event(tmp_pa
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     [end] = [e for e in events if e["event"]["action"] == "connection_ended"]
     assert end["event"]["reason"] == "gateway shutdown: proxy.drain_timeout passed", end
+
+
+async def test_a_reload_gives_the_dns_proxy_its_new_settings(tmp_path: Path) -> None:
+    """Upstreams and the blocked answer apply from the reload on (the listen address waits)."""
+    base = (
+        "proxy: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+        "sinks: [{type: file, path: events.jsonl}]\nreload: {watch: false}\n"
+    )
+    path = tmp_path / "gw.yaml"
+    path.write_text(base + "dns: {listen: '127.0.0.1:0', upstreams: ['127.0.0.1:5301']}\n")
+    gw = Gateway(load_config(path), path)
+    await gw.start()
+    try:
+        assert gw.dns is not None and gw.dns.sinkhole is None
+        path.write_text(
+            base + "dns: {listen: '127.0.0.2:0', upstreams: ['127.0.0.1:5302'],"
+            " blocked_answer: sinkhole, sinkhole: 192.0.2.1}\n"
+        )
+        assert await gw.reload() is True
+        assert gw.dns.upstreams == [("127.0.0.1", 5302)]
+        assert gw.dns.sinkhole == ipaddress.ip_address("192.0.2.1")
+    finally:
+        await gw.stop()
+
+
+def test_restart_only_settings_are_named_with_both_values(tmp_path: Path) -> None:
+    """What a reload cannot apply is listed by key, with the running and the loaded value."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("dns: {listen: '127.0.0.1:53', upstreams: ['127.0.0.1:5353']}\n")
+    running = load_config(path)
+    path.write_text(
+        "dns: {listen: '127.0.0.1:5300', upstreams: ['127.0.0.1:5353']}\n"
+        "transparent: {listen: '127.0.0.1:15001'}\n"
+    )
+    changed = restart_only(running, load_config(path))
+    assert changed == [
+        ("transparent.listen", "None", "127.0.0.1:15001"),
+        ("dns.listen", "127.0.0.1:53", "127.0.0.1:5300"),
+    ]
