@@ -768,7 +768,9 @@ class Gateway:
     def _feed_readiness(self) -> tuple[str | None, list[FeedStatus]]:
         if self.feeds.ready:  # the common case, without building every feed's status
             return None, []
-        required = {f.name for f in self.config.feeds if f.required}
+        # ThreatFeed resources may be required too: their specs join the configuration's.
+        specs = (*self.config.feeds, *self.resource_feeds.values())
+        required = {f.name for f in specs if f.required}
         waited = time.monotonic() - self.started_at
         timeout = self.config.readiness.feeds_timeout
         return feed_readiness(self.feeds.status(), required, waited, timeout)

@@ -26,7 +26,7 @@ tiers:
 """
 GROUP = "egressgw.io/v1alpha1"
 # How long a change may take to show: the watch event, the settle time, the swap.
-LIVE = 2.0
+LIVE = 10.0
 
 
 async def eventually(check: Callable[[], Any], within: float = LIVE) -> None:
@@ -292,5 +292,44 @@ async def test_a_threat_feed_resource_blocks_what_it_lists(running: Running) -> 
             )
         )
         assert "local-bad" not in r.gateway.feeds.status()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_required_threat_feed_resource_holds_readiness_until_it_has_data(
+    running: Running,
+) -> None:
+    """``required: true`` on a ThreatFeed counts as on a configured feed: never ready without it."""
+    r = running
+    listing: list[str] = []  # empty: the feed server fails
+
+    async def ips(request: web.Request) -> web.Response:
+        if not listing:
+            return web.Response(status=503)
+        return web.Response(text="".join(f"{x}\n" for x in listing))
+
+    served = web.Application()
+    served.router.add_get("/ips", ips)
+    runner = web.AppRunner(served)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        url = f"http://127.0.0.1:{port}/ips"
+        spec = {"url": url, "format": "lines", "required": True, "period": "1s", "retries": 0}
+        feed = {
+            "apiVersion": GROUP,
+            "kind": "ThreatFeed",
+            "metadata": {"name": "must-have"},
+            "spec": spec,
+        }
+        r.server.create(feed)
+        await eventually(lambda: "must-have" in r.gateway.feeds.status())
+        await eventually(
+            lambda: "required feeds without data: must-have" in (r.gateway.readiness() or "")
+        )
+        listing.append("bad.test")
+        await eventually(lambda: r.gateway.readiness() is None)
     finally:
         await runner.cleanup()
