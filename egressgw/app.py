@@ -90,7 +90,16 @@ SWEEP_INTERVAL = 1.0
 def build_resolver(cfg: Config) -> Resolver:
     """The resolver of a configuration (blocking: may read the system's resolver settings)."""
     r = cfg.resolver
-    return Resolver(r.nameservers, r.timeout, r.cache_size, r.min_ttl, r.max_ttl, r.ipv6)
+    return Resolver(
+        r.nameservers,
+        r.timeout,
+        r.cache_size,
+        r.min_ttl,
+        r.max_ttl,
+        r.ipv6,
+        r.max_inflight,
+        r.max_inflight_per_source,
+    )
 
 
 def build_services(cfg: Config, threats: ThreatSource | None = None) -> Services:

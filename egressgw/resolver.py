@@ -12,8 +12,14 @@ resolves a name a second time. The rules:
    caller that goes away (its client left) never cancels it: the lookup ends by itself within
    ``timeout`` and fills the cache, and the other callers get its result. (Cancelling a dnspython
    query can leak its UDP socket under uvloop.)
-4. At most ``max_inflight`` distinct names are looked up at once; a new name beyond that is
-   refused at once ("too many lookups in flight") and the refusal is not cached.
+4. At most ``max_inflight`` distinct names are looked up at once, and at most
+   ``max_inflight_per_source`` started by one client (the one whose request started a lookup
+   holds it until it ends; joining a lookup under way is free): a new name beyond either is
+   refused at once ("too many lookups in flight", "... from <source>") and the refusal is not
+   cached. So one client resolving random names cannot take the lookups every other needs.
+8. The cache keeps the most recently used names: a hit makes a name the newest, and the least
+   recently used goes first when ``cache_size`` is reached (a flood of new names evicts them
+   before it evicts the names in use).
 5. ``aclose()`` at shutdown cancels the lookups still running; later calls are refused.
 6. DNS only: the hosts file (``/etc/hosts``) is not read. Every workload's names resolve the same
    way, through the cluster's DNS, whichever node or replica the gateway runs on; the gateway's
@@ -48,6 +54,7 @@ NEGATIVE_REASONS = frozenset({NO_SUCH_NAME, NO_RECORDS})  # answers, cached for 
 # Distinct names looked up at once: each holds up to two UDP sockets (A and AAAA) for up to
 # `timeout`, also after every caller left, so this bounds the descriptors lookups can take.
 DEFAULT_MAX_INFLIGHT = 1_000
+DEFAULT_MAX_INFLIGHT_PER_SOURCE = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,7 @@ class Resolver:
         max_ttl: float = 3600.0,
         ipv6: bool = True,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_inflight_per_source: int = DEFAULT_MAX_INFLIGHT_PER_SOURCE,
     ) -> None:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
@@ -100,6 +108,8 @@ class Resolver:
         self._cache: OrderedDict[str, tuple[float, Resolution | ResolveError]] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[Resolution | ResolveError]] = {}
         self._max_inflight = max_inflight
+        self._max_per_source = max_inflight_per_source
+        self._per_source: dict[str, int] = {}  # lookups each client started, still running
         self._closed = False
         self._cache_size = cache_size
         self._min_ttl = min_ttl
@@ -113,17 +123,20 @@ class Resolver:
             return None
         expiry, value = cached
         if expiry > now:
+            self._cache.move_to_end(name)
             return value
         del self._cache[name]
         return None
 
-    async def resolve(self, name: str) -> Resolution:
-        """Resolve a canonical name, from the cache when its TTL allows."""
+    async def resolve(self, name: str, source: str | None = None) -> Resolution:
+        """Resolve a canonical name, from the cache when its TTL allows; ``source`` (the client's
+        address) is charged for a lookup it starts.
+        """
         value = self.cached(name, asyncio.get_running_loop().time())
         if value is None:
             lookup = self._inflight.get(name)
             if lookup is None:
-                lookup = self._start(name)
+                lookup = self._start(name, source)
             # Shielded: a caller cancelled here leaves the lookup running for the others.
             value = await asyncio.shield(lookup)
         if isinstance(value, ResolveError):
@@ -140,17 +153,30 @@ class Resolver:
             lookup.cancel()
         await asyncio.gather(*lookups, return_exceptions=True)
         self._inflight.clear()  # a task cancelled before it ran never removed its entry
+        self._per_source.clear()
 
-    def _start(self, name: str) -> asyncio.Task[Resolution | ResolveError]:
+    def _start(self, name: str, source: str | None) -> asyncio.Task[Resolution | ResolveError]:
         if self._closed:
             raise ResolveError(name, "resolver closed")
         if len(self._inflight) >= self._max_inflight:
             raise ResolveError(name, "too many lookups in flight")
-        lookup = spawn(self._lookup(name), name=f"resolve {name}")
+        if source is not None:
+            started = self._per_source.get(source, 0)
+            if started >= self._max_per_source:
+                raise ResolveError(name, f"too many lookups in flight from {source}")
+            self._per_source[source] = started + 1
+        lookup = spawn(self._lookup(name, source), name=f"resolve {name}")
         self._inflight[name] = lookup
         return lookup
 
-    async def _lookup(self, name: str) -> Resolution | ResolveError:
+    def _release(self, source: str) -> None:
+        left = self._per_source[source] - 1
+        if left:
+            self._per_source[source] = left
+        else:
+            del self._per_source[source]
+
+    async def _lookup(self, name: str, source: str | None) -> Resolution | ResolveError:
         # Returns its failure rather than raising it: nobody may be left to retrieve it.
         loop = asyncio.get_running_loop()
         try:
@@ -164,6 +190,8 @@ class Resolver:
             return result
         finally:
             del self._inflight[name]
+            if source is not None:
+                self._release(source)
 
     def _store(self, name: str, expiry: float, value: Resolution | ResolveError) -> None:
         if self._cache_size <= 0:

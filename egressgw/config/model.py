@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 import feeds.spec as feeds_spec
+from egressgw import resolver
 from egressgw.config.source import ConfigError, YamlDocument
 from egressgw.decision import policy
 from egressgw.decision.names import normalise_name, parse_ip_port
@@ -203,6 +204,8 @@ class ResolverConfig(_Model):
     min_ttl: float = Field(DEFAULT_MIN_TTL, ge=0)
     max_ttl: float = Field(DEFAULT_MAX_TTL, ge=0)
     ipv6: bool = True
+    max_inflight: int = Field(resolver.DEFAULT_MAX_INFLIGHT, ge=1)
+    max_inflight_per_source: int = Field(resolver.DEFAULT_MAX_INFLIGHT_PER_SOURCE, ge=1)
 
     @field_validator("nameservers")
     @classmethod

@@ -299,7 +299,9 @@ async def check_flow(rt: Runtime, flow: Flow) -> Verdict:
     if host.name is None:
         return _decide_replayed(rt, flow, None)
     try:
-        resolution: Resolution | ResolveError = await rt.resolver.resolve(host.name)
+        resolution: Resolution | ResolveError = await rt.resolver.resolve(
+            host.name, flow.source_text
+        )
     except ResolveError as e:
         resolution = e
     return _decide_replayed(rt, flow, resolution)
@@ -322,7 +324,8 @@ async def check_flow_latest(holder: HoldsRuntime, flow: Flow) -> Verdict:
     if host.name is None:
         return _decide_replayed(holder.runtime, flow, None)
     try:
-        resolution: Resolution | ResolveError = await holder.runtime.resolver.resolve(host.name)
+        resolver = holder.runtime.resolver
+        resolution: Resolution | ResolveError = await resolver.resolve(host.name, flow.source_text)
     except ResolveError as e:
         resolution = e
     return _decide_replayed(holder.runtime, flow, resolution)

@@ -237,7 +237,7 @@ class TransparentConnection(TunnelConnection):
         ip = flow.host.ip if flow.host is not None else None
         assert ip is not None
         try:
-            resolution = await self.hub.runtime.resolver.resolve(claimed)
+            resolution = await self.hub.runtime.resolver.resolve(claimed, self.peer_text)
         except ResolveError as e:
             binding = classify_binding(claimed, ip, answered, None, str(e))
         else:

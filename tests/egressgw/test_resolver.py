@@ -215,6 +215,54 @@ def test_too_many_lookups_in_flight_refuses_a_new_name() -> None:
     run(body())
 
 
+def test_one_source_cannot_take_every_lookup() -> None:
+    """Past max_inflight_per_source, a source's new names are refused; other sources go on,
+    joining a lookup under way is free, and the source's share comes back when its lookups end.
+    """
+
+    async def body() -> None:
+        with ScriptedDns({"web.test": ["192.0.2.1"]}, unanswered=[DEAD_ZONE]) as dns:
+            resolver = Resolver(
+                (dns.nameserver,), timeout=LOOKUP_TIMEOUT, ipv6=False, max_inflight_per_source=2
+            )
+            loop = asyncio.get_running_loop()
+            flood = [
+                loop.create_task(resolver.resolve(f"{n}.{DEAD_ZONE}", "10.0.0.66")) for n in "ab"
+            ]
+            await turns(2)
+            with pytest.raises(ResolveError) as refused:
+                await resolver.resolve(f"c.{DEAD_ZONE}", "10.0.0.66")
+            assert refused.value.reason == "too many lookups in flight from 10.0.0.66"
+            joined = loop.create_task(resolver.resolve(f"a.{DEAD_ZONE}", "10.0.0.66"))
+            other = await resolver.resolve("web.test", "10.0.0.7")
+            assert other.ips == (ipaddress.ip_address("192.0.2.1"),)
+            async with asyncio.timeout(WAIT):
+                await asyncio.gather(*flood, joined, return_exceptions=True)
+            with pytest.raises(ResolveError) as later:
+                await resolver.resolve(f"c.{DEAD_ZONE}", "10.0.0.66")
+            assert later.value.reason == "timed out"
+
+    run(body())
+
+
+def test_the_cache_evicts_the_least_recently_used_name() -> None:
+    """A name in use survives a run of new names that fills the cache; an unused one goes."""
+
+    async def body() -> None:
+        names = {f"n{i}.test": ["192.0.2.1"] for i in range(4)}
+        with ScriptedDns(names, {n: 60 for n in names}) as dns:
+            resolver = Resolver((dns.nameserver,), timeout=WAIT, ipv6=False, cache_size=2)
+            loop = asyncio.get_running_loop()
+            await resolver.resolve("n0.test")
+            await resolver.resolve("n1.test")
+            assert resolver.cached("n0.test", loop.time()) is not None  # used: now the newest
+            await resolver.resolve("n2.test")
+            assert resolver.cached("n0.test", loop.time()) is not None
+            assert resolver.cached("n1.test", loop.time()) is None
+
+    run(body())
+
+
 def test_aclose_cancels_lookups_and_refuses_new_ones() -> None:
     """After aclose() no lookup runs, its waiters are cancelled, and new names are refused."""
 

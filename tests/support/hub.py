@@ -117,7 +117,7 @@ class NoNames:
         """Nothing is cached."""
         return None
 
-    async def resolve(self, name: str) -> Any:
+    async def resolve(self, name: str, source: str | None = None) -> Any:
         """Every name is unknown."""
         raise ResolveError(name, "no such name")
 

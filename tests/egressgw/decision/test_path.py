@@ -64,7 +64,7 @@ class StandInResolver:
     def __init__(self) -> None:
         self.errors: dict[str, ResolveError] = {}
 
-    async def resolve(self, name: str) -> Resolution:
+    async def resolve(self, name: str, source: str | None = None) -> Resolution:
         """The stored answer, or 'no such name'."""
         if name in NAMES:
             return NAMES[name]
