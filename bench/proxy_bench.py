@@ -2,7 +2,8 @@
 """Loopback benchmark: egressgw against Squid 5.7 and a direct connection.
 
 Run as root from the repository: ``.venv/bin/python bench/proxy_bench.py`` (``--help``
-for longer runs). Needs ``squid``, ``dnsmasq``, ``wrk`` and ``ip`` (iproute2).
+for longer runs). Needs ``squid``, ``dnsmasq``, ``wrk``, ``ip`` (iproute2) and, for the
+transparent rows, ``nft`` (nftables). The default run takes about a minute.
 
 Rules of the measurement:
 
@@ -27,8 +28,9 @@ Rules of the measurement:
 - The load generator and the upstream servers are separate processes (uvloop, asyncio
   Protocols); HTTP requests/s come from wrk with a Lua script that sends absolute-form
   requests through the proxy, keep-alive on.
-- Figures: CONNECT tunnels/s with setup latency (connect until the proxy's 200)
-  p50/p99, each tunnel doing one small request/response with the upstream and closing
+- Figures: CONNECT tunnels/s with setup latency (connect until the proxy's 200; for
+  transparent and direct, the TCP connect) p50/p99, each tunnel doing one small
+  request/response with the upstream and closing
   (with ``--tls-concurrency``, also tunnels whose first bytes are a real TLS ClientHello, as
   most real egress is: egressgw reads its SNI, Squid without ssl_bump relays it unread);
   absolute-form requests/s; bulk MB/s through one and several tunnels. Each figure is
