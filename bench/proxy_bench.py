@@ -2,7 +2,8 @@
 """Loopback benchmark: egressgw against Squid 5.7 and a direct connection.
 
 Run as root from the repository: ``.venv/bin/python bench/proxy_bench.py`` (``--help``
-for longer runs). Needs ``squid``, ``dnsmasq``, ``wrk`` and ``ip`` (iproute2).
+for longer runs). Needs ``squid``, ``dnsmasq``, ``wrk``, ``ip`` (iproute2) and, for the
+transparent rows, ``nft`` (nftables). The default run takes about a minute.
 
 Rules of the measurement:
 
@@ -10,14 +11,26 @@ Rules of the measurement:
   deletes at the end, also on failure: a fresh TIME_WAIT table, its own sysctls, and a
   dnsmasq on 127.0.0.1:53 that answers Squid's per-connection reverse lookups and both
   proxies' name lookups at once.
-- Three paths: egressgw (contract-like policy with feeds, static identity, file sink of
-  ECS events), Squid (no caching, CONNECT to any port, access log on) and direct (the
-  client connects to the upstream itself).
+- Four paths: egressgw (contract-like policy with feeds, static identity, file sink of
+  ECS events), transparent (the same gateway's transparent listener: the client connects to
+  the upstream's address as if direct and an nftables ``redirect`` sends it to the gateway),
+  Squid (no caching, CONNECT to any port, access log on) and direct (the client connects to
+  the upstream itself).
+- Transparent capture: one nft table of the script's own in its namespace. Its ``output``
+  nat chain redirects TCP from the transparent client's sources (127.0.1.64/26) to the
+  listener, after returning packets that carry the gateway's ``node.exempt_mark`` (the
+  gateway runs in node mode, so its outbound sockets carry it, as on a node). A redirect needs
+  connection tracking: a ``raw`` chain leaves every other packet untracked, so the other paths
+  run as they did before transparent was measured and only the redirected client leg pays for
+  conntrack and NAT (on a node every leg would be tracked). Without ``nft``, or when the rule
+  cannot be loaded, the transparent rows are skipped with the reason. Transparent has no
+  absolute-form HTTP row: there is no proxy request to send.
 - The load generator and the upstream servers are separate processes (uvloop, asyncio
   Protocols); HTTP requests/s come from wrk with a Lua script that sends absolute-form
   requests through the proxy, keep-alive on.
-- Figures: CONNECT tunnels/s with setup latency (connect until the proxy's 200)
-  p50/p99, each tunnel doing one small request/response with the upstream and closing
+- Figures: CONNECT tunnels/s with setup latency (connect until the proxy's 200; for
+  transparent and direct, the TCP connect) p50/p99, each tunnel doing one small
+  request/response with the upstream and closing
   (with ``--tls-concurrency``, also tunnels whose first bytes are a real TLS ClientHello, as
   most real egress is: egressgw reads its SNI, Squid without ssl_bump relays it unread);
   absolute-form requests/s; bulk MB/s through one and several tunnels. Each figure is
@@ -66,14 +79,20 @@ SQUID_LISTEN = ("127.0.0.1", 3129)
 EGRESSGW_LISTEN = ("127.0.0.1", 3130)
 EGRESSGW_ADMIN = ("127.0.0.1", 9091)
 CLIENT_SOURCES = [f"127.0.0.{64 + i}" for i in range(64)]
+# transparent mode's client: connects to the upstream itself, from sources the redirect catches
+TRANSPARENT_SOURCES = [f"127.0.1.{64 + i}" for i in range(64)]
+TRANSPARENT_CIDR = "127.0.1.64/26"
+TRANSPARENT_LISTEN = ("127.0.0.1", 15001)  # an output-chain redirect goes to 127.0.0.1
+EXEMPT_MARK = 0x539  # node.exempt_mark: the gateway's own sockets are not redirected
+NFT_TABLE = "egressgw_bench"
 CLIENT_CIDR = "127.0.0.64/26"
 WRK_SOURCE_CIDR = "127.0.0.1/32"  # wrk cannot pick a source address
 
 # --- defaults (each has a flag) ------------------------------------------------------------
 
-DEFAULT_REPEAT = 5
-DEFAULT_DURATION = 1.2
-DEFAULT_WARMUP = 0.3
+DEFAULT_REPEAT = 3
+DEFAULT_DURATION = 0.8
+DEFAULT_WARMUP = 0.2
 DEFAULT_CONCURRENCY = (8, 64)
 DEFAULT_STREAMS = (1, 8)
 DEFAULT_WRK_CONNECTIONS = 32
@@ -96,7 +115,7 @@ CLONE_NEWNET = 0x40000000
 STOP_TIMEOUT = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-PATHS = ("egressgw", "squid", "direct")
+PATHS = ("egressgw", "transparent", "squid", "direct")
 
 
 # ===========================================================================================
@@ -341,8 +360,10 @@ async def run_tunnels(spec: dict[str, Any]) -> dict[str, Any]:
     window = Window.starting_now(spec["warmup"], spec["duration"])
     tally = Tally()
 
+    sources = TRANSPARENT_SOURCES if spec.get("transparent") else CLIENT_SOURCES
+
     async def worker(index: int) -> None:
-        source = CLIENT_SOURCES[index % len(CLIENT_SOURCES)]
+        source = sources[index % len(sources)]
         while time.perf_counter() < window.end:
             done: asyncio.Future[tuple[float, float]] = loop.create_future()
             try:
@@ -446,6 +467,7 @@ async def run_bulk(spec: dict[str, Any]) -> dict[str, Any]:
     addr = (proxy[0], proxy[1]) if proxy else (UPSTREAM_IP, BULK_PORT)
     connect = connect_request(spec["target"]) if proxy else None
     counter = [0]
+    sources = TRANSPARENT_SOURCES if spec.get("transparent") else CLIENT_SOURCES
     transports: list[asyncio.Transport] = []
     readies: list[asyncio.Future[None]] = []
     for index in range(spec["streams"]):
@@ -453,7 +475,7 @@ async def run_bulk(spec: dict[str, Any]) -> dict[str, Any]:
         transport, _ = await loop.create_connection(
             functools.partial(BulkClient, ready, connect, counter),
             *addr,
-            local_addr=(CLIENT_SOURCES[index % len(CLIENT_SOURCES)], 0),
+            local_addr=(sources[index % len(sources)], 0),
         )
         transports.append(transport)
         readies.append(ready)
@@ -876,6 +898,16 @@ identity:
       namespace: bench
       pod: wrk-0
       labels: {{app: loadgen}}
+    - cidr: "{TRANSPARENT_CIDR}"
+      namespace: bench
+      pod: loadgen-transparent-0
+      labels: {{app: loadgen}}
+transparent:
+  listen: "{TRANSPARENT_LISTEN[0]}:{TRANSPARENT_LISTEN[1]}"
+node:
+  pod_cidrs: ["{TRANSPARENT_CIDR}"]
+  exempt_mark: {EXEMPT_MARK:#x}
+  firewall: false
 feeds:
   - name: local-ips
     url: "feed-ips.txt"
@@ -926,6 +958,79 @@ def start_egressgw(
 
     wait_for(ready, ready_timeout, "egressgw", daemon)
     return daemon
+
+
+def transparent_script(table: str = NFT_TABLE) -> str:
+    """Return the nft script of the transparent path's capture (see the module doc)."""
+    port = TRANSPARENT_LISTEN[1]
+    untracked = "ip saddr != 127.0.1.0/24 ip daddr != 127.0.1.0/24 notrack"
+    return f"""\
+add table inet {table}
+delete table inet {table}
+table inet {table} {{
+  chain raw_output {{
+    type filter hook output priority raw; policy accept;
+    {untracked}
+  }}
+  chain raw_prerouting {{
+    type filter hook prerouting priority raw; policy accept;
+    {untracked}
+  }}
+  chain capture {{
+    type nat hook output priority -100; policy accept;  # dstnat
+    meta mark {EXEMPT_MARK:#x} return
+    ip saddr {TRANSPARENT_CIDR} meta l4proto tcp counter redirect to :{port}
+  }}
+}}
+"""
+
+
+def load_transparent_rules() -> str | None:
+    """Load the redirect of the transparent path; return why it cannot be, None when loaded."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    nft = shutil.which("nft", path=search)
+    if nft is None:
+        return "nft not found (apt-get install nftables)"
+    done = subprocess.run(
+        [nft, "-f", "-"], input=transparent_script(), capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return f"nft could not load the redirect: {done.stderr.strip()}"
+    return None
+
+
+def redirected_packets() -> int:
+    """Return the packets the redirect rule counted (0 when it is not there)."""
+    listing = subprocess.run(
+        [which("nft"), "list", "chain", "inet", NFT_TABLE, "capture"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    for line in listing.splitlines():
+        words = line.split()
+        if "redirect" in words and "packets" in words:
+            return int(words[words.index("packets") + 1])
+    return 0
+
+
+def transparent_works(target: str) -> bool:
+    """Return True when a connection to the upstream from a transparent source is answered by
+    way of the gateway (the redirect counted it)."""
+    before = redirected_packets()
+    with socket.create_connection(
+        (UPSTREAM_IP, HTTP_PORT), timeout=2, source_address=(TRANSPARENT_SOURCES[0], 0)
+    ) as sock:
+        sock.sendall(origin_request(target))
+        buf = b""
+        while len(buf) < len(RESPONSE):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return False
+            buf += chunk
+    if redirected_packets() <= before:
+        raise BenchError("a transparent connection was answered without the redirect")
+    return buf.startswith(RESPONSE)
 
 
 def start_py_spy(target: Daemon, svg: Path, workdir: Path) -> Daemon:
@@ -1018,6 +1123,8 @@ class Bench:
         """Return (proxy address, proxy pid) of path, (None, None) for direct."""
         if path == "direct":
             return None, None
+        if path == "transparent":  # the client connects as if direct; the redirect does the rest
+            return None, self.proxies["egressgw"][1].popen.pid
         addr, daemon = self.proxies[path]
         return addr, daemon.popen.pid
 
@@ -1027,6 +1134,7 @@ class Bench:
         spec = {
             **spec,
             "proxy": list(proxy) if proxy else None,
+            "transparent": path == "transparent",
             "warmup": self.args.warmup,
             "duration": self.args.duration,
         }
@@ -1102,6 +1210,8 @@ def run_all(bench: Bench, paths: list[str]) -> None:
         for index, (figure, spec) in enumerate(plan):
             shift = (rep + index) % len(paths)
             for path in paths[shift:] + paths[:shift]:
+                if path == "transparent" and spec["cmd"] == "http":
+                    continue  # no proxy request to send: the plain tunnels row is its HTTP
                 name = BULK_NAME if spec["cmd"] == "bulk" else HTTP_NAME
                 port = BULK_PORT if spec["cmd"] == "bulk" else HTTP_PORT
                 if spec.get("first") == "tls":
@@ -1130,7 +1240,7 @@ def paired_ratio(mine: list[Sample], theirs: list[Sample]) -> float | None:
 def report(bench: Bench) -> list[str]:
     """Return the result table and the target checks as lines."""
     res = bench.results
-    cols = ["egressgw", "squid", "direct"]
+    cols = ["egressgw", "transparent", "squid", "direct"]
 
     def med(figure: str, path: str, key: str = "rate") -> float | None:
         samples = res.get((figure, path))
@@ -1144,8 +1254,8 @@ def report(bench: Bench) -> list[str]:
             return None
         return median([s.cpu / s.work * scale for s in samples if s.work])
 
-    def rate_ratio(figure: str, other: str) -> float | None:
-        return paired_ratio(res.get((figure, "egressgw"), []), res.get((figure, other), []))
+    def rate_ratio(figure: str, other: str, mine: str = "egressgw") -> float | None:
+        return paired_ratio(res.get((figure, mine), []), res.get((figure, other), []))
 
     def spread(figure: str) -> str:
         # the largest (max - min) / median over the paths: how noisy the rounds were
@@ -1159,20 +1269,30 @@ def report(bench: Bench) -> list[str]:
     def times(value: float | None) -> str:
         return f"{value:.2f}x" if value else "-"
 
+    ratio_heads = ["egw/squid", "egw/direct", "tp/direct", "tp/egw"]
     head = f"{'figure':<30}" + "".join(f"{c:>12}" for c in cols)
-    head += f"{'egw/squid':>11}{'egw/direct':>11}{'spread':>8}"
+    head += "".join(f"{r:>11}" for r in ratio_heads) + f"{'spread':>8}"
     lines = [head, "-" * len(head)]
 
     def rate_row(label: str, figure: str) -> None:
         values = [med(figure, p) for p in cols]
+        ratios = [
+            rate_ratio(figure, "squid"),
+            rate_ratio(figure, "direct"),
+            rate_ratio(figure, "direct", "transparent"),
+            rate_ratio(figure, "egressgw", "transparent"),
+        ]
         line = f"{label:<30}" + "".join(f"{fmt(v):>12}" for v in values)
-        line += f"{times(rate_ratio(figure, 'squid')):>11}{times(rate_ratio(figure, 'direct')):>11}"
+        line += "".join(f"{times(r):>11}" for r in ratios)
         lines.append(line + f"{spread(figure):>8}")
 
-    def detail_row(label: str, values: list[float | None], digits: int, vs_squid: bool) -> None:
+    def detail_row(label: str, values: list[float | None], digits: int, ratios: bool) -> None:
+        # CPU rows: egressgw's against Squid's, transparent's against explicit's
+        egw, tp, squid = values[0], values[1], values[2]
         line = f"{label:<30}" + "".join(f"{fmt(v, digits):>12}" for v in values)
-        squid = values[0] / values[1] if vs_squid and values[0] and values[1] else None
-        lines.append(line + f"{times(squid):>11}{'-':>11}")
+        vs_squid = egw / squid if ratios and egw and squid else None
+        tp_egw = tp / egw if ratios and tp and egw else None
+        lines.append(line + f"{times(vs_squid):>11}{'-':>11}{'-':>11}{times(tp_egw):>11}")
 
     tunnel_figures = [
         (f"tunnels@{c}", f"tunnels/s, {c} concurrent") for c in bench.args.concurrency
@@ -1232,7 +1352,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--paths",
         default=",".join(PATHS),
-        help="comma-separated subset of egressgw,squid,direct (default: all)",
+        help="comma-separated subset of egressgw,transparent,squid,direct (default: all)",
     )
     p.add_argument(
         "--repeat",
@@ -1354,6 +1474,7 @@ def bench_main(args: argparse.Namespace) -> int:
     workdir.chmod(0o755)
     netns = f"egressgw-bench-{os.getpid()}"
     daemons: list[Daemon] = []
+    skipped = ""
     started = time.monotonic()
     load = os.getloadavg()[0]
     if load > BUSY_LOAD:
@@ -1364,6 +1485,13 @@ def bench_main(args: argparse.Namespace) -> int:
         )
     try:
         enter_netns(netns)
+        if "transparent" in args.path_list:
+            why = load_transparent_rules()
+            if why:
+                skipped = f"transparent rows skipped: {why}"
+                print(skipped, file=sys.stderr)
+                args.path_list.remove("transparent")
+        gateway = bool({"egressgw", "transparent"} & set(args.path_list))
         with stopping(daemons):
             daemons.append(start_dnsmasq(workdir))
             daemons.append(start_upstream(workdir))
@@ -1374,7 +1502,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 squid = start_squid(workdir)
                 daemons.append(squid)
                 proxies["squid"] = (SQUID_LISTEN, squid)
-            if "egressgw" in args.path_list:
+            if gateway:
                 gw = start_egressgw(
                     workdir, args.ready_timeout, args.feed_entries, egress_map=not args.no_map
                 )
@@ -1389,6 +1517,14 @@ def bench_main(args: argparse.Namespace) -> int:
                         f"{path} CONNECT check",
                         daemon,
                     )
+            if "transparent" in args.path_list:
+                target = f"{UPSTREAM_IP if args.by_ip else HTTP_NAME}:{HTTP_PORT}"
+                wait_for(
+                    functools.partial(transparent_works, target),
+                    10,
+                    "transparent check",
+                    proxies["egressgw"][1],
+                )
             if args.py_spy and "egressgw" in proxies:
                 daemons.append(start_py_spy(proxies["egressgw"][1], args.py_spy, workdir))
             bench = Bench(args, client, workdir, proxies)
@@ -1411,7 +1547,9 @@ def bench_main(args: argparse.Namespace) -> int:
         for line in lines:
             print(line)
         print()
-        if "egressgw" in args.path_list:
+        if skipped:
+            print(skipped)
+        if gateway:
             print(f"ECS events written by egressgw: {events:,}")
         if "squid" in args.path_list:
             print(f"squid access.log lines: {access:,}")

@@ -4,6 +4,7 @@ against the Kubernetes OpenAPI schemas, and the pods are hardened and wired as d
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from egressgw.config.model import load_config, load_policy
 from tests.deploy.support import DEPLOY, KUSTOMIZATIONS, Obj, load_yaml_documents, one, render
+from tests.support.gateway import egressgw_executable
 
 # The oldest Kubernetes the manifests are written for (ValidatingAdmissionPolicy v1) and the
 # newest the validator knows.
@@ -100,15 +102,17 @@ def rendered_config(objects: list[Obj], tmp_path: Path) -> Any:
 
 
 def test_pods_are_hardened() -> None:
-    """Every container: no privilege escalation, read-only root, capabilities drop ALL, seccomp
-    RuntimeDefault, requests and limits; non-root except the per-node one, which alone adds
-    NET_ADMIN and NET_RAW."""
+    """Every container, init containers too: no privilege escalation, read-only root,
+    capabilities drop ALL, seccomp RuntimeDefault, requests and limits; non-root except the
+    per-node ones, which alone add capabilities: NET_ADMIN and NET_RAW for the gateway,
+    NET_ADMIN alone for the init container that loads the node rules."""
     found = workloads()
     assert {w["kind"] for _, w in found} == {"Deployment", "DaemonSet"}
     for name, workload in found:
         pod = pod_spec(workload)
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        for c in pod["containers"]:
+        init = pod.get("initContainers", [])
+        for c in pod["containers"] + init:
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, name
             assert sc["readOnlyRootFilesystem"] is True, name
@@ -117,7 +121,8 @@ def test_pods_are_hardened() -> None:
             for section in ("requests", "limits"):
                 assert set(c["resources"][section]) == {"cpu", "memory"}, name
             if workload["kind"] == "DaemonSet":
-                assert set(sc["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
+                added = {"NET_ADMIN"} if c in init else {"NET_ADMIN", "NET_RAW"}
+                assert set(sc["capabilities"]["add"]) == added, c["name"]
             else:
                 assert "add" not in sc["capabilities"]
                 assert sc["runAsNonRoot"] is True and pod["securityContext"]["runAsNonRoot"]
@@ -134,8 +139,14 @@ def test_pods_probe_mount_and_stop_as_the_configuration_says(tmp_path: Path) -> 
         proxy_port = int(cfg.proxy.listen.rsplit(":", 1)[1])
         pod = pod_spec(workload)
         (c,) = pod["containers"]
-        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"admin": admin_port, "proxy": proxy_port}
+        ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in c["ports"]}
+        expected = {"admin": (admin_port, "TCP"), "proxy": (proxy_port, "TCP")}
+        if cfg.transparent.listen is not None:
+            expected["transparent"] = (int(cfg.transparent.listen.rsplit(":", 1)[1]), "TCP")
+        if cfg.dns.listen is not None:
+            dns_port = int(cfg.dns.listen.rsplit(":", 1)[1])
+            expected |= {"dns-udp": (dns_port, "UDP"), "dns-tcp": (dns_port, "TCP")}
+        assert ports == expected, name
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
@@ -276,3 +287,49 @@ def test_per_node_namespace_admits_its_pods() -> None:
     assert (node, explicit) == ("privileged", "restricted")
     daemonset = one(render("overlays/per-node"), "DaemonSet")
     assert pod_spec(daemonset)["hostNetwork"] is True
+
+
+def test_per_node_overlay_runs_a_node_gateway(tmp_path: Path) -> None:
+    """The per-node configuration has the transparent listener, the DNS proxy, the node rules
+    and this node's pods only, and `egressgw check` accepts it; NODE_NAME comes from the
+    downward API; an init container and postStart run `node setup` with the same file and
+    preStop runs `node teardown`; the rules it renders redirect to the ports the pod names."""
+    objects = render("overlays/per-node")
+    cfg = rendered_config(objects, tmp_path)
+    assert cfg.transparent.listen is not None
+    assert cfg.dns.listen is not None and cfg.dns.upstreams
+    assert cfg.node.enabled and cfg.node.exempt_mark and cfg.node.exclude_cidrs
+    assert cfg.identity.kubernetes is not None and cfg.identity.kubernetes.own_node
+    check = subprocess.run(
+        [str(egressgw_executable()), "check", "--config", str(tmp_path / "egressgw.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    pod = pod_spec(one(objects, "DaemonSet"))
+    (c,) = pod["containers"]
+    config_file = c["args"][c["args"].index("--config") + 1]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    (init,) = pod["initContainers"]
+    assert init["image"] == c["image"]
+    assert init["args"] == ["node", "setup", "--config", config_file]
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert mounts[str(Path(config_file).parent)] == "config"
+    hooks = c["lifecycle"]
+    assert hooks["postStart"]["exec"]["command"][1:] == ["node", "setup", "--config", config_file]
+    assert hooks["preStop"]["exec"]["command"][1:] == ["node", "teardown", "--config", config_file]
+    assert hooks["preStop"]["exec"]["command"][0].endswith("/bin/egressgw")
+
+    script = subprocess.run(
+        [str(egressgw_executable()), "node", "setup", "--dry-run", "--config",
+         str(tmp_path / "egressgw.yaml")],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert f"udp dport 53 redirect to :{ports['dns-udp']}" in script
+    assert f"tcp dport 53 redirect to :{ports['dns-tcp']}" in script
+    assert f"meta l4proto tcp redirect to :{ports['transparent']}" in script

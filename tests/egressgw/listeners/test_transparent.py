@@ -2,13 +2,15 @@
 whose TCP the node rules redirect to the gateway, a remote namespace with HTTP and HTTPS
 upstreams, real curl with no proxy settings): allowed by Host and by SNI, denied by an address
 rule, a spoofed SNI refused, a flow by address allowed by the name the pod resolved through the
-gateway's DNS proxy; each flow has its decision event. In process: a connection nothing
-redirected is reset.
+gateway's DNS proxy; each flow has its decision event. Over IPv4 and IPv6, two namespaces'
+flows reach a remote upstream from their own ``egress_ips`` addresses. In process: a connection
+nothing redirected is reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import subprocess
@@ -363,3 +365,182 @@ async def test_a_connection_nothing_redirected_is_reset_and_counted(tmp_path: Pa
         assert not gw.connections
     finally:
         await gw.stop()
+
+
+# ---- egress source addresses across namespaces ----------------------------------------------
+
+# Answers each request with the address the connection came from: the source the upstream sees.
+PEER_UPSTREAM = """
+import http.server, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("peer " + self.client_address[0].removeprefix("::ffff:")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+server = S(("::", 80), H)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+# Per family: the pod's sources (payments, batch, a source no identity names), the pod and node
+# ends of their link, the remote upstream and the node's end of that link, the namespaces'
+# egress addresses (on the node's remote-facing link), and how an address is written in a URL.
+TOPOLOGIES: dict[str, dict[str, Any]] = {
+    "ipv4": {
+        "pods": ("10.99.0.2", "10.99.0.3", "10.99.0.4"),
+        "pod_net": ("10.99.0.{}/24", "10.99.0.1/24", "10.99.0.0/24"),
+        "remote": ("203.0.113.10/24", "203.0.113.1/24"),
+        "egress": ("203.0.113.101", "203.0.113.102"),
+        "listen": "0.0.0.0:15001",
+        "url": "http://203.0.113.10/",
+        "node_ip": "203.0.113.1",
+        "route": ["ip", "route", "add", "default", "via"],
+    },
+    "ipv6": {
+        "pods": ("fd00:99::2", "fd00:99::3", "fd00:99::4"),
+        "pod_net": ("fd00:99::{}/64", "fd00:99::1/64", "fd00:99::/64"),
+        "remote": ("2001:db8::10/64", "2001:db8::1/64"),
+        "egress": ("2001:db8::101", "2001:db8::102"),
+        "listen": "[::]:15001",
+        "url": "http://[2001:db8::10]/",
+        "node_ip": "2001:db8::1",
+        "route": ["ip", "-6", "route", "add", "default", "via"],
+    },
+}
+
+
+def add_address(ns: NetNs, cidr: str, dev: str, chosen: bool = True) -> None:
+    """Add an address to a device, usable at once (no IPv6 duplicate address detection).
+    An IPv6 address not ``chosen`` is deprecated: bound to explicitly, never the kernel's pick
+    of a source (the way an IPv4 secondary address is not)."""
+    extra = ["nodad"] if ":" in cidr else []
+    if ":" in cidr and not chosen:
+        extra += ["preferred_lft", "0"]
+    done = ns.run(["ip", "addr", "add", cidr, "dev", dev, *extra])
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(params=sorted(TOPOLOGIES))
+def egress_node(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[NetNs, Path, dict[str, Any]]]:
+    """Pod (three sources) -> node (redirect rules, gateway with egress_ips) -> remote upstream
+    that answers with the peer address it sees; IPv4 and IPv6."""
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    topo = TOPOLOGIES[request.param]
+    six = request.param == "ipv6"
+    with ExitStack() as stack:
+        gw, pod, remote = (stack.enter_context(NetNs()) for _ in range(3))
+        tag = f"{os.getpid() % 10000}{'s' if six else 'f'}"
+        for ns, a, b in ((pod, pod, gw), (remote, remote, gw)):
+            name = f"e{'p' if ns is pod else 'r'}{tag}"
+            sh("ip", "link", "add", f"{name}a", "netns", a.name, "type", "veth", "peer",
+               f"{name}b", "netns", b.name)  # fmt: skip
+            for side in (a, b):
+                dev = f"{name}a" if side is a else f"{name}b"
+                assert side.run(["ip", "link", "set", dev, "up"]).returncode == 0
+        pod_dev, gw_pod_dev = f"ep{tag}a", f"ep{tag}b"
+        remote_dev, gw_remote_dev = f"er{tag}a", f"er{tag}b"
+        host_fmt, gw_pod_cidr, pod_cidr = topo["pod_net"]
+        for index in (2, 3, 4):
+            add_address(pod, host_fmt.format(index), pod_dev)
+        add_address(gw, gw_pod_cidr, gw_pod_dev)
+        remote_cidr, gw_remote_cidr = topo["remote"]
+        add_address(remote, remote_cidr, remote_dev)
+        add_address(gw, gw_remote_cidr, gw_remote_dev)
+        prefix = remote_cidr.partition("/")[2]
+        for address in topo["egress"]:
+            add_address(gw, f"{address}/{prefix}", gw_remote_dev, chosen=False)
+        gw_pod_ip, node_ip = gw_pod_cidr.partition("/")[0], topo["node_ip"]
+        assert pod.run([*topo["route"], gw_pod_ip]).returncode == 0
+        assert remote.run([*topo["route"], node_ip]).returncode == 0
+        upstream = subprocess.Popen(
+            remote.command([sys.executable, "-c", PEER_UPSTREAM]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        stack.callback(_stop, upstream)
+        assert upstream.stdout is not None
+        stack.callback(upstream.stdout.close)
+        assert upstream.stdout.readline().strip() == "ready"
+        remote_ip = remote_cidr.partition("/")[0]
+        remote_net = str(ipaddress.ip_network(remote_cidr, strict=False))
+        (tmp_path / "policy.yaml").write_text(
+            "default: deny\ntiers:\n  - name: platform\n    rules:\n"
+            "      - name: to-the-upstream\n        action: allow\n"
+            f"        to: {{cidrs: ['{remote_ip}/{'128' if six else '32'}'], ports: [80]}}\n"
+        )
+        payments, batch, _unknown = topo["pods"]
+        config: dict[str, Any] = {
+            "proxy": {"listen": "127.0.0.1:3128"},
+            "admin": {"listen": "127.0.0.1:9090"},
+            "transparent": {"listen": topo["listen"]},
+            "resolver": {"nameservers": ["127.0.0.1:5353"], "ipv6": six},
+            "guard": {"allow": [remote_net]},
+            "node": {"pod_cidrs": [pod_cidr]},
+            "identity": {
+                "static": [
+                    {"cidr": str(ipaddress.ip_network(payments)), "namespace": "payments"},
+                    {"cidr": str(ipaddress.ip_network(batch)), "namespace": "batch"},
+                ]
+            },
+            "egress_ips": {"payments": topo["egress"][0], "batch": topo["egress"][1]},
+            "policy": {"files": ["policy.yaml"]},
+            "sinks": [{"type": "file", "path": "events.jsonl"}],
+            "reload": {"watch": False},
+        }
+        path = tmp_path / "gw.yaml"
+        dump_yaml(config, path)
+        setup = gw.run([str(egressgw_executable()), "node", "setup", "--config", str(path)])
+        assert setup.returncode == 0, setup.stderr
+        err = (tmp_path / "gw.stderr").open("wb")
+        stack.callback(err.close)
+        proc = subprocess.Popen(
+            gw.command([str(egressgw_executable()), "run", "--config", str(path)]),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        stack.callback(_stop, proc)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while gw.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                      "http://127.0.0.1:9090/readyz"]).stdout != "200":  # fmt: skip
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("gateway not ready:\n" + (tmp_path / "gw.stderr").read_text())
+            time.sleep(0.1)
+        yield pod, tmp_path, topo
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_each_namespace_leaves_from_its_egress_address(
+    egress_node: tuple[NetNs, Path, dict[str, Any]],
+) -> None:
+    """Redirected flows of two namespaces reach the upstream from each one's egress_ips address,
+    a source of no listed namespace from the node's own; the original destination is read for
+    IPv4 (SO_ORIGINAL_DST) and IPv6 (IP6T_SO_ORIGINAL_DST)."""
+    pod, tmp_path, topo = egress_node
+    seen = {}
+    for source in topo["pods"]:
+        out = pod.run([*CURL, "--interface", source, topo["url"]])
+        seen[source] = out.stdout or out.stderr
+    payments, batch, unknown = topo["pods"]
+    assert seen == {
+        payments: f"peer {topo['egress'][0]}",
+        batch: f"peer {topo['egress'][1]}",
+        unknown: f"peer {topo['node_ip']}",
+    }
+    events = {field(e, "source.ip"): e for e in decisions(tmp_path, 3)}
+    assert field(events[payments], "kubernetes.namespace") == "payments"
+    assert field(events[batch], "kubernetes.namespace") == "batch"
+    remote_ip = topo["remote"][0].partition("/")[0]
+    assert all(field(e, "destination.ip") == remote_ip for e in events.values())
+    assert all(field(e, "event.action") == "connection_allowed" for e in events.values())
