@@ -22,7 +22,8 @@ RUN python -m venv /opt/egressgw \
  && /opt/egressgw/bin/pip uninstall --yes pip \
  && /opt/egressgw/bin/python -m compileall -q /opt/egressgw
 
-FROM ${PYTHON_IMAGE}
+# What both images share: the environment built above, nothing else.
+FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="egressgw" \
       org.opencontainers.image.description="Egress gateway for Kubernetes clusters" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -33,9 +34,22 @@ ENV PATH=/opt/egressgw/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
 WORKDIR /var/lib/egressgw
-USER 10001:10001
 EXPOSE 3128 9090
 # No HEALTHCHECK: Kubernetes ignores it and probes /healthz and /readyz itself; the image has
 # no HTTP client to run one with.
 ENTRYPOINT ["/opt/egressgw/bin/egressgw"]
 CMD ["run", "--config", "/etc/egressgw/egressgw.yaml"]
+
+# Per-node mode (`docker build --target node`): the node rules and the node firewall run the
+# `nft` program, so this image adds Debian's nftables package (no recommends, no apt lists
+# kept). It runs as the user the DaemonSet gives it (0, every capability dropped but NET_ADMIN
+# and NET_RAW: docs/deploy.md).
+FROM runtime AS node
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nftables \
+ && rm -rf /var/lib/apt/lists/*
+EXPOSE 15001 53/udp 53/tcp
+
+# Explicit mode, the default target: nothing added, an unprivileged numeric user.
+FROM runtime
+USER 10001:10001

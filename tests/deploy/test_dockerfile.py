@@ -1,7 +1,8 @@
 """The container image's rules, read from the Dockerfile (no image is built here): a pinned
 base, wheels built in a first stage and only the installed environment copied on, no compiler
-or package installs in the final stage, a numeric non-root user matching the manifests, the
-`egressgw` entrypoint, and a build context without the working tree's clutter."""
+or package installs in the explicit-mode image and only nftables in the per-node one, a numeric
+non-root user matching the manifests, the `egressgw` entrypoint, and a build context without
+the working tree's clutter."""
 
 from __future__ import annotations
 
@@ -59,25 +60,56 @@ def dockerfile() -> list[Stage]:
     return parse_dockerfile((ROOT / "Dockerfile").read_text())[1]
 
 
+def lineage(stage: Stage) -> list[Stage]:
+    """The stage and the stages it is built FROM, oldest first."""
+    named = {s.name: s for s in dockerfile() if s.name}
+    chain = [stage]
+    while chain[0].base in named:
+        chain.insert(0, named[chain[0].base])
+    return chain
+
+
+def inherited(stage: Stage, keyword: str) -> list[str]:
+    """The arguments of every instruction with this keyword, in the stage and those below it."""
+    return [a for s in lineage(stage) for a in s.args(keyword)]
+
+
 def test_base_images_are_pinned() -> None:
-    """Every stage's base is an exact release (x.y.z tag) or a digest, never latest."""
+    """Every stage's base is an exact release (x.y.z tag) or a digest, never latest, or one of
+    the Dockerfile's own stages."""
+    names = {s.name for s in dockerfile() if s.name}
     for stage in dockerfile():
-        assert "@sha256:" in stage.base or re.search(r":\d+\.\d+\.\d+-", stage.base), stage.base
+        assert (
+            stage.base in names
+            or "@sha256:" in stage.base
+            or re.search(r":\d+\.\d+\.\d+-", stage.base)
+        ), stage.base
 
 
 def test_wheels_are_built_first_and_only_the_environment_moves_on() -> None:
-    """The first stage builds wheels (binary only) and installs them offline; the final stage
-    copies that environment from it, runs nothing, and installs no compiler."""
-    build, final = dockerfile()
-    assert build.name == "build" and len(dockerfile()) == 2
+    """The first stage builds wheels (binary only) and installs them offline; the images copy
+    that environment from it and install no compiler. The explicit-mode image (the default,
+    last target) runs nothing; the per-node one adds only the nftables package."""
+    stages = dockerfile()
+    build, final = stages[0], stages[-1]
+    node = next(s for s in stages if s.name == "node")
+    assert build.name == "build"
     runs = " ".join(build.args("RUN"))
     assert "pip wheel --only-binary=:all:" in runs and "--no-index" in runs
-    assert final.args("RUN") == []
-    copies = final.args("COPY")
-    assert copies and all(c.startswith("--from=build ") for c in copies)
-    text = " ".join(a for _, a in final.instructions)
-    assert not any(re.search(rf"\b{re.escape(c)}\b", text) for c in COMPILERS)
-    assert final.base == build.base
+    assert inherited(final, "RUN") == []
+    for image in (final, node):
+        copies = inherited(image, "COPY")
+        assert copies and all(c.startswith("--from=build ") for c in copies)
+        text = " ".join(a for s in lineage(image) for _, a in s.instructions)
+        assert not any(re.search(rf"\b{re.escape(c)}\b", text) for c in COMPILERS)
+        assert lineage(image)[0].base == build.base
+    (install,) = node.args("RUN")
+    assert "apt-get install -y --no-install-recommends nftables" in install
+    assert install.endswith("rm -rf /var/lib/apt/lists/*")
+    (daemonset,) = [o for o in render("overlays/per-node") if o["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    for container in (*pod["initContainers"], *pod["containers"]):
+        assert container["image"].split(":")[0].endswith("egressgw-node"), container["image"]
 
 
 def test_runs_as_numeric_non_root_user_of_the_manifests() -> None:
@@ -95,14 +127,14 @@ def test_entrypoint_is_egressgw_and_cmd_matches_the_manifests() -> None:
     the pods' args run the configuration the ConfigMap mounts; no HEALTHCHECK (Kubernetes
     probes instead)."""
     final = dockerfile()[-1]
-    (entrypoint,) = final.args("ENTRYPOINT")
+    (entrypoint,) = inherited(final, "ENTRYPOINT")
     assert json.loads(entrypoint)[0].endswith("/bin/egressgw")
-    (cmd,) = final.args("CMD")
+    (cmd,) = inherited(final, "CMD")
     (deployment,) = [o for o in render("overlays/explicit") if o["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert json.loads(cmd) == container["args"]
-    assert final.args("HEALTHCHECK") == []
-    env = " ".join(final.args("ENV"))
+    assert inherited(final, "HEALTHCHECK") == []
+    env = " ".join(inherited(final, "ENV"))
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # the root filesystem is read-only
 
 

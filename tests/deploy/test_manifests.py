@@ -292,8 +292,9 @@ def test_per_node_namespace_admits_its_pods() -> None:
 def test_per_node_overlay_runs_a_node_gateway(tmp_path: Path) -> None:
     """The per-node configuration has the transparent listener, the DNS proxy, the node rules
     and this node's pods only, and `egressgw check` accepts it; NODE_NAME comes from the
-    downward API; an init container and postStart run `node setup` with the same file and
-    preStop runs `node teardown`; the rules it renders redirect to the ports the pod names."""
+    downward API; an init container and postStart run `node setup` with the same file, and
+    nothing tears the rules down when the pod ends (fail closed); the rules it renders redirect
+    to the ports the pod names."""
     objects = render("overlays/per-node")
     cfg = rendered_config(objects, tmp_path)
     assert cfg.transparent.listen is not None
@@ -321,8 +322,8 @@ def test_per_node_overlay_runs_a_node_gateway(tmp_path: Path) -> None:
     assert mounts[str(Path(config_file).parent)] == "config"
     hooks = c["lifecycle"]
     assert hooks["postStart"]["exec"]["command"][1:] == ["node", "setup", "--config", config_file]
-    assert hooks["preStop"]["exec"]["command"][1:] == ["node", "teardown", "--config", config_file]
-    assert hooks["preStop"]["exec"]["command"][0].endswith("/bin/egressgw")
+    assert hooks["postStart"]["exec"]["command"][0].endswith("/bin/egressgw")
+    assert "preStop" not in hooks  # a gateway gone must not let pod egress out unfiltered
 
     script = subprocess.run(
         [str(egressgw_executable()), "node", "setup", "--dry-run", "--config",
