@@ -9,6 +9,13 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: the suite shares two cores with the daemons it starts, and a property
+# test's first example (imports, caches) can take longer than hypothesis' default 200 ms there
+# while proving nothing about the code. Hypothesis still bounds each test's examples.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 # The editable install maps only egressgw, feeds and siem; the shared test helpers live in
 # tests/support and are imported as `tests.support`, so the repository root must be on the path.
