@@ -31,9 +31,9 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Set
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from kubernetes_asyncio.config import ConfigException
@@ -154,8 +154,8 @@ def _describe(status: FeedStatus) -> str:
 LISTEN_BACKLOG = 4096
 
 
-def listen_socket(listen: str) -> socket.socket:
-    """A listening TCP socket for the proxy.
+def listen_socket(listen: str, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket for the proxy (``reuse_port``: one of several workers' sockets).
 
     No TCP_DEFER_ACCEPT: accepting a client as soon as its handshake completes, while its
     request is still on the way, measured 9-13% more tunnels/s on loopback (the accept overlaps
@@ -166,6 +166,9 @@ def listen_socket(listen: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # The kernel spreads new connections over every listening socket of the group.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Accepted sockets inherit it: no setsockopt per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
@@ -195,17 +198,69 @@ def _reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def admin_token(cfg: Config, base: Path) -> str | None:
+    """The admin.auth token, read from its file (a mounted Secret) when the server starts."""
+    auth = cfg.admin.auth
+    if auth is None:
+        return None
+    path = auth.token_file if auth.token_file.is_absolute() else base / auth.token_file
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise OSError(f"admin.auth.token_file {path}: {_reason(e)}") from e
+    if not token:
+        raise OSError(f"admin.auth.token_file {path}: empty")
+    return token
+
+
 def _split(listen: str) -> tuple[str, int]:
     ip, port = parse_ip_port(listen)
     return str(ip), port
 
 
+class EventExport(Protocol):
+    """Where a gateway's ECS events go: the exporter, or a worker's channel to it."""
+
+    def submit(self, event: Mapping[str, Any]) -> None:
+        """Queue one event (cheap, never blocks)."""
+        ...
+
+    async def start(self) -> None:
+        """Open before the first event."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once every event submitted so far is handed on (durable, or sent)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Hand on every event submitted so far, then close."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """A gateway run as one of several worker processes (``proxy.workers``; egressgw.workers).
+
+    Its events go to ``events`` (the supervisor's exporter, over the worker's channel); it
+    listens on the addresses the supervisor reserved (``proxy``, ``transparent``), with
+    ``SO_REUSEPORT``; the supervisor serves the admin pages, fetches the feeds (the worker
+    reads their stored state when told) and watches the configuration files.
+    """
+
+    events: EventExport
+    listen: Mapping[str, str]
+
+
 class Gateway:
     """The gateway process's state; the proxy's connections see it as their Hub."""
 
-    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Config, config_path: Path | None = None, worker: WorkerRole | None = None
+    ) -> None:
         self.config = cfg
         self.config_path = config_path
+        self.worker = worker
         self.limits = cfg.proxy
         self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips: Mapping[str, Any] = cfg.egress_ips
@@ -214,7 +269,9 @@ class Gateway:
         self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
         base = config_path.parent if config_path else Path.cwd()
         self.base_dir = base
-        self.feeds = build_feeds(cfg, base, self.metrics.registry, self._feed_report)
+        # A worker's feed metrics would repeat the supervisor's in every worker: kept aside.
+        feed_registry = self.metrics.registry if worker is None else CollectorRegistry()
+        self.feeds = build_feeds(cfg, base, feed_registry, self._feed_report)
         self.threats = MatcherThreats(lambda: self.feeds.matcher)
         self.static_inventory = cfgmod.build_inventory(cfg)
         self.inventory: Inventory = self.static_inventory
@@ -234,8 +291,10 @@ class Gateway:
         self.policy_objects: list[Mapping[str, Any]] = []
         self.policy_judged: policyobjects.Judged | None = None
         self.resource_feeds: dict[str, FeedSpec] = {}
-        self.exporter = Exporter.from_config(
-            cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry
+        self.exporter: EventExport = (
+            Exporter.from_config(cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry)
+            if worker is None
+            else worker.events
         )
         self.observer = {
             "vendor": "egressgw",
@@ -283,8 +342,9 @@ class Gateway:
         # The gateway's own connections carry the node rules' exemption mark (node mode).
         self.exempt_mark: int | None = cfg.node.exempt_mark if cfg.node.enabled else None
         # The node's nftables set of blocklisted IPs, refreshed after every feed update.
-        self.node_firewall = cfg.node.enabled and cfg.node.firewall
+        self.node_firewall = cfg.node.enabled and cfg.node.firewall and worker is None
         self._firewall_lock = asyncio.Lock()
+        self._feeds_lock = asyncio.Lock()
         self.proxy_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
@@ -362,27 +422,34 @@ class Gateway:
         self.started_at = time.monotonic()
         proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
         metrics_listen = self.config.admin.metrics_listen
+        worker = self.worker
+        transparent_listen = self.config.transparent.listen
+        if worker is not None:  # the addresses the supervisor reserved (port 0 resolved)
+            proxy_listen = worker.listen["proxy"]
+            transparent_listen = worker.listen.get("transparent", transparent_listen)
         try:
-            sock = listen_socket(proxy_listen)
+            sock = listen_socket(proxy_listen, reuse_port=worker is not None)
         except OSError as e:
             raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
         socks = [sock]
         try:
-            transparent_listen = self.config.transparent.listen
             transparent_sock: socket.socket | None = None
             if transparent_listen is not None:
                 try:
-                    transparent_sock = listen_socket(transparent_listen)
+                    transparent_sock = listen_socket(
+                        transparent_listen, reuse_port=worker is not None
+                    )
                 except OSError as e:
                     raise OSError(f"transparent.listen {transparent_listen}: {_reason(e)}") from e
                 socks.append(transparent_sock)
-            try:
-                await self.admin.start(
-                    admin_listen, self._admin_token(), metrics=metrics_listen is None
-                )
-            except OSError as e:
-                raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
-            if metrics_listen is not None:
+            if worker is None:
+                try:
+                    await self.admin.start(
+                        admin_listen, self._admin_token(), metrics=metrics_listen is None
+                    )
+                except OSError as e:
+                    raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            if metrics_listen is not None and worker is None:
                 try:
                     await self.admin.start_metrics(metrics_listen)
                 except OSError as e:
@@ -393,7 +460,10 @@ class Gateway:
                 except OSError as e:
                     raise OSError(f"dns.listen {self.config.dns.listen}: {_reason(e)}") from e
             await self.exporter.start()
-            await self.feeds.start()
+            if worker is None:
+                await self.feeds.start()
+            else:  # the supervisor fetches; a worker serves what it stored
+                await asyncio.to_thread(self.feeds.load_state)
             await self._start_kubernetes()
         except BaseException:
             for s in socks:
@@ -407,7 +477,7 @@ class Gateway:
         if self.node_firewall:
             self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
-        if missing:
+        if missing and worker is None:
             # Feeds with no stored data are fetched now rather than after the startup spread,
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
@@ -427,7 +497,7 @@ class Gateway:
             self.transparent.start()
             self.transparent_address = self.transparent.address
         self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
-        if self.config_path is not None and self.config.reload.watch:
+        if self.config_path is not None and self.config.reload.watch and worker is None:
             self._tasks.append(spawn(self._watch(), name="config-watcher"))
         self.ready = True
         log.info(
@@ -518,7 +588,7 @@ class Gateway:
             if self.resource_feeds.get(name) != spec:
                 await self.feeds.add(spec)
                 self.resource_feeds[name] = spec
-                if not self.feeds.status()[name].has_data:
+                if not self.feeds.status()[name].has_data and self.worker is None:
                     spawn(self.feeds.update_now([name]), name=f"feed-first-fetch-{name}")
         self.threats.refresh()
         self.policy_judged = judged
@@ -692,18 +762,7 @@ class Gateway:
 
     # -- what the admin server reads -------------------------------------------------------------
     def _admin_token(self) -> str | None:
-        """The admin.auth token, read from its file (a mounted Secret) when the server starts."""
-        auth = self.config.admin.auth
-        if auth is None:
-            return None
-        path = auth.token_file if auth.token_file.is_absolute() else self.base_dir / auth.token_file
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise OSError(f"admin.auth.token_file {path}: {_reason(e)}") from e
-        if not token:
-            raise OSError(f"admin.auth.token_file {path}: empty")
-        return token
+        return admin_token(self.config, self.base_dir)
 
     async def explain(self, source: str, target: str, protocol: str) -> tuple[bool, list[str]]:
         """Decide a flow now with the runtime in force, as ``egressgw explain`` prints it.
@@ -729,6 +788,8 @@ class Gateway:
             return "kubernetes: policy resources not listed yet"
         if self.egress_problems:
             return f"egress_ips: {'; '.join(self.egress_problems)}"
+        if self.worker is not None:
+            return None  # the supervisor judges the feeds it fetches
         return self._feed_readiness()[0]
 
     def readiness_warning(self) -> str | None:
@@ -752,6 +813,12 @@ class Gateway:
         waited = time.monotonic() - self.started_at
         timeout = self.config.readiness.feeds_timeout
         return feed_readiness(self.feeds.status(), required, waited, timeout)
+
+    async def reload_feeds(self) -> None:
+        """Serve the feeds' data as stored now (a worker, after the supervisor's update)."""
+        async with self._feeds_lock:  # one parse at a time: a burst of updates reads once more
+            await asyncio.to_thread(self.feeds.load_state)
+        self.threats.refresh()
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
