@@ -6,10 +6,10 @@ addresses the supervisor reserved with ``SO_REUSEPORT``, its events go over the 
 socket pair whose end it inherited), and it serves no admin pages and fetches no feeds.
 
 Events: ``submit`` appends the event's frame to a buffer written once per turn of the event
-loop, and at once after every decision (``SendOnDecision``): a refusal is answered in the
-same callback that decides it, and the decision's event must be in the socket (the kernel
-keeps it for the supervisor even when this process is killed) before the client can read the
-answer. When the supervisor does not read (its socket full and ``MAX_UNSENT`` bytes queued
+loop, and at once after a refusal (``SendOnDecision``): a refusal is answered in the same
+callback that decides it, and a decision's event must be in the socket (the kernel keeps it
+for the supervisor even when this process is killed) before the client can read the answer.
+An end event may follow the connection's close by one turn of the loop. When the supervisor does not read (its socket full and ``MAX_UNSENT`` bytes queued
 here) events are dropped, counted (``egressgw_errors_total{kind="events_dropped"}``) and
 reported to the supervisor, whose spool records the gap.
 
@@ -166,14 +166,21 @@ class Channel(asyncio.Protocol):
 
 
 class SendOnDecision:
-    """A flow consumer, last in the list: a decision's event is written before its answer."""
+    """A flow consumer, last in the list: a refusal's event is written before its answer.
+
+    A refusal is answered in the callback that decides it, so its event goes out now. An
+    allowed flow's answer comes from its destination, read in a later turn of the loop than
+    the one whose end writes the batch (call_soon'd callbacks run before the next poll).
+    """
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
     def flow_decided(self, flow: Flow) -> None:
-        """Write the queued events (the decision's among them) now."""
-        self.channel.flush_now()
+        """Write the queued events now when the flow was refused."""
+        verdict = flow.verdict
+        if verdict is None or not verdict.allowed:
+            self.channel.flush_now()
 
     def flow_ended(self, flow: Flow) -> None:
         """End events go with the turn's batch."""
