@@ -59,6 +59,11 @@ STABLE_AFTER = 30.0  # a worker that ran this long restarts after the first wait
 REQUEST_TIMEOUT = 5.0  # a worker's answer to metrics, explain
 RELOAD_TIMEOUT = 60.0  # a worker's reload (policy files, a new resolver)
 STOP_MARGIN = 10.0  # beyond shutdown_delay + drain_timeout before a worker is killed
+# After a read smaller than BATCH_READ, a channel is not read again for READ_PAUSE seconds: the
+# kernel holds what comes meanwhile (also for a worker killed in between), and the supervisor
+# wakes a few hundred times a second per worker instead of once or twice per flow.
+READ_PAUSE = 0.005
+BATCH_READ = 64 * 1024
 # The families the supervisor serves itself: the workers' copies would count them N times.
 OWN_FAMILIES = frozenset({"egressgw_reloads", "egressgw_ready", "egressgw_ready_without_feed_data"})
 MAP_OFF = (
@@ -96,7 +101,7 @@ class Link(asyncio.Protocol):
     def __init__(self, handle: WorkerHandle) -> None:
         self.handle = handle
         self.submit = handle.supervisor.exporter.submit_serialised
-        self.transport: asyncio.WriteTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.decoder = Decoder()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -104,7 +109,7 @@ class Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The channel is open."""
-        self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
         """Events to the exporter, messages to the handle."""
@@ -126,6 +131,13 @@ class Link(asyncio.Protocol):
                 except FrameError as e:
                     log.error("channel: bad message", worker=self.handle.index, error=str(e))
         self.handle.events += events
+        if len(data) < BATCH_READ and self.transport is not None:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(READ_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The worker is gone (or closed its end): everything it sent has been read."""

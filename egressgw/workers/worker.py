@@ -9,9 +9,10 @@ Events: ``submit`` appends the event's frame to a buffer written once per turn o
 loop, and at once after a refusal (``SendOnDecision``): a refusal is answered in the same
 callback that decides it, and a decision's event must be in the socket (the kernel keeps it
 for the supervisor even when this process is killed) before the client can read the answer.
-An end event may follow the connection's close by one turn of the loop. When the supervisor does not read (its socket full and ``MAX_UNSENT`` bytes queued
-here) events are dropped, counted (``egressgw_errors_total{kind="events_dropped"}``) and
-reported to the supervisor, whose spool records the gap.
+An end event may follow the connection's close by one turn of the loop. When the supervisor
+does not read (its socket full and ``MAX_UNSENT`` bytes queued here) events are dropped,
+counted (``egressgw_errors_total{kind="events_dropped"}``) and reported to the supervisor,
+whose spool records the gap.
 
 Messages from the supervisor: ``reload`` (configuration and policy files; answered ok or not),
 ``feeds`` (read the feeds' stored state again), ``metrics`` (answered with the exposition
