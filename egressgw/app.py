@@ -213,6 +213,25 @@ def admin_token(cfg: Config, base: Path) -> str | None:
     return token
 
 
+async def load_node_firewall(
+    feeds: FeedManager, table: str, count_error: Callable[[str], None]
+) -> bool:
+    """Load the feeds' blocklisted IPs into the node table's sets; False if not loaded."""
+    try:
+        values = await asyncio.to_thread(feeds.blocklist_values, "ip", None)
+        script = to_nft_set(table, "blocked", values)
+        await asyncio.to_thread(nft.apply, script)
+    except MissingFeedData as e:
+        log.info("node firewall kept: feeds without data", feeds=sorted(e.feeds))
+        return False
+    except (nft.NftError, ValueError, OSError) as e:
+        count_error("node_firewall")
+        log.error("node firewall not refreshed", error=str(e))
+        return False
+    log.info("node firewall refreshed", table=f"inet {table}", entries=len(values))
+    return True
+
+
 def _split(listen: str) -> tuple[str, int]:
     ip, port = parse_ip_port(listen)
     return str(ip), port
@@ -509,8 +528,8 @@ class Gateway:
             dns=self.config.dns.listen,
             transparent=self.config.transparent.listen,
         )
-        for warning in cfgmod.unbuilt(self.config):
-            log.warning(warning)
+        for warning in cfgmod.unbuilt(self.config) if worker is None else ():
+            log.warning(warning)  # the supervisor says it once for all workers
 
     async def shutdown(self) -> None:
         """Turn unready, keep accepting for ``proxy.shutdown_delay`` (or until hurried), stop."""
@@ -830,20 +849,9 @@ class Gateway:
         Never with feed data missing: an empty set would let through what the last one dropped.
         """
         async with self._firewall_lock:
-            table = self.config.node.table
-            try:
-                values = await asyncio.to_thread(self.feeds.blocklist_values, "ip", None)
-                script = to_nft_set(table, "blocked", values)
-                await asyncio.to_thread(nft.apply, script)
-            except MissingFeedData as e:
-                log.info("node firewall kept: feeds without data", feeds=sorted(e.feeds))
-                return False
-            except (nft.NftError, ValueError, OSError) as e:
-                self.metrics.count_error("node_firewall")
-                log.error("node firewall not refreshed", error=str(e))
-                return False
-            log.info("node firewall refreshed", table=f"inet {table}", entries=len(values))
-            return True
+            return await load_node_firewall(
+                self.feeds, self.config.node.table, self.metrics.count_error
+            )
 
     def _feed_report(self, report: UpdateReport) -> None:
         # Called right after an update swapped the matcher: the next flow is decided with it,

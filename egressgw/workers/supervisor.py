@@ -40,7 +40,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from egressgw.admin.server import AdminServer
-from egressgw.app import admin_token, build_feeds, describe_feeds, feed_readiness
+from egressgw.app import (
+    admin_token,
+    build_feeds,
+    describe_feeds,
+    feed_readiness,
+    load_node_firewall,
+)
 from egressgw.config import model as cfgmod
 from egressgw.config.model import Config
 from egressgw.config.source import ConfigError
@@ -305,10 +311,16 @@ class Supervisor:
         )
         self.admin = AdminServer(self, self.registry, metrics_body=self.metrics, map_off=MAP_OFF)
         self.registry.register(_Collector(self))
+        self.error_registry = CollectorRegistry()  # served among the workers' sums
+        self.error_registry.register(_Errors(self))
         self.handles = [WorkerHandle(self, i) for i in range(count)]
         self.addresses: dict[str, str] = {}
         self.reserved: list[socket.socket] = []
         self.reloads: dict[str, int] = {}
+        self.errors: dict[str, int] = {}  # the supervisor's own (node_firewall)
+        # The node's nftables set of blocklisted IPs, refreshed after every feed update.
+        self.node_firewall = cfg.node.enabled and cfg.node.firewall
+        self._firewall_lock = asyncio.Lock()
         self.ready = False
         self.stopping = False
         self.started_at = time.monotonic()
@@ -358,6 +370,8 @@ class Supervisor:
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
         if missing:
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
+        if self.node_firewall:
+            self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         for handle in self.handles:
             handle.watcher = spawn(handle.watch(), name=f"worker-{handle.index}-watch")
         if cfg.reload.watch:
@@ -370,6 +384,8 @@ class Supervisor:
             proxy=self.addresses["proxy"],
             admin=cfg.admin.listen,
         )
+        for warning in cfgmod.unbuilt(cfg):
+            log.warning(warning)
 
     async def shutdown(self) -> None:
         """Tell every worker to shut down, wait for them, then flush and close the exporter."""
@@ -520,6 +536,18 @@ class Supervisor:
             for handle in self.handles:
                 if handle.link is not None:
                     handle.link.send("feeds")
+            if self.node_firewall:
+                spawn(self.refresh_firewall(), name="node-firewall")
+        else:
+            self._count_error("feed_update")
+
+    async def refresh_firewall(self) -> bool:
+        """Load the feeds' blocklisted IPs into the node table's sets (as one process does)."""
+        async with self._firewall_lock:
+            return await load_node_firewall(self.feeds, self.config.node.table, self._count_error)
+
+    def _count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
     # -- what the admin server reads ------------------------------------------------------------
     async def metrics(self) -> bytes:
@@ -530,6 +558,7 @@ class Supervisor:
             return_exceptions=True,
         )
         texts = [r["text"] for r in replies if isinstance(r, dict) and "text" in r]
+        texts.append(generate_latest(self.error_registry).decode())
         own = generate_latest(self.registry)
         return own + aggregate(texts, skip=OWN_FAMILIES).encode()
 
@@ -633,6 +662,19 @@ class _Collector:
             events.add_metric([str(h.index)], h.events)
         yield restarts
         yield events
+
+
+class _Errors:
+    """The supervisor's errors by kind, summed with the workers' ``egressgw_errors_total``."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily("egressgw_errors", "Errors by kind", labels=["kind"])
+        for kind, n in sorted(self.sup.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
 
 
 def _validate(path: Path) -> Config:
