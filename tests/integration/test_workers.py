@@ -23,7 +23,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Dnsmasq, Gateway, RawConnection, Upstream, curl, field, write_config
+from tests.support import (
+    Dnsmasq,
+    Gateway,
+    RawConnection,
+    Upstream,
+    curl,
+    field,
+    free_port,
+    write_config,
+)
 from tests.support.gateway import dump_yaml, load_yaml
 
 from .testbed import CONTRACT_DIR, HTTP_PORT, PAYMENTS, UNKNOWN
@@ -269,3 +278,30 @@ def test_sigterm_stops_every_worker_and_the_supervisor(gateway: Gateway) -> None
     assert gateway.stop() == 0
     assert not any(alive(p) for p in pids)
     assert gateway.wait_events(lambda e: field(e, "event.action") == "connection_ended")
+
+
+def listening(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:`port` (the kernel's table of this namespace)."""
+    wanted = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1] == wanted and row.split()[3] == "0A")
+
+
+def test_each_worker_listens_on_the_proxy_and_the_transparent_port(
+    tmp_path: Path, dns: Dnsmasq
+) -> None:
+    """Two listening sockets per port, the workers'; the supervisor's reservations never listen."""
+    transparent = free_port()
+    config = write_config(
+        tmp_path,
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={
+            "proxy": {"workers": 2},
+            "transparent": {"listen": f"127.0.0.1:{transparent}"},
+        },
+    )
+    with Gateway(config, ready_timeout=WAIT) as gw:
+        assert listening(gw.proxy_port) == 2
+        assert listening(transparent) == 2
+        assert metric(gw, "egressgw_workers") == 2
