@@ -531,11 +531,13 @@ class Supervisor:
 
     # -- feeds ----------------------------------------------------------------------------------
     def _feed_report(self, report: UpdateReport) -> None:
-        # Stored before the matcher is swapped: every worker reads the new state from disk.
-        if report.ok:
+        # Stored before the matcher is swapped: every worker reads the new state from disk (an
+        # unchanged feed gives them nothing new to read).
+        if report.status == "updated":
             for handle in self.handles:
                 if handle.link is not None:
                     handle.link.send("feeds")
+        if report.ok:
             if self.node_firewall:
                 spawn(self.refresh_firewall(), name="node-firewall")
         else:

@@ -161,6 +161,43 @@ def test_a_policy_change_reloads_every_worker_and_counts_once(gateway: Gateway) 
     assert metric(gateway, "egressgw_reloads_total", result="ok") == 1
 
 
+def test_a_feed_update_is_fetched_once_and_served_by_every_worker(
+    tmp_path: Path, dns: Dnsmasq, upstream: Upstream, curl_installed: None
+) -> None:
+    """A name added to a feed file is refused by both workers; the supervisor read it once."""
+    config = write_config(
+        tmp_path,
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={
+            "proxy": {"workers": 2},
+            "feeds": [
+                {"name": "local-domains", "url": "feed-domains.txt", "format": "lines", "period": 1}
+            ],
+        },
+    )
+    with Gateway(config, ready_timeout=WAIT) as gw:
+        assert curl(ALLOWED_URL, proxy=gw.proxy_url, interface=PAYMENTS).status == 200
+        updated_before = metric(gw, "feeds_updates_total", feed="local-domains", result="updated")
+        feed = gw.directory / "feed-domains.txt"
+        feed.write_text(feed.read_text() + "allowed.test\n")
+        wait_until(
+            "the supervisor read the new feed",
+            lambda: (
+                metric(gw, "feeds_updates_total", feed="local-domains", result="updated")
+                > updated_before
+            ),
+        )
+
+        def refused_by_all() -> bool:
+            results = [curl(ALLOWED_URL, proxy=gw.proxy_url, interface=PAYMENTS) for _ in range(12)]
+            return all(r.status == 403 and "local-domains" in r.reason for r in results)
+
+        wait_until("every worker refuses the listed name", refused_by_all)
+        # One fetch per update, by the supervisor: the workers export no feed metrics of theirs.
+        assert metric(gw, "feeds_entries", feed="local-domains") == 3
+
+
 def test_a_killed_worker_is_replaced_and_counted(gateway: Gateway) -> None:
     """SIGKILL one worker: a new process takes its slot, the restart is counted, all serve."""
     before = worker_pids(gateway)
