@@ -240,6 +240,10 @@ class Worker:
                 reply.update(allowed=allowed, lines=lines)
         except (ValueError, KeyError) as e:
             reply["error"] = str(e)
+        except Exception as e:
+            # Answered all the same: the supervisor would otherwise wait out its timeout.
+            log.exception("answering the supervisor failed", op=op)
+            reply.update(error=f"internal error: {e!r}", ok=False)
         channel.send(message("reply", id=msg.get("id"), **reply))
 
     async def _tell_readiness(self, gw: Gateway, channel: Channel) -> None:
