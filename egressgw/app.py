@@ -269,6 +269,9 @@ class WorkerRole:
 
     events: EventExport
     listen: Mapping[str, str]
+    # Told the feeds the policy resources (ThreatFeed) define whenever they change: the
+    # supervisor fetches them, as it fetches the configured ones.
+    resource_feeds: Callable[[list[FeedSpec]], None] = lambda specs: None
 
 
 class Gateway:
@@ -600,6 +603,7 @@ class Gateway:
             self.policy_objects, files, {f.name for f in cfg.feeds}, last_good
         )
         wanted = {f.name: f for f in judged.feeds}
+        before = dict(self.resource_feeds)
         for name in [n for n in self.resource_feeds if n not in wanted]:
             await self.feeds.remove(name)
             del self.resource_feeds[name]
@@ -609,6 +613,8 @@ class Gateway:
                 self.resource_feeds[name] = spec
                 if not self.feeds.status()[name].has_data and self.worker is None:
                     spawn(self.feeds.update_now([name]), name=f"feed-first-fetch-{name}")
+        if self.worker is not None and self.resource_feeds != before:
+            self.worker.resource_feeds(list(self.resource_feeds.values()))
         self.threats.refresh()
         self.policy_judged = judged
         return judged

@@ -740,11 +740,6 @@ def feed_file_errors(path: Path, cfg: Config) -> list[str]:
 def unbuilt(cfg: Config) -> list[str]:
     """Keys set in ``cfg`` whose feature this version does not have yet, each saying so."""
     out: list[str] = []
-    if cfg.policy.kubernetes and worker_count(cfg) > 1:
-        out.append(
-            "policy.kubernetes with proxy.workers above 1: the feeds ThreatFeed resources define "
-            "are served from the data stored for them, not fetched (run one worker to fetch them)"
-        )
     return out
 
 

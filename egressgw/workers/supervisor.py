@@ -55,6 +55,7 @@ from egressgw.record.egressmap import EgressMap
 from egressgw.workers.aggregate import aggregate
 from egressgw.workers.channel import EVENT, Decoder, FrameError, decode_message, message
 from feeds.refresh import FeedStatus, UpdateReport
+from feeds.spec import FeedSpec
 from siem.exporter import Exporter
 from siem.tasks import spawn
 
@@ -218,6 +219,8 @@ class WorkerHandle:
             self.why = msg.get("why")
         elif op == "failed":
             self.failure = msg.get("error")
+        elif op == "resource_feeds":
+            self.supervisor.serve_resource_feeds(msg.get("specs") or [])
         elif op == "lost":
             count = int(msg.get("count", 0))
             log.error("a worker dropped events", worker=self.index, events=count)
@@ -318,6 +321,10 @@ class Supervisor:
         self.reserved: list[socket.socket] = []
         self.reloads: dict[str, int] = {}
         self.errors: dict[str, int] = {}  # the supervisor's own (node_firewall)
+        # The feeds policy resources define, as the workers last said (each watches them).
+        self.resource_feeds: dict[str, FeedSpec] = {}
+        self._resource_wanted: dict[str, FeedSpec] | None = None
+        self._resource_task: asyncio.Task[None] | None = None
         # The node's nftables set of blocklisted IPs, refreshed after every feed update.
         self.node_firewall = cfg.node.enabled and cfg.node.firewall
         self._firewall_lock = asyncio.Lock()
@@ -542,6 +549,38 @@ class Supervisor:
                 spawn(self.refresh_firewall(), name="node-firewall")
         else:
             self._count_error("feed_update")
+
+    def serve_resource_feeds(self, specs: list[dict[str, Any]]) -> None:
+        """Fetch and store the feeds ThreatFeed resources define, as a worker last listed them.
+
+        Every worker watches the same resources and says the same; the latest word wins.
+        """
+        try:
+            wanted = {s.name: s for s in (FeedSpec.model_validate(d) for d in specs)}
+        except ValueError as e:
+            log.error("a worker sent a feed the supervisor cannot read", error=str(e))
+            return
+        self._resource_wanted = wanted
+        if self._resource_task is None or self._resource_task.done():
+            self._resource_task = spawn(self._apply_resource_feeds(), name="resource-feeds")
+
+    async def _apply_resource_feeds(self) -> None:
+        while self._resource_wanted is not None:
+            wanted, self._resource_wanted = self._resource_wanted, None
+            for name in [n for n in self.resource_feeds if n not in wanted]:
+                await self.feeds.remove(name)
+                del self.resource_feeds[name]
+            for name, spec in wanted.items():
+                if self.resource_feeds.get(name) == spec:
+                    continue
+                await self.feeds.add(spec)
+                self.resource_feeds[name] = spec
+                if self.feeds.status()[name].has_data:
+                    for handle in self.handles:  # stored data: the workers read it now
+                        if handle.link is not None:
+                            handle.link.send("feeds")
+                else:
+                    spawn(self.feeds.update_now([name]), name=f"feed-first-fetch-{name}")
 
     async def refresh_firewall(self) -> bool:
         """Load the feeds' blocklisted IPs into the node table's sets (as one process does)."""

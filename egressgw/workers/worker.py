@@ -47,6 +47,7 @@ from egressgw.config.source import ConfigError
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
 from egressgw.workers.channel import EVENT, HEADER, Decoder, FrameError, decode_message, message
+from feeds.spec import FeedSpec
 from siem.tasks import spawn
 
 log = structlog.get_logger("egressgw.worker")
@@ -263,7 +264,12 @@ class Worker:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.channel = channel = Channel(self.on_message)
         await loop.create_unix_connection(lambda: channel, sock=sock)
-        self.gateway = gw = Gateway(cfg, path, WorkerRole(channel, listen))
+
+        def resource_feeds(specs: list[FeedSpec]) -> None:
+            dumped = [s.model_dump(mode="json") for s in specs]
+            channel.send(message("resource_feeds", specs=dumped))
+
+        self.gateway = gw = Gateway(cfg, path, WorkerRole(channel, listen, resource_feeds))
         errors = gw.metrics.errors
 
         def count_dropped(n: int) -> None:

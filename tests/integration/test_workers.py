@@ -10,6 +10,7 @@ connection's addresses), so a few dozen connections reach both.
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
@@ -34,8 +35,9 @@ from tests.support import (
     write_config,
 )
 from tests.support.gateway import dump_yaml, load_yaml
+from tests.support.kube_apiserver import ThreadedKubeApi
 
-from .testbed import CONTRACT_DIR, HTTP_PORT, PAYMENTS, UNKNOWN
+from .testbed import ALLOWED_IP, CONTRACT_DIR, HTTP_PORT, PAYMENTS, UNKNOWN
 
 pytestmark = pytest.mark.integration
 
@@ -342,3 +344,97 @@ def test_each_worker_listens_on_the_proxy_and_the_transparent_port(
         assert listening(gw.proxy_port) == 2
         assert listening(transparent) == 2
         assert metric(gw, "egressgw_workers") == 2
+
+
+class _FeedServer(http.server.BaseHTTPRequestHandler):
+    """Serves one feed of IPs and counts the fetches."""
+
+    fetches = 0
+    body = b""
+
+    def do_GET(self) -> None:
+        type(self).fetches += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_threatfeed_resource_is_fetched_by_the_supervisor_and_served_by_every_worker(
+    tmp_path: Path, dns: Dnsmasq, upstream: Upstream, curl_installed: None
+) -> None:
+    """Workers watching a ThreatFeed name it to the supervisor, which fetches it; both workers
+    then refuse what it lists. Deleted, it is served by none."""
+    handler = type("Feed", (_FeedServer,), {"body": f"{ALLOWED_IP}\n".encode(), "fetches": 0})
+    feed_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=feed_server.serve_forever, daemon=True).start()
+    threaded = ThreadedKubeApi(tmp_path / "api")
+    try:
+        with threaded as api:
+            (tmp_path / "policy.yaml").write_text("default: allow\ntiers: [{name: security}]\n")
+            config = tmp_path / "egressgw.yaml"
+            dump_yaml(
+                {
+                    "proxy": {"listen": f"127.0.0.1:{free_port()}", "workers": 2},
+                    "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                    "resolver": {"nameservers": [dns.nameserver]},
+                    "guard": {"allow": ["127.0.0.0/8"]},
+                    "identity": {"kubernetes": {"kubeconfig": str(api.kubeconfig)}},
+                    "policy": {"files": ["policy.yaml"], "kubernetes": True},
+                    "sinks": [{"type": "file", "path": "events.jsonl"}],
+                },
+                config,
+            )
+            threaded.call(
+                api.create,
+                {
+                    "apiVersion": "egressgw.io/v1alpha1",
+                    "kind": "ThreatFeed",
+                    "metadata": {"name": "local-bad"},
+                    "spec": {
+                        "url": f"http://127.0.0.1:{feed_server.server_port}/ips",
+                        "format": "lines",
+                        "special_ranges": "keep",
+                    },
+                },
+            )
+            threaded.call(
+                api.create,
+                {
+                    "apiVersion": "egressgw.io/v1alpha1",
+                    "kind": "GlobalEgressPolicy",
+                    "metadata": {"name": "block-feed"},
+                    "spec": {
+                        "tier": "security",
+                        "rules": [
+                            {"name": "bad", "action": "deny", "to": {"feeds": ["local-bad"]}}
+                        ],
+                    },
+                },
+            )
+            with Gateway(config, ready_timeout=WAIT) as gw:
+
+                def all_refused() -> bool:
+                    results = [curl(ALLOWED_URL, proxy=gw.proxy_url) for _ in range(12)]
+                    return all(r.status == 403 and "local-bad" in r.reason for r in results)
+
+                wait_until("both workers refuse what the ThreatFeed lists", all_refused)
+                assert handler.fetches >= 1
+                assert metric(gw, "feeds_entries", feed="local-bad") == 1
+                threaded.call(api.delete, "ThreatFeed", "local-bad")
+
+                def all_allowed() -> bool:
+                    results = [curl(ALLOWED_URL, proxy=gw.proxy_url) for _ in range(12)]
+                    return all(r.status == 200 for r in results)
+
+                wait_until("no worker serves the deleted feed", all_allowed)
+                wait_until(
+                    "the supervisor dropped it",
+                    lambda: ("feeds_entries", (("feed", "local-bad"),)) not in metrics(gw),
+                )
+    finally:
+        feed_server.shutdown()
+        feed_server.server_close()

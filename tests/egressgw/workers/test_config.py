@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from egressgw.cli import main
-from egressgw.config.model import Config, load_config, unbuilt, worker_count
+from egressgw.config.model import Config, load_config, worker_count
 from egressgw.config.source import ConfigError
 
 
@@ -44,11 +44,3 @@ def test_check_refuses_the_dns_proxy_with_more_than_one_worker(
         "proxy: {workers: 1}\ndns: {listen: '127.0.0.1:5353', upstreams: ['127.0.0.1:53']}\n"
     )
     assert main(["check", "--config", str(path)]) == 0
-
-
-def test_check_warns_that_threatfeed_resources_are_not_fetched_by_workers() -> None:
-    """Policy resources with several workers: check says their feeds are not fetched."""
-    kube = {"identity": {"kubernetes": {}}, "policy": {"kubernetes": True}}
-    assert unbuilt(Config.model_validate(kube)) == []
-    many = Config.model_validate({**kube, "proxy": {"workers": 2}})
-    assert any("ThreatFeed resources" in w for w in unbuilt(many))
