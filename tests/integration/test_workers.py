@@ -151,7 +151,9 @@ def test_a_policy_change_reloads_every_worker_and_counts_once(gateway: Gateway) 
             "rules": [{"name": "no-psp", "action": "deny", "to": {"domains": ["allowed.test"]}}],
         },
     )
-    dump_yaml(data, policy)
+    # Written aside and renamed: the watcher never reads half a file.
+    dump_yaml(data, policy.with_suffix(".new"))
+    os.replace(policy.with_suffix(".new"), policy)
     wait_until(
         "one reload counted",
         lambda: metric(gateway, "egressgw_reloads_total", result="ok") == 1,
@@ -182,7 +184,8 @@ def test_a_feed_update_is_fetched_once_and_served_by_every_worker(
         assert curl(ALLOWED_URL, proxy=gw.proxy_url, interface=PAYMENTS).status == 200
         updated_before = metric(gw, "feeds_updates_total", feed="local-domains", result="updated")
         feed = gw.directory / "feed-domains.txt"
-        feed.write_text(feed.read_text() + "allowed.test\n")
+        feed.with_suffix(".new").write_text(feed.read_text() + "allowed.test\n")
+        os.replace(feed.with_suffix(".new"), feed)  # never read half written
         wait_until(
             "the supervisor read the new feed",
             lambda: (
