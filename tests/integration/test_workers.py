@@ -11,6 +11,7 @@ connection's addresses), so a few dozen connections reach both.
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,6 +67,13 @@ def metrics(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """One sample of /metrics (0 when absent)."""
     return metrics(gw).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def admin_json(gw: Gateway, path: str) -> Any:
+    """GET an admin page's JSON without a proxy."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{gw.admin_url}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def flows_total(gw: Gateway) -> float:
@@ -137,6 +146,10 @@ def test_two_workers_share_the_port_with_one_event_stream_and_summed_metrics(
     )
     assert len({field(e, "flow.id") for e in decisions}) == made
     assert len(decisions) == made
+    # explain is a worker's answer; the egress map, a per-process view, is not served.
+    explained = admin_json(gateway, f"/api/v1/explain?from={PAYMENTS}&to=allowed.test:{HTTP_PORT}")
+    assert explained["allowed"] is True, explained
+    assert urllib_status(f"{gateway.admin_url}/api/v1/graph") == 404
 
 
 def test_a_policy_change_reloads_every_worker_and_counts_once(gateway: Gateway) -> None:
