@@ -39,6 +39,10 @@ Rules of the measurement:
   holds up better than a ratio of medians when other processes share the CPUs.
 - Proxy CPU is read from /proc/<pid>/stat (the proxy and its children) around each
   measurement and divided by the tunnels, requests or bytes the client completed.
+- ``--workers 1,2``: also egressgw with ``proxy.workers: 2`` and Squid with ``workers 2``
+  (SMP: run with ``--foreground`` instead of ``-N``, under a service name of its own for its
+  shared memory and IPC sockets), each on a port of its own, measured in the same rounds; a
+  table of their own compares them with one worker each.
 """
 
 from __future__ import annotations
@@ -808,18 +812,39 @@ http_access deny all
 """
 
 
-def start_squid(workdir: Path) -> Daemon:
-    """Start Squid 5.7 in the foreground with the equivalent configuration."""
-    squid_dir = workdir / "squid"
+def start_squid(
+    workdir: Path, name: str = "squid", listen: tuple[str, int] = SQUID_LISTEN, workers: int = 1
+) -> Daemon:
+    """Start Squid 5.7 in the foreground with the equivalent configuration (SMP with workers)."""
+    squid_dir = workdir / name
     squid_dir.mkdir()
     shutil.chown(squid_dir, "proxy", "proxy")
     conf = squid_dir / "squid.conf"
-    conf.write_text(
-        SQUID_CONF.format(listen=f"{SQUID_LISTEN[0]}:{SQUID_LISTEN[1]}", dir=squid_dir, dns=DNS_IP)
-    )
-    daemon = start("squid", [which("squid"), "-N", "-f", str(conf)], workdir)
-    wait_for(lambda: tcp_open(SQUID_LISTEN), 30, "squid", daemon)
+    text = SQUID_CONF.format(listen=f"{listen[0]}:{listen[1]}", dir=squid_dir, dns=DNS_IP)
+    argv = [which("squid"), "-N", "-f", str(conf)]
+    if workers > 1:
+        # -N is one process: SMP needs the master, whose --foreground keeps it our child. The
+        # service name keeps its /dev/shm segments and IPC sockets apart from any other Squid.
+        text += f"workers {workers}\n"
+        argv = [which("squid"), "--foreground", "-n", squid_service(name), "-f", str(conf)]
+    conf.write_text(text)
+    daemon = start(name, argv, workdir)
+    wait_for(lambda: tcp_open(listen), 30, name, daemon)
     return daemon
+
+
+def squid_service(name: str) -> str:
+    """The SMP Squid's service name (names its shared memory and IPC sockets)."""
+    return f"egwbench{os.getpid()}{name.replace('-', '')}"
+
+
+def remove_squid_ipc(name: str) -> None:
+    """Remove what an SMP Squid may leave behind: its IPC sockets and shared memory."""
+    service = squid_service(name)
+    for pattern in (f"/run/squid/{service}-*", f"/dev/shm/{service}-*"):
+        for leftover in Path("/").glob(pattern.lstrip("/")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def policy_yaml() -> str:
@@ -866,13 +891,19 @@ tiers:
 """
 
 
-def config_yaml(egress_map: bool = True) -> str:
+def config_yaml(
+    egress_map: bool = True,
+    listen: tuple[str, int] = EGRESSGW_LISTEN,
+    admin: tuple[str, int] = EGRESSGW_ADMIN,
+    workers: int = 1,
+) -> str:
     """Return the contract-shaped gateway configuration used by the benchmark."""
     return f"""\
 proxy:
-  listen: "{EGRESSGW_LISTEN[0]}:{EGRESSGW_LISTEN[1]}"
+  listen: "{listen[0]}:{listen[1]}"
+  workers: {workers}
 admin:
-  listen: "{EGRESSGW_ADMIN[0]}:{EGRESSGW_ADMIN[1]}"
+  listen: "{admin[0]}:{admin[1]}"
   map: {{enabled: {"true" if egress_map else "false"}}}
 resolver:
   nameservers: ["{DNS_IP}:53"]
@@ -926,13 +957,18 @@ sinks:
 
 
 def start_egressgw(
-    workdir: Path, ready_timeout: float, feed_entries: int, egress_map: bool = True
+    workdir: Path,
+    ready_timeout: float,
+    feed_entries: int,
+    egress_map: bool = True,
+    workers: int = 1,
 ) -> Daemon:
     """Write the gateway's config, policy and feeds, start it and wait for /readyz."""
-    gw_dir = workdir / "egressgw"
+    name, listen, admin = worker_instance("egressgw", EGRESSGW_LISTEN, workers, EGRESSGW_ADMIN)
+    gw_dir = workdir / name
     gw_dir.mkdir()
     (gw_dir / "policy.yaml").write_text(policy_yaml())
-    (gw_dir / "egressgw.yaml").write_text(config_yaml(egress_map))
+    (gw_dir / "egressgw.yaml").write_text(config_yaml(egress_map, listen, admin, workers))
     # documentation ranges and names: in the feeds, never contacted
     ips = [
         f"203.0.113.{i % 256}" if i < 256 else f"198.51.{i // 256}.{i % 256}"
@@ -944,19 +980,17 @@ def start_egressgw(
     egressgw = Path(sys.executable).parent / "egressgw"
     if not egressgw.exists():
         raise BenchError(f"{egressgw} not found: pip install -e . into this interpreter")
-    daemon = start(
-        "egressgw", [str(egressgw), "run", "--config", str(gw_dir / "egressgw.yaml")], workdir
-    )
+    daemon = start(name, [str(egressgw), "run", "--config", str(gw_dir / "egressgw.yaml")], workdir)
 
     def ready() -> bool:
-        conn = http.client.HTTPConnection(*EGRESSGW_ADMIN, timeout=1)
+        conn = http.client.HTTPConnection(*admin, timeout=1)
         try:
             conn.request("GET", "/readyz")
             return conn.getresponse().status == 200
         finally:
             conn.close()
 
-    wait_for(ready, ready_timeout, "egressgw", daemon)
+    wait_for(ready, ready_timeout, name, daemon)
     return daemon
 
 
@@ -1031,6 +1065,16 @@ def transparent_works(target: str) -> bool:
     if redirected_packets() <= before:
         raise BenchError("a transparent connection was answered without the redirect")
     return buf.startswith(RESPONSE)
+
+
+def worker_instance(
+    path: str, listen: tuple[str, int], workers: int, admin: tuple[str, int] = ("", 0)
+) -> tuple[str, tuple[str, int], tuple[str, int]]:
+    """The path name, proxy and admin address of a proxy run with workers (ports + 10 each)."""
+    if workers == 1:
+        return path, listen, admin
+    step = 10 * (workers - 1)
+    return f"{path}-w{workers}", (listen[0], listen[1] + step), (admin[0], admin[1] + step)
 
 
 def start_py_spy(target: Daemon, svg: Path, workdir: Path) -> Daemon:
@@ -1429,6 +1473,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run egressgw with the egress map off (admin.map.enabled: false), to measure its cost",
     )
+    p.add_argument(
+        "--workers",
+        type=ints,
+        default=[1],
+        help="also run egressgw with proxy.workers and Squid with workers at these counts"
+        " above 1, in the same rounds (e.g. 1,2; default 1: one process each)",
+    )
     p.add_argument("--json", type=Path, help="also write the raw samples to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, events)")
     p.add_argument("--verbose", "-v", action="store_true", help="print every sample")
@@ -1508,6 +1559,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 )
                 daemons.append(gw)
                 proxies["egressgw"] = (EGRESSGW_LISTEN, gw)
+            start_worker_paths(args, workdir, daemons, proxies)
             for path, (addr, daemon) in proxies.items():
                 for source in (CLIENT_SOURCES[0], "127.0.0.1"):
                     target = f"{UPSTREAM_IP if args.by_ip else HTTP_NAME}:{HTTP_PORT}"
@@ -1528,10 +1580,10 @@ def bench_main(args: argparse.Namespace) -> int:
             if args.py_spy and "egressgw" in proxies:
                 daemons.append(start_py_spy(proxies["egressgw"][1], args.py_spy, workdir))
             bench = Bench(args, client, workdir, proxies)
-            run_all(bench, args.path_list)
-            lines = report(bench)
+            run_all(bench, args.path_list + [p for p in proxies if p not in args.path_list])
+            lines = report(bench) + workers_report(bench)
             # the file sink rotates (events.jsonl.1, ...): count every file it wrote
-            events = sum(count_lines(f) for f in workdir.glob("egressgw/events.jsonl*"))
+            events = sum(count_lines(f) for f in workdir.glob("egressgw*/events.jsonl*"))
             access = count_lines(workdir / "squid" / "access.log")
         print()
         print(
@@ -1565,11 +1617,69 @@ def bench_main(args: argparse.Namespace) -> int:
             )
     finally:
         delete_netns(netns)
+        for count in args.workers:
+            remove_squid_ipc(f"squid-w{count}")
         if args.keep:
             print(f"work directory kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def start_worker_paths(
+    args: argparse.Namespace,
+    workdir: Path,
+    daemons: list[Daemon],
+    proxies: dict[str, tuple[tuple[str, int], Daemon]],
+) -> None:
+    """Start egressgw and Squid with each worker count above 1 (``--workers``)."""
+    for count in sorted(c for c in set(args.workers) if c > 1):
+        if "squid" in args.path_list:
+            name, listen, _ = worker_instance("squid", SQUID_LISTEN, count)
+            daemon = start_squid(workdir, name, listen, count)
+            daemons.append(daemon)
+            proxies[name] = (listen, daemon)
+        if "egressgw" in args.path_list:
+            name, listen, _ = worker_instance("egressgw", EGRESSGW_LISTEN, count)
+            daemon = start_egressgw(
+                workdir, args.ready_timeout, args.feed_entries, not args.no_map, count
+            )
+            daemons.append(daemon)
+            proxies[name] = (listen, daemon)
+
+
+def workers_report(bench: Bench) -> list[str]:
+    """The table of worker counts: rates, ratios to one worker and to Squid's, CPU per unit."""
+    counts = sorted(c for c in set(bench.args.workers) if c > 1)
+    if not counts:
+        return []
+    res = bench.results
+    figures = [
+        (f"tunnels@{c}", f"tunnels/s, {c} concurrent", 1e6, "us/tunnel")
+        for c in bench.args.concurrency
+    ]
+    figures.append(("http", "http req/s", 1e6, "us/request"))
+    lines = ["", "workers (median rate; CPU of the proxy and its children per unit of work)"]
+    for count in counts:
+        egw, squid = f"egressgw-w{count}", f"squid-w{count}"
+        head = f"{'figure':<26}{'egw w1':>10}{f'egw w{count}':>10}{'squid w1':>10}"
+        head += f"{f'squid w{count}':>10}{f'egw w{count}/w1':>13}{f'vs squid w{count}':>14}"
+        lines += [head, "-" * len(head)]
+        for fig, label, scale, unit in figures:
+            paths = ["egressgw", egw, "squid", squid]
+            rates = [median([s.rate for s in res.get((fig, p), [])]) or None for p in paths]
+            cpu = [
+                median([s.cpu / s.work * scale for s in res.get((fig, p), []) if s.work]) or None
+                for p in paths
+            ]
+            self_ratio = paired_ratio(res.get((fig, egw), []), res.get((fig, "egressgw"), []))
+            squid_ratio = paired_ratio(res.get((fig, egw), []), res.get((fig, squid), []))
+            line = f"{label:<26}" + "".join(f"{fmt(v):>10}" for v in rates)
+            line += f"{f'{self_ratio:.2f}x' if self_ratio else '-':>13}"
+            line += f"{f'{squid_ratio:.2f}x' if squid_ratio else '-':>14}"
+            lines.append(line)
+            lines.append(f"{'  CPU ' + unit:<26}" + "".join(f"{fmt(v):>10}" for v in cpu))
+    return lines
 
 
 def platform_line() -> str:

@@ -31,9 +31,9 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Set
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from kubernetes_asyncio.config import ConfigException
@@ -163,8 +163,8 @@ def _describe(status: FeedStatus) -> str:
 LISTEN_BACKLOG = 4096
 
 
-def listen_socket(listen: str) -> socket.socket:
-    """A listening TCP socket for the proxy.
+def listen_socket(listen: str, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket for the proxy (``reuse_port``: one of several workers' sockets).
 
     No TCP_DEFER_ACCEPT: accepting a client as soon as its handshake completes, while its
     request is still on the way, measured 9-13% more tunnels/s on loopback (the accept overlaps
@@ -175,6 +175,9 @@ def listen_socket(listen: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # The kernel spreads new connections over every listening socket of the group.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Accepted sockets inherit it: no setsockopt per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
@@ -204,6 +207,40 @@ def _reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def admin_token(cfg: Config, base: Path) -> str | None:
+    """The admin.auth token, read from its file (a mounted Secret) when the server starts."""
+    auth = cfg.admin.auth
+    if auth is None:
+        return None
+    path = auth.token_file if auth.token_file.is_absolute() else base / auth.token_file
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise OSError(f"admin.auth.token_file {path}: {_reason(e)}") from e
+    if not token:
+        raise OSError(f"admin.auth.token_file {path}: empty")
+    return token
+
+
+async def load_node_firewall(
+    feeds: FeedManager, table: str, count_error: Callable[[str], None]
+) -> bool:
+    """Load the feeds' blocklisted IPs into the node table's sets; False if not loaded."""
+    try:
+        values = await asyncio.to_thread(feeds.blocklist_values, "ip", None)
+        script = to_nft_set(table, "blocked", values)
+        await asyncio.to_thread(nft.apply, script)
+    except MissingFeedData as e:
+        log.info("node firewall kept: feeds without data", feeds=sorted(e.feeds))
+        return False
+    except (nft.NftError, ValueError, OSError) as e:
+        count_error("node_firewall")
+        log.error("node firewall not refreshed", error=str(e))
+        return False
+    log.info("node firewall refreshed", table=f"inet {table}", entries=len(values))
+    return True
+
+
 def _split(listen: str) -> tuple[str, int]:
     ip, port = parse_ip_port(listen)
     return str(ip), port
@@ -225,12 +262,52 @@ def restart_only(running: Config, loaded: Config) -> list[tuple[str, object, obj
     return [(key, str(old), str(new)) for key, old, new in pairs if old != new]
 
 
+class EventExport(Protocol):
+    """Where a gateway's ECS events go: the exporter, or a worker's channel to it."""
+
+    def submit(self, event: Mapping[str, Any]) -> None:
+        """Queue one event (cheap, never blocks)."""
+        ...
+
+    async def start(self) -> None:
+        """Open before the first event."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once every event submitted so far is handed on (durable, or sent)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Hand on every event submitted so far, then close."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """A gateway run as one of several worker processes (``proxy.workers``; egressgw.workers).
+
+    Its events go to ``events`` (the supervisor's exporter, over the worker's channel); it
+    listens on the addresses the supervisor reserved (``proxy``, ``transparent``), with
+    ``SO_REUSEPORT``; the supervisor serves the admin pages, fetches the feeds (the worker
+    reads their stored state when told) and watches the configuration files.
+    """
+
+    events: EventExport
+    listen: Mapping[str, str]
+    # Told the feeds the policy resources (ThreatFeed) define whenever they change: the
+    # supervisor fetches them, as it fetches the configured ones.
+    resource_feeds: Callable[[list[FeedSpec]], None] = lambda specs: None
+
+
 class Gateway:
     """The gateway process's state; the proxy's connections see it as their Hub."""
 
-    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Config, config_path: Path | None = None, worker: WorkerRole | None = None
+    ) -> None:
         self.config = cfg
         self.config_path = config_path
+        self.worker = worker
         self.limits = cfg.proxy
         self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips: Mapping[str, Any] = cfg.egress_ips
@@ -239,7 +316,9 @@ class Gateway:
         self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
         base = config_path.parent if config_path else Path.cwd()
         self.base_dir = base
-        self.feeds = build_feeds(cfg, base, self.metrics.registry, self._feed_report)
+        # A worker's feed metrics would repeat the supervisor's in every worker: kept aside.
+        feed_registry = self.metrics.registry if worker is None else CollectorRegistry()
+        self.feeds = build_feeds(cfg, base, feed_registry, self._feed_report)
         self.threats = MatcherThreats(lambda: self.feeds.matcher)
         self.static_inventory = cfgmod.build_inventory(cfg)
         self.inventory: Inventory = self.static_inventory
@@ -259,8 +338,10 @@ class Gateway:
         self.policy_objects: list[Mapping[str, Any]] = []
         self.policy_judged: policyobjects.Judged | None = None
         self.resource_feeds: dict[str, FeedSpec] = {}
-        self.exporter = Exporter.from_config(
-            cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry
+        self.exporter: EventExport = (
+            Exporter.from_config(cfg.spool, list(cfg.sinks), base, registry=self.metrics.registry)
+            if worker is None
+            else worker.events
         )
         self.observer = {
             "vendor": "egressgw",
@@ -308,8 +389,9 @@ class Gateway:
         # The gateway's own connections carry the node rules' exemption mark (node mode).
         self.exempt_mark: int | None = cfg.node.exempt_mark if cfg.node.enabled else None
         # The node's nftables set of blocklisted IPs, refreshed after every feed update.
-        self.node_firewall = cfg.node.enabled and cfg.node.firewall
+        self.node_firewall = cfg.node.enabled and cfg.node.firewall and worker is None
         self._firewall_lock = asyncio.Lock()
+        self._feeds_lock = asyncio.Lock()
         self.proxy_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
@@ -387,27 +469,34 @@ class Gateway:
         self.started_at = time.monotonic()
         proxy_listen, admin_listen = self.config.proxy.listen, self.config.admin.listen
         metrics_listen = self.config.admin.metrics_listen
+        worker = self.worker
+        transparent_listen = self.config.transparent.listen
+        if worker is not None:  # the addresses the supervisor reserved (port 0 resolved)
+            proxy_listen = worker.listen["proxy"]
+            transparent_listen = worker.listen.get("transparent", transparent_listen)
         try:
-            sock = listen_socket(proxy_listen)
+            sock = listen_socket(proxy_listen, reuse_port=worker is not None)
         except OSError as e:
             raise OSError(f"proxy.listen {proxy_listen}: {_reason(e)}") from e
         socks = [sock]
         try:
-            transparent_listen = self.config.transparent.listen
             transparent_sock: socket.socket | None = None
             if transparent_listen is not None:
                 try:
-                    transparent_sock = listen_socket(transparent_listen)
+                    transparent_sock = listen_socket(
+                        transparent_listen, reuse_port=worker is not None
+                    )
                 except OSError as e:
                     raise OSError(f"transparent.listen {transparent_listen}: {_reason(e)}") from e
                 socks.append(transparent_sock)
-            try:
-                await self.admin.start(
-                    admin_listen, self._admin_token(), metrics=metrics_listen is None
-                )
-            except OSError as e:
-                raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
-            if metrics_listen is not None:
+            if worker is None:
+                try:
+                    await self.admin.start(
+                        admin_listen, self._admin_token(), metrics=metrics_listen is None
+                    )
+                except OSError as e:
+                    raise OSError(f"admin.listen {admin_listen}: {_reason(e)}") from e
+            if metrics_listen is not None and worker is None:
                 try:
                     await self.admin.start_metrics(metrics_listen)
                 except OSError as e:
@@ -418,7 +507,10 @@ class Gateway:
                 except OSError as e:
                     raise OSError(f"dns.listen {self.config.dns.listen}: {_reason(e)}") from e
             await self.exporter.start()
-            await self.feeds.start()
+            if worker is None:
+                await self.feeds.start()
+            else:  # the supervisor fetches; a worker serves what it stored
+                await asyncio.to_thread(self.feeds.load_state)
             await self._start_kubernetes()
         except BaseException:
             for s in socks:
@@ -432,7 +524,7 @@ class Gateway:
         if self.node_firewall:
             self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         missing = [n for n, s in self.feeds.status().items() if s.enabled and not s.has_data]
-        if missing:
+        if missing and worker is None:
             # Feeds with no stored data are fetched now rather than after the startup spread,
             # so /readyz turns ready as soon as they are in.
             self._tasks.append(spawn(self.feeds.update_now(missing), name="feeds-first-fetch"))
@@ -452,7 +544,7 @@ class Gateway:
             self.transparent.start()
             self.transparent_address = self.transparent.address
         self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
-        if self.config_path is not None and self.config.reload.watch:
+        if self.config_path is not None and self.config.reload.watch and worker is None:
             self._tasks.append(spawn(self._watch(), name="config-watcher"))
         self.ready = True
         log.info(
@@ -464,8 +556,8 @@ class Gateway:
             dns=self.config.dns.listen,
             transparent=self.config.transparent.listen,
         )
-        for warning in cfgmod.unbuilt(self.config):
-            log.warning(warning)
+        for warning in cfgmod.unbuilt(self.config) if worker is None else ():
+            log.warning(warning)  # the supervisor says it once for all workers
 
     async def shutdown(self) -> None:
         """Turn unready, keep accepting for ``proxy.shutdown_delay`` (or until hurried), stop."""
@@ -536,6 +628,7 @@ class Gateway:
             self.policy_objects, files, {f.name for f in cfg.feeds}, last_good
         )
         wanted = {f.name: f for f in judged.feeds}
+        before = dict(self.resource_feeds)
         for name in [n for n in self.resource_feeds if n not in wanted]:
             await self.feeds.remove(name)
             del self.resource_feeds[name]
@@ -543,8 +636,10 @@ class Gateway:
             if self.resource_feeds.get(name) != spec:
                 await self.feeds.add(spec)
                 self.resource_feeds[name] = spec
-                if not self.feeds.status()[name].has_data:
+                if not self.feeds.status()[name].has_data and self.worker is None:
                     spawn(self.feeds.update_now([name]), name=f"feed-first-fetch-{name}")
+        if self.worker is not None and self.resource_feeds != before:
+            self.worker.resource_feeds(list(self.resource_feeds.values()))
         self.threats.refresh()
         self.policy_judged = judged
         return judged
@@ -721,18 +816,7 @@ class Gateway:
 
     # -- what the admin server reads -------------------------------------------------------------
     def _admin_token(self) -> str | None:
-        """The admin.auth token, read from its file (a mounted Secret) when the server starts."""
-        auth = self.config.admin.auth
-        if auth is None:
-            return None
-        path = auth.token_file if auth.token_file.is_absolute() else self.base_dir / auth.token_file
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise OSError(f"admin.auth.token_file {path}: {_reason(e)}") from e
-        if not token:
-            raise OSError(f"admin.auth.token_file {path}: empty")
-        return token
+        return admin_token(self.config, self.base_dir)
 
     async def explain(self, source: str, target: str, protocol: str) -> tuple[bool, list[str]]:
         """Decide a flow now with the runtime in force, as ``egressgw explain`` prints it.
@@ -758,6 +842,8 @@ class Gateway:
             return "kubernetes: policy resources not listed yet"
         if self.egress_problems:
             return f"egress_ips: {'; '.join(self.egress_problems)}"
+        if self.worker is not None:
+            return None  # the supervisor judges the feeds it fetches
         return self._feed_readiness()[0]
 
     def readiness_warning(self) -> str | None:
@@ -784,6 +870,12 @@ class Gateway:
         timeout = self.config.readiness.feeds_timeout
         return feed_readiness(self.feeds.status(), required, waited, timeout)
 
+    async def reload_feeds(self) -> None:
+        """Serve the feeds' data as stored now (a worker, after the supervisor's update)."""
+        async with self._feeds_lock:  # one parse at a time: a burst of updates reads once more
+            await asyncio.to_thread(self.feeds.load_state)
+        self.threats.refresh()
+
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
         return self.feeds.blocklist_values(kind, feeds)
@@ -794,20 +886,9 @@ class Gateway:
         Never with feed data missing: an empty set would let through what the last one dropped.
         """
         async with self._firewall_lock:
-            table = self.config.node.table
-            try:
-                values = await asyncio.to_thread(self.feeds.blocklist_values, "ip", None)
-                script = to_nft_set(table, "blocked", values)
-                await asyncio.to_thread(nft.apply, script)
-            except MissingFeedData as e:
-                log.info("node firewall kept: feeds without data", feeds=sorted(e.feeds))
-                return False
-            except (nft.NftError, ValueError, OSError) as e:
-                self.metrics.count_error("node_firewall")
-                log.error("node firewall not refreshed", error=str(e))
-                return False
-            log.info("node firewall refreshed", table=f"inet {table}", entries=len(values))
-            return True
+            return await load_node_firewall(
+                self.feeds, self.config.node.table, self.metrics.count_error
+            )
 
     def _feed_report(self, report: UpdateReport) -> None:
         # Called right after an update swapped the matcher: the next flow is decided with it,

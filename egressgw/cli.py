@@ -33,6 +33,8 @@ from egressgw.logs import configure_logging
 from egressgw.net import nft
 from egressgw.node import NodeRules, summarise, to_setup_script, to_teardown_script
 from egressgw.threats import MatcherThreats
+from egressgw.workers import supervisor
+from egressgw.workers import worker as worker_process
 from feeds import cli as feeds_cli
 from feeds.options import ParseOptions
 from feeds.refresh import MissingFeedData
@@ -103,9 +105,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     configure_logging(cfg.log.level, cfg.log.format)
-    raise_descriptor_limit()
+    raise_descriptor_limit()  # the workers inherit the raised limit
+    workers = cfgmod.worker_count(cfg)
     try:
-        uvloop.run(_serve(cfg, args.config))
+        if workers > 1 and args.config is not None:
+            uvloop.run(supervisor.serve(cfg, args.config, workers))
+        else:
+            uvloop.run(_serve(cfg, args.config))
     except ConfigError as e:
         for line in e.errors:
             print(f"egressgw: {line}", file=sys.stderr)
@@ -442,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the egressgw command."""
     parser = argparse.ArgumentParser(prog="egressgw", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"egressgw {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        # `worker` is left out: the supervisor runs it (proxy.workers), nobody else.
+        metavar="{run,check,explain,feeds,firewall,node}",
+    )
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("--config", type=Path, help="configuration file (embedded defaults if none)")
     run.set_defaults(func=cmd_run)
@@ -516,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, help="configuration file")
     status.add_argument("-v", "--verbose", action="store_true", help="print the whole table")
     status.set_defaults(func=cmd_node)
+    worker_process.add_parser(sub)
     return parser
 
 

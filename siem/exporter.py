@@ -345,6 +345,22 @@ class Exporter:
         if len(self._pending) >= self.batch_events and self._wake is not None:
             self._wake.set()
 
+    def submit_serialised(self, payload: bytes) -> None:
+        """Queue one event already serialised as JSON by the same rules (another process's)."""
+        if len(self._pending) >= self.max_pending:
+            self._pending_lost += 1
+            return
+        self._pending.append(payload)
+        self._submitted += 1
+        if len(self._pending) >= self.batch_events and self._wake is not None:
+            self._wake.set()
+
+    def note_lost(self, count: int) -> None:
+        """Count events lost before they reached the exporter (a gap marker reports them)."""
+        self._pending_lost += count
+        if self._wake is not None:
+            self._wake.set()
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -80,9 +80,19 @@ class AdminSource(Protocol):
 class AdminServer:
     """The admin pages on their own listener."""
 
-    def __init__(self, source: AdminSource, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        source: AdminSource,
+        registry: CollectorRegistry,
+        metrics_body: Callable[[], Awaitable[bytes]] | None = None,
+        map_off: str = "the egress map is off (admin.map.enabled: false)\n",
+    ) -> None:
+        """``metrics_body``: what ``/metrics`` serves, when not ``registry`` alone (workers'
+        sums); ``map_off``: the answer to the map's routes when ``egress_map`` is None."""
         self.source = source
         self.registry = registry
+        self._metrics_body = metrics_body
+        self._map_off = map_off
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -163,7 +173,10 @@ class AdminServer:
         return web.Response(body=to_edl(values), content_type="text/plain", charset="utf-8")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        if self._metrics_body is not None:
+            body = await self._metrics_body()
+        else:
+            body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- the egress map ------------------------------------------------------------------------
@@ -196,7 +209,7 @@ class AdminServer:
     def _map(self) -> EgressMap:
         m = self.source.egress_map
         if m is None:
-            raise web.HTTPNotFound(text="the egress map is off (admin.map.enabled: false)\n")
+            raise web.HTTPNotFound(text=self._map_off)
         return m
 
     async def _page(self, request: web.Request) -> web.Response:

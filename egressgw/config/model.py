@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -133,6 +134,12 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
+def _workers(value: object) -> object:
+    if value == "auto" or (type(value) is int and value >= 1):
+        return value
+    raise ValueError(f"workers must be a whole number >= 1 or auto, got {value!r}")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -157,6 +164,9 @@ class ProxyConfig(_Model):
     # On SIGTERM: /readyz turns 503 and the listener keeps accepting this long, then drains.
     shutdown_delay: DurationOrZero = DEFAULT_SHUTDOWN_DELAY
     via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # Processes accepting on the listeners (SO_REUSEPORT) under one supervisor; ``auto``: one
+    # per CPU. 1 is the single process of old.
+    workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
 
 
 class AdminAuthConfig(_Model):
@@ -678,12 +688,25 @@ def read_config(path: Path) -> tuple[Config | None, list[str]]:
     for i, sink in enumerate(cfg.sinks):
         for key, problem in [*tls_file_problems(sink), *secret_file_problems(sink)]:
             errors.append(f"{path}:{doc.line_of(['sinks', i, key])}: sinks[{i}].{key}: {problem}")
+    if cfg.dns.listen is not None and worker_count(cfg) > 1:
+        line = doc.line_of(["proxy", "workers"])
+        errors.append(
+            f"{path}:{line}: proxy.workers: more than one worker with dns.listen set: the DNS "
+            "proxy's answers, which the transparent listener checks claimed names against, "
+            "live in one process (run one worker, or no DNS proxy)"
+        )
     if cfg.admin.auth is not None:
         token_problem = _token_file_problem(path.parent / cfg.admin.auth.token_file)
         if token_problem is not None:
             line = doc.line_of(["admin", "auth", "token_file"])
             errors.append(f"{path}:{line}: admin.auth.token_file: {token_problem}")
     return cfg, errors
+
+
+def worker_count(cfg: Config) -> int:
+    """How many worker processes ``proxy.workers`` asks for (``auto``: the CPU count)."""
+    workers = cfg.proxy.workers
+    return (os.cpu_count() or 1) if workers == "auto" else workers
 
 
 def _token_file_problem(path: Path) -> str | None:

@@ -378,3 +378,21 @@ async def test_a_waiting_sink_is_cancellable_as_it_is_woken(tmp_path: Path) -> N
             await task
     source.reader.close()
     spool.close()
+
+
+async def test_serialised_events_pass_through_and_lost_ones_are_marked(tmp_path: Path) -> None:
+    """Events serialised elsewhere (a worker) are spooled byte for byte; ones lost before the
+    exporter (a worker's full channel) are counted behind a gap marker."""
+    sink = RecordingSink("s")
+    exp = exporter([sink], spool_spec(tmp_path))
+    await exp.start()
+    payloads = [orjson.dumps(event(i)) for i in range(3)]
+    for p in payloads:
+        exp.submit_serialised(p)
+    exp.note_lost(4)
+    await exp.flush()
+    assert await exp.wait_delivered(within=5)
+    await exp.aclose()
+    assert sink.payloads[:3] == payloads
+    assert len(sink.received) == 4  # the three and one gap marker
+    assert exp.spool is not None and exp.spool.dropped["pending_full"] == 4
