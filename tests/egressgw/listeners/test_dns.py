@@ -129,6 +129,7 @@ async def test_silent_upstream_gives_servfail_and_frees_the_slot(hub: Hub) -> No
         _, pending = p.begin(query("a.test"), ("10.99.0.2", 5000), "udp")
         assert pending is not None
         reply = await p.finish(pending)
+        p.close()
     finally:
         silent.close()
     assert dns.message.from_wire(reply).rcode() == dns.rcode.SERVFAIL
@@ -159,6 +160,7 @@ async def test_answered_addresses_are_recorded_for_the_client(hub: Hub) -> None:
         assert pending is not None
         reply = await p.finish(pending)
         await server
+        p.close()
     finally:
         upstream.close()
     assert dns.message.from_wire(reply).answer[0][0].address == "192.0.2.5"
