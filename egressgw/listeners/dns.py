@@ -1,27 +1,30 @@
 """The DNS proxy (``dns.listen``): UDP and TCP on one port, forwarding to ``dns.upstreams``.
 
-The I/O shell over ``wire.dnsmsg`` (bytes <-> messages) and ``decision.dnsanswer`` (verdicts).
-For each query:
+The I/O shell over ``wire.dnsread`` (the fields of a message the fast path needs, read off the
+bytes), ``wire.dnsmsg`` (dnspython messages, where one must be built), ``decision.dnsanswer``
+(verdicts) and ``listeners.dnsupstream`` (the upstream sockets). For each query:
 
-1. Parse it (a malformed one gets FORMERR when its header is readable, else nothing), find the
-   workload behind the client's address (``Inventory.lookup``), judge the question. A refused
-   name is answered at once (NXDOMAIN or the sinkhole), without a task or an upstream query.
-2. Otherwise forward the client's bytes unchanged to the first upstream (then the next, within
-   ``dns.timeout`` in all): UDP first, again over TCP when the upstream truncated its answer,
-   so the whole answer is judged. Upstream sockets carry ``node.exempt_mark`` in node mode, so
-   the node's redirection rules leave them alone.
+1. Read its header and question (a malformed one gets FORMERR when its header is readable,
+   else nothing), find the workload behind the client's address (``Inventory.lookup``), judge
+   the question. A refused name is answered at once (NXDOMAIN or the sinkhole).
+2. Otherwise forward the client's bytes under a fresh random id over one of the few long-lived
+   UDP sockets of the first upstream, then the next (each try gets its share of ``dns.timeout``
+   left); again over TCP when the upstream truncated its answer, so the whole answer is judged.
+   Answers are matched by upstream, id and question; others are dropped and counted. Upstream
+   sockets carry ``node.exempt_mark`` in node mode, so the node's redirection rules leave them
+   alone. No task, socket or timeout object is made per UDP query: the answer's arrival (or the
+   try's timer) carries the query on.
 3. Judge the answer (CNAME targets, addresses); a refused answer becomes the blocked answer.
    Addresses answered are recorded per client (``AnswerLog``) for the transparent listener.
-4. Send it: over UDP cut to the client's size with TC set when longer (the client retries over
-   TCP); over TCP whole. Every exchange that was decided is told to the DNS consumers (events).
+4. Send it under the client's id: the upstream's own bytes when they fit (over UDP, the client's
+   size; over TCP always), else cut at a record with TC set (the client retries over TCP). Every
+   exchange that was decided is told to the DNS consumers (events).
 
 Bounds: at most ``max_inflight`` upstream queries at once and ``max_inflight_per_source`` per
 client address; a query beyond either is answered REFUSED at once (counted as ``dns_busy``, no
 event: a flood must not flood the spool). At most ``max_tcp_connections`` TCP clients, each
 closed after ``tcp_idle_timeout`` without a query; TCP queries of one connection are answered
-in order. Upstream queries use sockets of their own, closed when the query ends or times out
-(dnspython's query functions are not used here: a cancelled one can leak its socket under
-uvloop).
+in order.
 """
 
 from __future__ import annotations

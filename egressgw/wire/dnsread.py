@@ -121,6 +121,15 @@ def read_name(wire: bytes, offset: int) -> tuple[str, int]:
     return (".".join(labels) if labels else "."), end
 
 
+def _name_at(wire: bytes, pos: int, known: dict[int, str]) -> tuple[str, int]:
+    """``read_name``, but a pointer straight to a name read before costs a dict look-up."""
+    if pos + 1 < len(wire) and wire[pos] >= 0xC0:
+        name = known.get((wire[pos] & 0x3F) << 8 | wire[pos + 1])
+        if name:
+            return name, pos + 2
+    return read_name(wire, pos)
+
+
 def _skip_name(wire: bytes, offset: int) -> int:
     return read_name(wire, offset)[1]
 
@@ -185,6 +194,7 @@ def read_response(wire: bytes, records: bool = True) -> Response:
     ident, flags, qd, an, ns, ar = _header(wire)
     pos = HEADER
     question: tuple[str, int, int] | None = None
+    known: dict[int, str] = {}  # names read so far by offset: answers point back at them
     for _ in range(qd):
         name, pos = read_name(wire, pos)
         if pos + 4 > len(wire):
@@ -193,12 +203,13 @@ def read_response(wire: bytes, records: bool = True) -> Response:
         pos += 4
         if question is None:
             question = (name, qtype, qclass)
+            known[HEADER] = name
     rcode = flags & 0x000F
     if not records:
         return Response(ident, flags, rcode, question, ())
     found: list[Record] = []
     for _ in range(an):
-        owner, pos = read_name(wire, pos)
+        owner, pos = _name_at(wire, pos, known)
         rtype, rclass, ttl, rdlen, start = _fixed(wire, pos)
         pos = start + rdlen
         if rclass != CLASS_IN:
@@ -213,6 +224,7 @@ def read_response(wire: bytes, records: bool = True) -> Response:
             target, after = read_name(wire, start)
             if after != pos:
                 raise ValueError("CNAME data is not one name")
+            known[start] = target
             found.append(Record(owner, "CNAME", ttl, target))
         elif rtype in (TYPE_A, TYPE_AAAA):
             raise ValueError("address record of the wrong length")

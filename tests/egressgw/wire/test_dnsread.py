@@ -167,3 +167,20 @@ def test_address_records_carry_their_address() -> None:
     response.answer.append(dns.rrset.from_text("a.test.", 5, "IN", "A", "192.0.2.9"))
     [record] = dnsread.read_response(response.to_wire()).records
     assert record.address == ipaddress.ip_address("192.0.2.9")
+
+
+def test_cname_chain_with_names_pointing_back() -> None:
+    """Owners compressed to the question and to an earlier CNAME target read as dnspython's."""
+    query = dns.message.make_query("www.shop.test", "A")
+    response = dns.message.make_response(query)
+    response.answer.append(
+        dns.rrset.from_text("www.shop.test.", 300, "IN", "CNAME", "cdn.evil.test.")
+    )
+    response.answer.append(
+        dns.rrset.from_text("cdn.evil.test.", 20, "IN", "CNAME", "edge.evil.test.")
+    )
+    response.answer.append(dns.rrset.from_text("edge.evil.test.", 20, "IN", "A", "192.0.2.7"))
+    wire = response.to_wire()
+    got = dnsread.read_response(wire).records
+    assert list(got) == dnsmsg.answer_records(dns.message.from_wire(wire))
+    assert [r.name for r in got] == ["www.shop.test", "cdn.evil.test", "edge.evil.test"]
