@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
@@ -324,4 +325,47 @@ async def test_upstream_sockets_stay_few_across_many_queries(hub: Hub) -> None:
         assert p.upstream_sockets() == 0
     finally:
         p.close()
+        up.close()
+
+
+async def test_truncated_answer_is_asked_again_over_tcp(hub: Hub) -> None:
+    """An upstream answer with TC set: the same upstream is asked over TCP, under the same id."""
+    up = FakeUpstream()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        tcp.bind(("127.0.0.1", up.sock.getsockname()[1]))
+    except OSError:
+        tcp.close()
+        up.close()
+        pytest.skip("the fake upstream's port is taken for TCP on this machine")
+    tcp_ids: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        q = dns.message.from_wire(await reader.readexactly(size))
+        tcp_ids.append(q.id)
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", "192.0.2.8"))
+        wire = r.to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, sock=tcp)
+    p = proxy(hub, upstreams=[up.address], timeout=30)
+    try:
+        _, pending = p.begin(with_id("big.test", 99), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = asyncio.ensure_future(p.finish(pending))
+        q, addr = await up.receive()
+        cut = dns.message.make_response(q)
+        cut.flags |= dns.flags.TC
+        await asyncio.get_running_loop().sock_sendto(up.sock, cut.to_wire(), addr)
+        answer = dns.message.from_wire(await reply)
+        assert answer.id == 99 and answer.answer[0][0].address == "192.0.2.8"
+        assert tcp_ids == [q.id]
+        assert hub.exchanges[0].answers[0].data == "192.0.2.8"
+    finally:
+        p.close()
+        server.close()
         up.close()

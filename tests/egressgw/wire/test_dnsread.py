@@ -11,7 +11,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egressgw.wire import dnsmsg, dnsread
@@ -30,6 +30,7 @@ def make_query(name: dns.name.Name, qtype: str, payload: int | None) -> dns.mess
     return dns.message.make_query(name, qtype, use_edns=0, payload=payload)
 
 
+@settings(deadline=None)  # no timing: CI runs loaded
 @given(NAME, QTYPES, PAYLOAD)
 def test_query_reads_as_dnspython_reads_it(
     name: dns.name.Name, qtype: str, payload: int | None
@@ -45,6 +46,7 @@ def test_query_reads_as_dnspython_reads_it(
     assert got.question_end == 12 + len(name.to_wire()) + 4
 
 
+@settings(deadline=None)  # no timing: CI runs loaded
 @given(st.binary(max_size=300))
 def test_query_reader_contract(data: bytes) -> None:
     """Any bytes: a Query or ValueError; whatever dnspython takes as a query, the reader takes."""
@@ -100,6 +102,7 @@ ANSWERS = st.lists(
 )
 
 
+@settings(deadline=None)  # no timing: CI runs loaded
 @given(NAME, ANSWERS)
 def test_response_records_read_as_dnspython_reads_them(
     qname: dns.name.Name, answers: list[tuple[dns.name.Name, int, tuple[str, str]]]
@@ -131,6 +134,7 @@ def test_extended_rcode_and_empty_question() -> None:
     assert dnsread.read_response(bare).question is None
 
 
+@settings(deadline=None)  # no timing: CI runs loaded
 @given(st.binary(max_size=300))
 def test_response_reader_contract(data: bytes) -> None:
     """Any bytes: a Response or ValueError, never another exception."""
