@@ -238,7 +238,13 @@ class DnsProxy:
         """Steps 2 to 4 for a query ``begin`` let through: ``reply`` gets the reply's bytes."""
 
         def answered(outcome: Answer | str) -> None:
-            reply(self._answered(p, outcome))
+            try:
+                data = self._answered(p, outcome)
+            except Exception:  # a bug must still answer the client (a TCP client waits for it)
+                log.exception("dns answer handling failed", name=p.exchange.name)
+                self.hub.count_error("dns_internal")
+                data = dnsread.refusal(p.wire, p.query, dns.rcode.SERVFAIL)
+            reply(data)
 
         question = (p.query.name, p.query.qtype, dnsread.CLASS_IN)
         self._upstreams.ask(p.wire, question, self._upstream_order, self.cfg.timeout, answered)
