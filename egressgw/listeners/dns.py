@@ -304,19 +304,8 @@ class DnsProxy:
         started_mono: float,
     ) -> bytes:
         x.verdict = verdict
-        try:
-            parsed = dnsmsg.parse_query(wire)
-        except ValueError:  # read by the proxy's reader, not by dnspython: NXDOMAIN, bare
-            x.response_code, x.answers = "NXDOMAIN", []
-            reply = dnsread.refusal(wire, query, dns.rcode.NXDOMAIN)
-        else:
-            response = dnsmsg.blocked(parsed, self.sinkhole)
-            x.response_code = dnsmsg.rcode_text(response)
-            x.answers = dnsmsg.answer_records(response)
-            if x.transport == "udp":
-                reply = dnsmsg.to_udp_wire(response, query.udp_limit)
-            else:
-                reply = response.to_wire()
+        reply, x.answers = dnsread.blocked(wire, query, self.sinkhole)
+        x.response_code = "NXDOMAIN" if self.sinkhole is None else "NOERROR"
         x.duration = time.monotonic() - started_mono
         self.hub.dns_answered(x)
         return reply

@@ -20,7 +20,9 @@ Rules:
    special and non-printable bytes escaped as dnspython escapes them.
 4. ``with_id(wire, ident)`` is the message with another id; ``refusal(wire, query, rcode)`` an
    answer carrying the query's question and nothing else; ``truncated(wire, query)`` the same
-   with TC set and no error.
+   with TC set and no error; ``blocked(wire, query, sinkhole)`` the answer to a refused name
+   (``dnsmsg`` rule 4: NXDOMAIN, or the sinkhole address for a question of its family). Each
+   carries an OPT record (``OUR_PAYLOAD``, no options) when the query had one (RFC 6891).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from egressgw.wire.dnsmsg import MAX_MESSAGE, UDP_DEFAULT_LIMIT, Record
+from egressgw.wire.dnsmsg import BLOCKED_TTL, MAX_MESSAGE, UDP_DEFAULT_LIMIT, IPAddress, Record
 
 HEADER = 12
 QR = 0x8000
@@ -39,6 +41,8 @@ OPCODE_MASK = 0x7800
 TYPE_A, TYPE_CNAME, TYPE_AAAA, TYPE_OPT = 1, 5, 28, 41
 TYPE_AXFR, TYPE_IXFR = 252, 251
 CLASS_IN = 1
+RCODE_NXDOMAIN = 3
+OUR_PAYLOAD = 1232  # the UDP size the proxy's own answers advertise (DNS flag day 2020)
 MAX_NAME = 255  # bytes of a name on the wire (RFC 1035 section 3.1)
 _ESCAPED = b'"().;\\@$'  # what dnspython writes as \c
 # Label bytes written as they are: printable ASCII but the escaped ones (uppercase is lowered).
@@ -57,6 +61,7 @@ class Query:
     qtype: int
     question_end: int  # offset of the first byte after the question
     udp_limit: int  # the longest answer the client takes over UDP
+    edns: bool  # the query has an OPT record (so the proxy's own answers carry one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +191,7 @@ def read_query(wire: bytes) -> Query:
     if qtype in (TYPE_AXFR, TYPE_IXFR):
         raise ValueError("zone transfers are not forwarded")
     limit = UDP_DEFAULT_LIMIT if opt is None else max(UDP_DEFAULT_LIMIT, min(opt[0], MAX_MESSAGE))
-    return Query(ident, flags, name, qtype, question_end, limit)
+    return Query(ident, flags, name, qtype, question_end, limit, opt is not None)
 
 
 def read_response(wire: bytes, records: bool = True) -> Response:
@@ -251,6 +256,26 @@ def truncated(wire: bytes, query: Query) -> bytes:
     return _bare(wire, query, TC)
 
 
-def _bare(wire: bytes, query: Query, bits: int) -> bytes:
+def blocked(wire: bytes, query: Query, sinkhole: IPAddress | None) -> tuple[bytes, list[Record]]:
+    """The answer to a refused name and its answer records (rule 4)."""
+    if sinkhole is None:
+        return _bare(wire, query, RCODE_NXDOMAIN), []
+    kind, rtype = ("A", TYPE_A) if sinkhole.version == 4 else ("AAAA", TYPE_AAAA)
+    if query.qtype != rtype:
+        return _bare(wire, query, 0), []
+    data = sinkhole.packed
+    # The owner is a pointer to the question's name (offset 12).
+    rr = b"\xc0\x0c" + _FIXED.pack(rtype, CLASS_IN, BLOCKED_TTL, len(data)) + data
+    record = Record(query.name, kind, BLOCKED_TTL, str(sinkhole), sinkhole)
+    return _bare(wire, query, 0, rr), [record]
+
+
+def _bare(wire: bytes, query: Query, bits: int, answer: bytes = b"") -> bytes:
     flags = QR | (query.flags & (OPCODE_MASK | RD)) | bits
-    return _HEAD.pack(query.id, flags, 1, 0, 0, 0) + wire[HEADER : query.question_end]
+    head = _HEAD.pack(query.id, flags, 1, 1 if answer else 0, 0, 1 if query.edns else 0)
+    opt = _OPT if query.edns else b""
+    return head + wire[HEADER : query.question_end] + answer + opt
+
+
+# The root name, type OPT, class = our UDP size, TTL 0 (rcode bits, version 0, no DO), no data.
+_OPT = b"\x00" + _FIXED.pack(TYPE_OPT, OUR_PAYLOAD, 0, 0)

@@ -188,3 +188,23 @@ def test_cname_chain_with_names_pointing_back() -> None:
     got = dnsread.read_response(wire).records
     assert list(got) == dnsmsg.answer_records(dns.message.from_wire(wire))
     assert [r.name for r in got] == ["www.shop.test", "cdn.evil.test", "edge.evil.test"]
+
+
+@pytest.mark.parametrize("sinkhole", [None, "0.0.0.0", "192.0.2.254", "2001:db8::1"])
+@pytest.mark.parametrize("qtype", ["A", "AAAA", "MX"])
+@pytest.mark.parametrize("edns", [False, True])
+def test_blocked_answer_is_dnsmsg_blocked_without_dnspython(
+    sinkhole: str | None, qtype: str, edns: bool
+) -> None:
+    """The same code, records, flags and EDNS presence as dnspython's blocked answer."""
+    q = dns.message.make_query("Casino.test", qtype, use_edns=0 if edns else False)
+    wire = q.to_wire()
+    address = ipaddress.ip_address(sinkhole) if sinkhole is not None else None
+    reply, records = dnsread.blocked(wire, dnsread.read_query(wire), address)
+    got = dns.message.from_wire(reply)
+    want = dnsmsg.blocked(q, address)
+    assert q.is_response(got)
+    assert got.rcode() == want.rcode() and got.flags == want.flags
+    assert dnsmsg.answer_records(got) == dnsmsg.answer_records(want) == records
+    assert [r.ip for r in records] == [r.ip for r in dnsmsg.answer_records(want)]
+    assert (got.edns >= 0) == edns
