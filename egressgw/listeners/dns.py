@@ -1,7 +1,8 @@
 """The DNS proxy (``dns.listen``): UDP and TCP on one port, forwarding to ``dns.upstreams``.
 
 The I/O shell over ``wire.dnsread`` (the fields of a message the fast path needs, read off the
-bytes), ``wire.dnsmsg`` (dnspython messages, where one must be built), ``decision.dnsanswer``
+bytes, and the proxy's own answers written from the query's bytes), ``wire.dnsmsg`` (dnspython,
+only to cut an answer too long for the client's UDP), ``decision.dnsanswer``
 (verdicts) and ``listeners.dnsupstream`` (the upstream sockets). For each query:
 
 1. Read its header and question (a malformed one gets FORMERR when its header is readable,
