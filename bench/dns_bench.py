@@ -271,12 +271,16 @@ def start_dnsmasq(workdir: Path, names: int) -> Daemon:
 
 def answers(server: tuple[str, int]) -> bool:
     """Return True when server answers name0 with its address."""
+    import dns.exception
     import dns.message
     import dns.query
 
-    reply = dns.query.udp(
-        dns.message.make_query(name_of(0), "A"), server[0], port=server[1], timeout=0.5
-    )
+    try:
+        reply = dns.query.udp(
+            dns.message.make_query(name_of(0), "A"), server[0], port=server[1], timeout=0.5
+        )
+    except dns.exception.Timeout:
+        return False  # not answering yet: asked again until the deadline
     got = {item.address for rrset in reply.answer for item in rrset if rrset.rdtype == 1}
     return got == {address_of(0)}
 

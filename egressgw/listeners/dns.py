@@ -1,32 +1,37 @@
 """The DNS proxy (``dns.listen``): UDP and TCP on one port, forwarding to ``dns.upstreams``.
 
-The I/O shell over ``wire.dnsmsg`` (bytes <-> messages) and ``decision.dnsanswer`` (verdicts).
-For each query:
+The I/O shell over ``wire.dnsread`` (the fields of a message the fast path needs, read off the
+bytes, and the proxy's own answers written from the query's bytes), ``wire.dnsmsg`` (dnspython,
+only to cut an answer too long for the client's UDP), ``decision.dnsanswer``
+(verdicts) and ``listeners.dnsupstream`` (the upstream sockets). For each query:
 
-1. Parse it (a malformed one gets FORMERR when its header is readable, else nothing), find the
-   workload behind the client's address (``Inventory.lookup``), judge the question. A refused
-   name is answered at once (NXDOMAIN or the sinkhole), without a task or an upstream query.
-2. Otherwise forward the client's bytes unchanged to the first upstream (then the next, within
-   ``dns.timeout`` in all): UDP first, again over TCP when the upstream truncated its answer,
-   so the whole answer is judged. Upstream sockets carry ``node.exempt_mark`` in node mode, so
-   the node's redirection rules leave them alone.
+1. Read its header and question (a malformed one gets FORMERR when its header is readable,
+   else nothing), find the workload behind the client's address (``Inventory.lookup``), judge
+   the question. A refused name is answered at once (NXDOMAIN or the sinkhole).
+2. Otherwise forward the client's bytes under a fresh random id over one of the few long-lived
+   UDP sockets of the first upstream, then the next (each try gets its share of ``dns.timeout``
+   left); again over TCP when the upstream truncated its answer, so the whole answer is judged.
+   Answers are matched by upstream, id and question; others are dropped and counted. Upstream
+   sockets carry ``node.exempt_mark`` in node mode, so the node's redirection rules leave them
+   alone. No task, socket or timeout object is made per UDP query: the answer's arrival (or the
+   try's timer) carries the query on.
 3. Judge the answer (CNAME targets, addresses); a refused answer becomes the blocked answer.
    Addresses answered are recorded per client (``AnswerLog``) for the transparent listener.
-4. Send it: over UDP cut to the client's size with TC set when longer (the client retries over
-   TCP); over TCP whole. Every exchange that was decided is told to the DNS consumers (events).
+4. Send it under the client's id: the upstream's own bytes when they fit (over UDP, the client's
+   size; over TCP always), else cut at a record with TC set (the client retries over TCP). Every
+   exchange that was decided is told to the DNS consumers (events).
 
 Bounds: at most ``max_inflight`` upstream queries at once and ``max_inflight_per_source`` per
 client address; a query beyond either is answered REFUSED at once (counted as ``dns_busy``, no
 event: a flood must not flood the spool). At most ``max_tcp_connections`` TCP clients, each
 closed after ``tcp_idle_timeout`` without a query; TCP queries of one connection are answered
-in order. Upstream queries use sockets of their own, closed when the query ends or times out
-(dnspython's query functions are not used here: a cancelled one can leak its socket under
-uvloop).
+in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import struct
@@ -35,9 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import dns.flags
+import dns.exception
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import structlog
 
 from egressgw.config.model import DnsConfig
@@ -47,16 +53,14 @@ from egressgw.decision.names import parse_ip_port
 from egressgw.decision.path import Runtime
 from egressgw.identity.workload import Peer
 from egressgw.listeners.connection import source_ip
-from egressgw.net.dial import SO_MARK
+from egressgw.listeners.dnsupstream import Answer, Upstreams
 from egressgw.record.dnsevents import DnsExchange
-from egressgw.wire import dnsmsg
-from siem.tasks import spawn
+from egressgw.wire import dnsmsg, dnsread
 
 log = structlog.get_logger("egressgw.dns")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Transport = Literal["udp", "tcp"]
-UDP_RECEIVE = 65535
 
 
 class DnsHub(Protocol):
@@ -76,16 +80,12 @@ class DnsHub(Protocol):
         ...
 
 
-class UpstreamError(Exception):
-    """No upstream gave an answer; the message says what each did."""
-
-
 @dataclass(slots=True)
 class Pending:
     """A query judged allowed, waiting for its upstream answer."""
 
-    query: dns.message.Message
     wire: bytes
+    query: dnsread.Query
     exchange: DnsExchange
     asked: DnsVerdict
     runtime: Runtime
@@ -103,6 +103,7 @@ class DnsProxy:
         self.hub = hub
         self.answers = answers
         self.mark = mark
+        self._upstreams = Upstreams(hub.count_error, mark)
         self.configure(cfg)
         self.inflight = 0
         self.per_source: dict[str, int] = {}
@@ -117,6 +118,8 @@ class DnsProxy:
         """
         self.cfg = cfg
         self.upstreams = [_address(u) for u in cfg.upstreams]
+        self._upstream_order = tuple(self.upstreams)
+        self._upstreams.configure(self.upstreams)
         self.sinkhole: IPAddress | None = cfg.sinkhole if cfg.blocked_answer == "sinkhole" else None
 
     # -- listeners ------------------------------------------------------------------------------
@@ -144,7 +147,9 @@ class DnsProxy:
         self.address = (host, port)
 
     def close(self) -> None:
-        """Stop listening and close the TCP clients (queries in flight end by their timeout)."""
+        """Stop listening, close the TCP clients and the upstream sockets (queries in flight end
+        by their timeout, unanswered).
+        """
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -153,6 +158,11 @@ class DnsProxy:
             self._tcp = None
         for writer in list(self._tcp_clients):
             writer.close()
+        self._upstreams.close()
+
+    def upstream_sockets(self) -> int:
+        """How many upstream UDP sockets are open (a fixed few per upstream, whatever the load)."""
+        return self._upstreams.sockets()
 
     def _udp_query(self, wire: bytes, addr: tuple[str, int]) -> None:
         transport = self._udp
@@ -162,12 +172,11 @@ class DnsProxy:
         if reply is not None:
             transport.sendto(reply, addr)
         elif pending is not None:
-            spawn(self._udp_finish(pending, addr), name=f"dns {pending.exchange.name}")
+            self.forward(pending, lambda data: self._udp_reply(data, addr))
 
-    async def _udp_finish(self, pending: Pending, addr: tuple[str, int]) -> None:
-        reply = await self.finish(pending)
+    def _udp_reply(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._udp is not None:
-            self._udp.sendto(reply, addr)
+            self._udp.sendto(data, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._tcp_clients) >= self.cfg.max_tcp_connections:
@@ -202,52 +211,82 @@ class DnsProxy:
     ) -> tuple[bytes | None, Pending | None]:
         """Steps 1 and the bounds: a reply to send now, or a query to forward, or neither."""
         try:
-            query = dnsmsg.parse_query(wire)
+            query = dnsread.read_query(wire)
         except ValueError:
             self.hub.count_error("dns_malformed")
             return dnsmsg.formerr(wire), None
         client, client_text = source_ip(addr[0])  # a dual-stack socket's IPv4 client unmapped
-        name, qtype = dnsmsg.question(query)
+        name = query.name
         rt = self.hub.runtime
         w = rt.inventory.lookup(Peer(client))
-        x = DnsExchange(client_text, addr[1], transport, time.time(), name, qtype, query.id, w)
+        x = DnsExchange(
+            client_text, addr[1], transport, time.time(), name, _type_text(query.qtype), query.id, w
+        )
         asked = judge_question(rt, w, who(w, client_text), name)
         if not asked.allowed:
-            return self._blocked(query, x, asked, transport, time.monotonic()), None
+            return self._blocked(wire, query, x, asked, time.monotonic()), None
         if (
             self.inflight >= self.cfg.max_inflight
             or self.per_source.get(client_text, 0) >= self.cfg.max_inflight_per_source
         ):
             self.hub.count_error("dns_busy")
-            return self._encode(dnsmsg.refusal(query, dns.rcode.REFUSED), query, transport), None
+            return dnsread.refusal(wire, query, dns.rcode.REFUSED), None
         self.inflight += 1
         self.per_source[client_text] = self.per_source.get(client_text, 0) + 1
-        return None, Pending(query, wire, x, asked, rt, client, client_text, time.monotonic())
+        return None, Pending(wire, query, x, asked, rt, client, client_text, time.monotonic())
+
+    def forward(self, p: Pending, reply: Callable[[bytes], None]) -> None:
+        """Steps 2 to 4 for a query ``begin`` let through: ``reply`` gets the reply's bytes."""
+
+        def answered(outcome: Answer | str) -> None:
+            try:
+                data = self._answered(p, outcome)
+            except Exception:  # a bug must still answer the client (a TCP client waits for it)
+                log.exception("dns answer handling failed", name=p.exchange.name)
+                self.hub.count_error("dns_internal")
+                data = dnsread.refusal(p.wire, p.query, dns.rcode.SERVFAIL)
+            reply(data)
+
+        question = (p.query.name, p.query.qtype, dnsread.CLASS_IN)
+        self._upstreams.ask(p.wire, question, self._upstream_order, self.cfg.timeout, answered)
 
     async def finish(self, p: Pending) -> bytes:
-        """Steps 2 to 4 for a query ``begin`` let through: the reply's bytes."""
+        """``forward``, awaited: the reply's bytes."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def reply(data: bytes) -> None:
+            if not future.done():  # a TCP client may be gone
+                future.set_result(data)
+
+        self.forward(p, reply)
+        return await future
+
+    def _answered(self, p: Pending, outcome: Answer | str) -> bytes:
         x, query = p.exchange, p.query
-        try:
-            raw, response, x.upstream = await self._forward(p.wire, query)
-        except UpstreamError as e:
-            x.verdict, x.error = p.asked, str(e)
-            response = dnsmsg.refusal(query, dns.rcode.SERVFAIL)
-            return self._done(x, response, None, query, p.started_mono)
-        finally:
-            self._release(p.client_text)
-        records = dnsmsg.answer_records(response)
+        self._release(p.client_text)
+        if isinstance(outcome, str):
+            x.verdict, x.error = p.asked, outcome
+            x.response_code = "SERVFAIL"
+            return self._done(x, dnsread.refusal(p.wire, query, dns.rcode.SERVFAIL), p)
+        x.upstream = outcome.upstream
+        records = list(outcome.response.records)
         internal = is_internal(x.name, self.cfg.internal_domains)
         source = who(x.workload, p.client_text)
         verdict = judge_answer(p.runtime, x.workload, source, x.name, records, p.asked, internal)
         if not verdict.allowed:
-            return self._blocked(query, x, verdict, x.transport, p.started_mono)
+            return self._blocked(p.wire, query, x, verdict, p.started_mono)
         x.verdict = verdict
         now = time.monotonic()
         for r in records:
             ip = r.ip
             if ip is not None:
                 self.answers.record(p.client, x.name, ip, r.ttl, now)
-        return self._done(x, response, raw, query, p.started_mono)
+        x.response_code = _rcode_text(outcome.response.rcode)
+        x.answers = records
+        raw = dnsread.with_id(outcome.wire, query.id)  # the client's id back
+        if x.transport == "tcp" or dnsmsg.fits_udp(raw, query.udp_limit):
+            return self._done(x, raw, p)  # the upstream's own bytes, when the client takes them
+        return self._done(x, _cut(raw, p.wire, query), p)
 
     def _release(self, client: str) -> None:
         self.inflight -= 1
@@ -259,82 +298,23 @@ class DnsProxy:
 
     def _blocked(
         self,
-        query: dns.message.Message,
+        wire: bytes,
+        query: dnsread.Query,
         x: DnsExchange,
         verdict: DnsVerdict,
-        transport: Transport,
         started_mono: float,
     ) -> bytes:
         x.verdict = verdict
-        return self._done(x, dnsmsg.blocked(query, self.sinkhole), None, query, started_mono)
-
-    def _done(
-        self,
-        x: DnsExchange,
-        response: dns.message.Message,
-        raw: bytes | None,
-        query: dns.message.Message,
-        started_mono: float,
-    ) -> bytes:
-        x.response_code = dnsmsg.rcode_text(response)
-        x.answers = dnsmsg.answer_records(response)
+        reply, x.answers = dnsread.blocked(wire, query, self.sinkhole)
+        x.response_code = "NXDOMAIN" if self.sinkhole is None else "NOERROR"
         x.duration = time.monotonic() - started_mono
         self.hub.dns_answered(x)
-        if raw is not None and (x.transport == "tcp" or dnsmsg.fits_udp(raw, _limit(query))):
-            return raw  # the upstream's own bytes, when the client takes them whole
-        return self._encode(response, query, x.transport)
+        return reply
 
-    @staticmethod
-    def _encode(response: dns.message.Message, query: dns.message.Message, t: Transport) -> bytes:
-        if t == "udp":
-            return dnsmsg.to_udp_wire(response, _limit(query))
-        return response.to_wire()
-
-    # -- upstreams ------------------------------------------------------------------------------
-    async def _forward(
-        self, wire: bytes, query: dns.message.Message
-    ) -> tuple[bytes, dns.message.Message, tuple[str, int]]:
-        """The first answer an upstream gives, within ``dns.timeout`` in all."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.timeout
-        problems = []
-        for upstream in self.upstreams:
-            left = deadline - loop.time()
-            if left <= 0:
-                problems.append(f"{_text(upstream)}: no time left")
-                break
-            try:
-                async with asyncio.timeout(left):
-                    raw = await self._exchange(upstream, wire, "udp")
-                    response = dnsmsg.parse_response(raw, query)
-                    if response.flags & dns.flags.TC:
-                        raw = await self._exchange(upstream, wire, "tcp")
-                        response = dnsmsg.parse_response(raw, query)
-                return raw, response, upstream
-            except TimeoutError:
-                problems.append(f"{_text(upstream)}: timed out")
-            except (OSError, ValueError) as e:
-                problems.append(f"{_text(upstream)}: {e}")
-        raise UpstreamError("no upstream answered: " + "; ".join(problems))
-
-    async def _exchange(self, upstream: tuple[str, int], wire: bytes, t: Transport) -> bytes:
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
-        kind = socket.SOCK_DGRAM if t == "udp" else socket.SOCK_STREAM
-        sock = socket.socket(family, kind)
-        try:
-            sock.setblocking(False)
-            if self.mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            await loop.sock_connect(sock, upstream)
-            if t == "udp":
-                await loop.sock_sendall(sock, wire)
-                return await _receive_udp(loop, sock, wire[:2])
-            await loop.sock_sendall(sock, dnsmsg.to_tcp_wire(wire))
-            head = await _receive_exactly(loop, sock, 2)
-            return await _receive_exactly(loop, sock, struct.unpack("!H", head)[0])
-        finally:
-            sock.close()
+    def _done(self, x: DnsExchange, reply: bytes, p: Pending) -> bytes:
+        x.duration = time.monotonic() - p.started_mono
+        self.hub.dns_answered(x)
+        return reply
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -349,32 +329,26 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         pass
 
 
-async def _receive_udp(loop: asyncio.AbstractEventLoop, sock: socket.socket, ident: bytes) -> bytes:
-    while True:
-        data = await loop.sock_recv(sock, UDP_RECEIVE)
-        if data[:2] == ident:
-            return data  # other datagrams (late answers, spoofing attempts) are skipped
+@functools.cache
+def _type_text(qtype: int) -> str:
+    return dns.rdatatype.to_text(dns.rdatatype.RdataType.make(qtype))
 
 
-async def _receive_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = await loop.sock_recv(sock, n - len(out))
-        if not chunk:
-            raise ConnectionError("upstream closed the TCP connection mid-answer")
-        out += chunk
-    return bytes(out)
+@functools.cache
+def _rcode_text(rcode: int) -> str:
+    return dns.rcode.to_text(dns.rcode.Rcode.make(rcode))
 
 
-def _limit(query: dns.message.Message) -> int:
-    return dnsmsg.udp_limit(query)
+def _cut(raw: bytes, wire: bytes, query: dnsread.Query) -> bytes:
+    """An answer too long for the client's UDP: cut at a record with TC set."""
+    try:
+        response = dns.message.from_wire(raw)
+    except (dns.exception.DNSException, ValueError, IndexError):
+        # Read by the proxy's reader but not by dnspython: the question alone, with TC.
+        return dnsread.truncated(wire, query)
+    return dnsmsg.to_udp_wire(response, query.udp_limit)
 
 
 def _address(text: str) -> tuple[str, int]:
     ip, port = parse_ip_port(text, 53)
     return str(ip), port
-
-
-def _text(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.exception
 import dns.flags
@@ -48,10 +48,14 @@ class Record:
     type: str  # "A", "AAAA" or "CNAME"
     ttl: int
     data: str  # the address, or the CNAME target
+    # The address as read off the wire, when the reader had it (spares parsing ``data`` again).
+    address: IPAddress | None = field(default=None, compare=False, repr=False)
 
     @property
     def ip(self) -> IPAddress | None:
         """The address of an A or AAAA record, else None."""
+        if self.address is not None:
+            return self.address
         return ipaddress.ip_address(self.data) if self.type != "CNAME" else None
 
 

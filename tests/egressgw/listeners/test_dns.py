@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
@@ -20,6 +21,7 @@ from egressgw.decision.guard import Guard
 from egressgw.decision.path import NoThreats, Runtime
 from egressgw.identity.static import StaticInventory
 from egressgw.listeners.dns import DnsProxy
+from egressgw.listeners.dnsupstream import SOCKETS_PER_UPSTREAM
 from egressgw.record.dnsevents import DnsExchange
 from egressgw.resolver import Resolver
 from siem.tasks import spawn
@@ -129,6 +131,7 @@ async def test_silent_upstream_gives_servfail_and_frees_the_slot(hub: Hub) -> No
         _, pending = p.begin(query("a.test"), ("10.99.0.2", 5000), "udp")
         assert pending is not None
         reply = await p.finish(pending)
+        p.close()
     finally:
         silent.close()
     assert dns.message.from_wire(reply).rcode() == dns.rcode.SERVFAIL
@@ -159,8 +162,210 @@ async def test_answered_addresses_are_recorded_for_the_client(hub: Hub) -> None:
         assert pending is not None
         reply = await p.finish(pending)
         await server
+        p.close()
     finally:
         upstream.close()
     assert dns.message.from_wire(reply).answer[0][0].address == "192.0.2.5"
     client, ip = ipaddress.ip_address("10.99.0.2"), ipaddress.ip_address("192.0.2.5")
     assert log.name_of(client, ip, time.monotonic()) == "api.test"
+
+
+class FakeUpstream:
+    """A UDP socket on loopback the test answers from, keeping what it received."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    async def receive(self) -> tuple[dns.message.Message, tuple[str, int]]:
+        """The next query and where it came from (generous deadline: CI is loaded)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(10):
+            data, addr = await loop.sock_recvfrom(self.sock, 4096)
+        return dns.message.from_wire(data), addr
+
+    async def answer(
+        self,
+        q: dns.message.Message,
+        addr: tuple[str, int],
+        ip: str,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Answer ``q`` with one A record (from ``sock`` when given: a spoofer's)."""
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", ip))
+        await asyncio.get_running_loop().sock_sendto(sock or self.sock, r.to_wire(), addr)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+async def wait_for(condition: Any, what: str) -> None:
+    """Poll until ``condition()`` holds, up to 10 s (never a fixed sleep)."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def with_id(name: str, ident: int) -> bytes:
+    """A query for ``name`` with the given id."""
+    q = dns.message.make_query(name, "A")
+    q.id = ident
+    return q.to_wire()
+
+
+async def test_ids_are_rewritten_upstream_and_restored_for_the_client(hub: Hub) -> None:
+    """Queries go upstream under fresh ids; each client gets its own answer under its own id."""
+    up = FakeUpstream()
+    p = proxy(hub, upstreams=[up.address], timeout=30)
+    try:
+        # Ten clients that all picked id 7: the upstream must still tell their answers apart.
+        replies = []
+        for i in range(10):
+            _, pending = p.begin(with_id(f"n{i}.test", 7), (f"10.99.0.{i + 2}", 5000), "udp")
+            assert pending is not None
+            replies.append(asyncio.ensure_future(p.finish(pending)))
+        seen = [await up.receive() for _ in range(10)]
+        assert any(q.id != 7 for q, _ in seen)
+        for q, addr in reversed(seen):  # answered out of order
+            index = int(q.question[0].name.labels[0][1:])
+            await up.answer(q, addr, f"192.0.2.{index + 1}")
+        for i, reply in enumerate(replies):
+            answer = dns.message.from_wire(await reply)
+            assert answer.id == 7
+            assert str(answer.question[0].name) == f"n{i}.test."
+            assert answer.answer[0][0].address == f"192.0.2.{i + 1}"
+    finally:
+        p.close()
+        up.close()
+
+
+async def test_spoofed_and_mismatched_answers_are_dropped_and_counted(hub: Hub) -> None:
+    """An answer from another address, or with another question, is dropped; the real one wins."""
+    up = FakeUpstream()
+    spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    spoofer.bind(("127.0.0.1", 0))
+    spoofer.setblocking(False)
+    p = proxy(hub, upstreams=[up.address], timeout=30)
+    try:
+        _, pending = p.begin(query("bank.test"), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = asyncio.ensure_future(p.finish(pending))
+        q, addr = await up.receive()
+        await up.answer(q, addr, "203.0.113.66", sock=spoofer)  # right id, wrong sender
+        await wait_for(lambda: "dns_upstream_foreign" in hub.errors, "the foreign answer")
+        other = dns.message.make_query("evil.test", "A")
+        other.id = q.id
+        await up.answer(other, addr, "203.0.113.67")  # right sender and id, other question
+        await wait_for(lambda: "dns_upstream_unmatched" in hub.errors, "the mismatched answer")
+        assert not reply.done()
+        await up.answer(q, addr, "192.0.2.5")
+        answer = dns.message.from_wire(await reply)
+        assert answer.answer[0][0].address == "192.0.2.5"
+    finally:
+        p.close()
+        up.close()
+        spoofer.close()
+
+
+async def test_late_answer_is_dropped_and_the_next_upstream_answers(hub: Hub) -> None:
+    """The first upstream's try times out, the second answers; a late answer is dropped."""
+    slow, fast = FakeUpstream(), FakeUpstream()
+    # Each of the two tries gets half: 3 s for the second to be answered right after it asks.
+    p = proxy(hub, upstreams=[slow.address, fast.address], timeout=6)
+    try:
+        _, pending = p.begin(query("api.test"), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = asyncio.ensure_future(p.finish(pending))
+        q1, addr1 = await slow.receive()
+        q2, addr2 = await fast.receive()  # only after the first try ended
+        assert q2.question == q1.question
+        await fast.answer(q2, addr2, "192.0.2.2")
+        answer = dns.message.from_wire(await reply)
+        assert answer.answer[0][0].address == "192.0.2.2"
+        await slow.answer(q1, addr1, "203.0.113.1")  # too late: its query is over
+        await wait_for(lambda: "dns_upstream_unmatched" in hub.errors, "the late answer")
+        [x] = hub.exchanges
+        assert x.upstream == ("127.0.0.1", fast.sock.getsockname()[1])
+        assert p.inflight == 0 and p.per_source == {}
+    finally:
+        p.close()
+        slow.close()
+        fast.close()
+
+
+async def test_upstream_sockets_stay_few_across_many_queries(hub: Hub) -> None:
+    """Two hundred queries leave from the same few sockets; a reload that drops the upstream
+    closes them.
+    """
+    up = FakeUpstream()
+    p = proxy(hub, upstreams=[up.address], max_inflight_per_source=1000, timeout=30)
+    ports = set()
+    try:
+        for batch in range(4):
+            replies = []
+            for i in range(50):
+                name = f"n{batch}-{i}.test"
+                _, pending = p.begin(query(name), ("10.99.0.2", 5000), "udp")
+                assert pending is not None
+                replies.append(asyncio.ensure_future(p.finish(pending)))
+            for _ in range(50):
+                q, addr = await up.receive()
+                ports.add(addr[1])
+                await up.answer(q, addr, "192.0.2.3")
+            for reply in replies:
+                assert dns.message.from_wire(await reply).rcode() == dns.rcode.NOERROR
+        assert p.upstream_sockets() == SOCKETS_PER_UPSTREAM
+        assert len(ports) <= SOCKETS_PER_UPSTREAM
+        p.configure(DnsConfig.model_validate({"upstreams": ["127.0.0.1:9"]}))
+        assert p.upstream_sockets() == 0
+    finally:
+        p.close()
+        up.close()
+
+
+async def test_truncated_answer_is_asked_again_over_tcp(hub: Hub) -> None:
+    """An upstream answer with TC set: the same upstream is asked over TCP, under the same id."""
+    up = FakeUpstream()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        tcp.bind(("127.0.0.1", up.sock.getsockname()[1]))
+    except OSError:
+        tcp.close()
+        up.close()
+        pytest.skip("the fake upstream's port is taken for TCP on this machine")
+    tcp_ids: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        q = dns.message.from_wire(await reader.readexactly(size))
+        tcp_ids.append(q.id)
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", "192.0.2.8"))
+        wire = r.to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, sock=tcp)
+    p = proxy(hub, upstreams=[up.address], timeout=30)
+    try:
+        _, pending = p.begin(with_id("big.test", 99), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = asyncio.ensure_future(p.finish(pending))
+        q, addr = await up.receive()
+        cut = dns.message.make_response(q)
+        cut.flags |= dns.flags.TC
+        await asyncio.get_running_loop().sock_sendto(up.sock, cut.to_wire(), addr)
+        answer = dns.message.from_wire(await reply)
+        assert answer.id == 99 and answer.answer[0][0].address == "192.0.2.8"
+        assert tcp_ids == [q.id]
+        assert hub.exchanges[0].answers[0].data == "192.0.2.8"
+    finally:
+        p.close()
+        server.close()
+        up.close()
