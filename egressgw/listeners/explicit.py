@@ -148,8 +148,8 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             if len(self.peek_buffer) > MAX_PENDING_BODY:
                 self.pause_client_reading()
             return
-        if self.mode is Mode.CLOSED:
-            return
+        if self.mode is Mode.CLOSED or self.refusal is not None:
+            return  # (a refusal waits for earlier answers: nothing more is parsed)
         self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
@@ -158,11 +158,15 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 self._begin_connect(data[e.args[0] :])
             else:
                 self._resume_after_upgrade(data[e.args[0] :])
+                if self.items:
+                    self._advance()
             return
         except httptools.HttpParserError as e:
             self._parse_failed(e)
             return
         self._check_held()
+        if self.items:
+            self._advance()  # what this read brought, taken up now that it is parsed whole
 
     def _check_held(self) -> None:
         # Bytes the parser took without delivering any (an incomplete head, or a trailer line
@@ -230,7 +234,7 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         # would add an answer to the buffer it is not reading.
         self.client_full = True
         self._pause_reading()
-        if self.upstream is not None and self.upstream.transport is not None:
+        if self.upstream is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -239,7 +243,7 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             return
         self.client_full = False
         self._maybe_resume()
-        if self.upstream is not None and self.upstream.transport is not None:
+        if self.upstream is not None:
             self.upstream.transport.resume_reading()
 
     # -- httptools request callbacks -----------------------------------------------------------
@@ -358,15 +362,11 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         was_tunnel = self.mode is Mode.TUNNEL
         self._to(Mode.CLOSED)
         task = self.http_task
-        if task is not None:
-            # Only a task sets the forwarding state (waiter, upstream): a tunnel decided at once,
-            # most of them, has none to look at.
-            if self.items_waiter is not None and not self.items_waiter.done():
-                self.items_waiter.set_result(None)
-            if not task.done():
-                task.cancel()
-            if self.upstream is not None and self.upstream.transport is not None:
-                self.upstream.transport.close()
+        if task is not None and not task.done():
+            task.cancel()
+        if self.items is not None:
+            # Only forwarding sets its state (exchange, upstream): a tunnel has none to look at.
+            self._close_forward(reason)
         # The destination's stream is closed quietly: this connection needs no connection_lost
         # from it. So is the client's, unless bytes wait to be sent to the client: then the
         # connection counts as open (a draining gateway waits for it) until they are out.
@@ -416,3 +416,5 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 self.flow.error = self.flow.error or "idle timeout"
             self.hub.count_error("idle_timeout")
             self.close()
+        elif self.exchanging:
+            self._expire_forward(now)  # the response head's deadline
