@@ -58,6 +58,7 @@ CONNECT = f"CONNECT {TARGET} HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
 REQUEST = f"GET / HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
 ABSOLUTE_REQUEST = f"GET http://{TARGET}/ HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
 CLIENT = (proxy_bench.CLIENT_SOURCES[0], 40000)
+TOP = 12  # functions listed by their instructions
 
 
 class FakeSocket:
@@ -305,7 +306,7 @@ def count(tunnel: Callable[[], None], n: int) -> tuple[float, float, list[tuple[
             tunnel()
     finally:
         sys.settrace(None)
-    top = [(name, ops[name] / n) for name, _ in ops.most_common(12)]
+    top = [(name, ops[name] / n) for name, _ in ops.most_common(TOP)]
     return sum(ops.values()) / n, sum(calls.values()) / n, top
 
 

@@ -43,7 +43,7 @@ from egressgw.listeners.connection import (
     Refuse,
     source_ip,
 )
-from egressgw.listeners.forward import ForwardConnection, Request
+from egressgw.listeners.forward import REQUEST_DROPPED, ForwardConnection, Request
 from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection
 from egressgw.net.rawstream import RawStream
 from egressgw.wire import framing
@@ -298,7 +298,8 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         if req.method in REFUSED_METHODS:
             raise Refuse(405, f"method {req.method.decode('latin-1')} not forwarded")
         try:
-            req.framing = framing.parse_request_framing(req.headers)
+            req.fields, framing_fields = framing.split_fields(req.headers, REQUEST_DROPPED)
+            req.framing = framing.parse_request_framing(framing_fields)
         except ValueError as e:
             raise Refuse(400, f"request framing: {e}") from None
         if self.parser.should_upgrade():

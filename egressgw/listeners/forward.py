@@ -10,7 +10,7 @@ name whose answer is cached is decided at once, a parked upstream is taken from 
 pool (``hub.upstreams``, ``egressgw.net.pool``) or a new one dialled (``egressgw.net.dial``),
 the head written, and the response relayed by the upstream's own callbacks
 (``upstreams.HttpUpstream``), which call back ``response_done`` or ``upstream_failed``. Only a
-name that must be resolved first costs a task (``Step.DECIDING``).
+name that must be resolved first costs a task (``_DECIDING``).
 
 Rules:
 
@@ -54,7 +54,7 @@ from egressgw.decision.path import check_flow_latest, check_flow_now
 from egressgw.decision.verdict import Verdict
 from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
-from egressgw.listeners.connection import FAMILIES, Connection, Mode
+from egressgw.listeners.connection import FAMILIES, Connection, IPAddress, Mode
 from egressgw.listeners.upstreams import HttpUpstream, UpstreamFailure
 from egressgw.net.dial import Dial, dial
 from egressgw.net.rawstream import RawStream
@@ -72,6 +72,7 @@ class Request:
 
     __slots__ = (
         "body_done",
+        "fields",
         "framing",
         "head_size",
         "headers",
@@ -87,6 +88,8 @@ class Request:
         self.url = b""
         self.head_size = 0  # target and header lines, as llhttp delivers them
         self.headers: list[tuple[bytes, bytes]] = []
+        # (lowercased name, name, value) of the fields forwarded (framing.split_fields)
+        self.fields: list[tuple[bytes, bytes, bytes]] | None = None
         self.keep_alive = True
         self.http10 = False  # an HTTP/1.0 client: answered without chunked coding or 1xx
         self.framing = framing.NO_BODY  # as read, and so as forwarded
@@ -106,42 +109,32 @@ class Step(enum.Enum):
     SKIPPING = 5  # refused with keep-alive: the rest of its body is read and dropped
 
 
+# The steps as module globals: read on every turn of ``_advance``.
+_DECIDING, _CONNECTING, _SENDING, _WAITING, _SKIPPING = Step
+
+
 class Exchange:
     """One request being relayed: what it is, where it goes, how far it got."""
 
-    __slots__ = (
-        "flow",
-        "head",
-        "ip",
-        "key",
-        "path",
-        "req",
-        "request_done",
-        "response_done",
-        "retried",
-        "retryable",
-        "reusable",
-        "reused",
-        "step",
-    )
+    # Initial values as class attributes: a request sets only what it uses.
+    step = _DECIDING
+    key: tuple[str, int, str | None] = ("", 0, None)
+    head = b""  # as written upstream, kept for a retry
+    request_done = False  # its last byte went upstream
+    response_done = False  # its answer is whole
+    reusable = False  # the upstream may be parked after it
+    reused = False  # on a parked upstream
+    retried = False
+    ip: IPAddress | None = None  # the address it goes to, once decided
 
-    def __init__(self, req: Request, flow: Flow, path: bytes) -> None:
+    def __init__(self, req: Request, flow: Flow, path: bytes, authority: bytes) -> None:
         self.req = req
         self.flow = flow
         self.path = path
-        self.step = Step.DECIDING
-        self.ip = flow.ip
-        self.key: tuple[str, int, str | None] = ("", 0, None)
-        self.head = b""  # as written upstream, kept for a retry
-        self.request_done = False  # its last byte went upstream
-        self.response_done = False  # its answer is whole
-        self.reusable = False  # the upstream may be parked after it
-        self.reused = False  # on a parked upstream
-        self.retried = False
-        fr = req.framing
-        self.retryable = req.method in IDEMPOTENT and (
-            fr.kind is framing.Kind.NONE or (fr.kind is framing.Kind.LENGTH and fr.length == 0)
-        )
+        self.authority = authority
+        # Sent twice, it has the effect of once: retried on a new upstream if a reused one
+        # fails before answering (a body, even of length 0, is never sent twice).
+        self.retryable = req.method in IDEMPOTENT and req.framing is framing.NO_BODY
 
 
 class ForwardConnection(Connection):
@@ -175,7 +168,7 @@ class ForwardConnection(Connection):
         items = self.items
         while self.mode is Mode.HTTP:
             x = self.exchange
-            if x is not None and x.step is not Step.SENDING and x.step is not Step.SKIPPING:
+            if x is not None and x.step is not _SENDING and x.step is not _SKIPPING:
                 return  # a callback moves it on
             if not items:
                 if self.refusal is not None:
@@ -184,22 +177,27 @@ class ForwardConnection(Connection):
                     Connection._refuse(self, *self.refusal)
                 return
             item = items.popleft()
-            if isinstance(item, bytes):
+            if item is None:  # a request's end
+                if x is None:
+                    pass  # (of one refused before it began)
+                elif x.step is _SENDING:
+                    self._end_body(x)
+                else:  # the end of a skipped body
+                    self.exchange = None
+                    self.exchanging = False
+            elif isinstance(item, bytes):
                 self.pending_bytes -= len(item)
-            elif item is not None:
+                if x is not None and x.step is _SENDING:
+                    self._send_body(x, item)
+            else:
                 self.pending_requests -= 1
                 self.pending_bytes -= item.head_size
+                if self.reading_paused:
+                    self._maybe_resume()
+                self._begin(item)
+                continue
             if self.reading_paused:
                 self._maybe_resume()
-            if x is None:
-                if isinstance(item, Request):
-                    self._begin(item)
-            elif x.step is Step.SENDING:
-                assert not isinstance(item, Request)  # the next head waits for this one's end
-                self._send_body(x, item)
-            elif item is None:  # the end of a skipped body
-                self.exchange = None
-                self.exchanging = False
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer with an error and close; while earlier answers are owed, after them.
@@ -230,8 +228,8 @@ class ForwardConnection(Connection):
             self.write(to_error_response(400, str(e), close=True))
             self.close()
             return
-        flow.host, flow.port, path, flow.url = target
-        x = self.exchange = Exchange(req, flow, path)
+        flow.host, flow.port, path, flow.url, authority = target
+        x = self.exchange = Exchange(req, flow, path, authority)
         # Decided at once when the name's answer is cached (most requests), with no coroutine.
         verdict = check_flow_now(self.hub.runtime, flow, self.hub.loop.time())
         if verdict is None:
@@ -255,7 +253,7 @@ class ForwardConnection(Connection):
             if close:
                 self.close()
             else:
-                x.step = Step.SKIPPING
+                x.step = _SKIPPING
             return
         self.hub.flow_decided(flow)
         ip = verdict.ip
@@ -283,7 +281,7 @@ class ForwardConnection(Connection):
 
     # -- connecting ----------------------------------------------------------------------------
     def _dial(self, x: Exchange) -> None:
-        x.step = Step.CONNECTING
+        x.step = _CONNECTING
         ip = x.ip
         assert ip is not None
         pending = dial(
@@ -295,13 +293,13 @@ class ForwardConnection(Connection):
             self.limits.connect_timeout,
             x.key[2],
         )
-        if x.step is Step.CONNECTING and self.exchange is x:
+        if x.step is _CONNECTING and self.exchange is x:
             self.dialing = pending  # (None when the outcome was reported already)
 
     def _upstream_connected(self, sock: _socket.socket) -> None:
         self.dialing = None
         x = self.exchange
-        if x is None or x.step is not Step.CONNECTING or self.mode is not Mode.HTTP:
+        if x is None or x.step is not _CONNECTING or self.mode is not Mode.HTTP:
             sock.close()
             return
         hub = self.hub
@@ -314,7 +312,7 @@ class ForwardConnection(Connection):
     def _upstream_unreachable(self, exc: OSError) -> None:
         self.dialing = None
         x = self.exchange
-        if x is None or x.step is not Step.CONNECTING:
+        if x is None or x.step is not _CONNECTING:
             return
         flow = x.flow
         if isinstance(exc, TimeoutError):
@@ -331,13 +329,13 @@ class ForwardConnection(Connection):
     # -- relaying ------------------------------------------------------------------------------
     def _send_head(self, x: Exchange, upstream: HttpUpstream, reused: bool) -> None:
         x.reused = reused
-        x.step = Step.SENDING
+        x.step = _SENDING
         self.upstream = upstream
         req = x.req
         upstream.begin(self, req.method == b"HEAD", req.http10, req.keep_alive)
         head = x.head
         if not head:
-            head = x.head = _request_head(req, x.path, x.flow, self.via_header)
+            head = x.head = _request_head(req, x.path, x.flow, self.via_header, x.authority)
         x.flow.bytes_out = len(head)  # (a retried request has no body: counted once)
         stream = upstream.transport
         if self.client_full:
@@ -346,24 +344,28 @@ class ForwardConnection(Connection):
         if x.request_done and self.upstream is upstream:
             self._request_sent(x, upstream)
 
-    def _send_body(self, x: Exchange, item: bytes | None) -> None:
+    def _send_body(self, x: Exchange, item: bytes) -> None:
         upstream = self.upstream
         assert upstream is not None
-        chunked = x.req.framing.kind is framing.Kind.CHUNKED
-        if item is None:
-            if chunked:
-                upstream.transport.write(b"0\r\n\r\n")
-            x.request_done = True
-            self._request_sent(x, upstream)
-            return
         x.flow.bytes_out += len(item)
-        upstream.transport.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+        if x.req.framing.kind is framing.Kind.CHUNKED:
+            upstream.transport.write(b"%x\r\n%s\r\n" % (len(item), item))
+        else:
+            upstream.transport.write(item)
+
+    def _end_body(self, x: Exchange) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        if x.req.framing.kind is framing.Kind.CHUNKED:
+            upstream.transport.write(b"0\r\n\r\n")
+        x.request_done = True
+        self._request_sent(x, upstream)
 
     def _request_sent(self, x: Exchange, upstream: HttpUpstream) -> None:
         if x.response_done:
             self._finish(x)
             return
-        x.step = Step.WAITING
+        x.step = _WAITING
         if upstream.in_head:
             upstream.head_deadline = time.monotonic() + self.limits.response_timeout
 
@@ -441,7 +443,7 @@ class ForwardConnection(Connection):
         if x is not None:
             self.exchange = None
             self.exchanging = False
-            if x.step is not Step.DECIDING and x.step is not Step.SKIPPING:
+            if x.step is not _DECIDING and x.step is not _SKIPPING:
                 # Decided and allowed: its end event says why it ended early.
                 flow = x.flow
                 if flow.error is None:
@@ -461,47 +463,74 @@ def via_field(via: str) -> bytes:
     return f"Via: 1.1 {via}\r\n".encode()
 
 
-def _parse_target(url: bytes) -> tuple[Host, int, bytes, str]:
-    """Absolute-form target -> (host, port, origin-form path, canonical URL for events/feeds)."""
-    if not url.lower().startswith(b"http://"):
-        if url.lower().startswith(b"https://"):
+def _parse_target(url: bytes) -> tuple[Host, int, bytes, str, bytes]:
+    """Absolute-form target -> (host, port, origin-form path, canonical URL for events/feeds,
+    authority for the Host field).
+    """
+    scheme = url[:8].lower()
+    if not scheme.startswith(b"http://"):
+        if scheme == b"https://":
             raise ValueError("https:// in absolute form: use CONNECT for TLS")
         raise ValueError("request target must be an absolute http:// URL")
     try:
         parsed = httptools.parse_url(url)
     except httptools.HttpParserInvalidURLError as e:
         raise ValueError(f"bad URL: {e}") from e
-    if parsed.host is None or not parsed.host:
-        raise ValueError("URL has no host")
-    host_text = parsed.host.decode("utf-8", "strict")
-    if ":" in host_text and not host_text.startswith("["):
-        host_text = f"[{host_text}]"
-    host = parse_host(host_text)
-    port = 80 if parsed.port is None else parsed.port
-    if port == 0:
-        raise ValueError("port 0 is not a destination")  # as CONNECT refuses it
+    key = (parsed.host, parsed.port)
+    found = _TARGETS.get(key)
+    if found is None:
+        found = _parse_authority(*key)
+        if len(_TARGETS) >= _TARGETS_CACHE:
+            _TARGETS.clear()
+        _TARGETS[key] = found
+    host, port, origin, authority = found
     path = parsed.path or b"/"
     if parsed.query:
         path += b"?" + parsed.query
-    canonical = f"http://{host.authority(port, 80)}{path.decode('latin-1')}"
-    return host, port, path, canonical
+    return host, port, path, origin + path.decode("latin-1"), authority
+
+
+# Each target's host and port parsed once (most requests go to a few): by the URL parser's host
+# and port, the canonical Host, port, "http://authority" and the Host field's value.
+_TARGETS: dict[tuple[bytes | None, int | None], tuple[Host, int, str, bytes]] = {}
+_TARGETS_CACHE = 4096
+
+
+def _parse_authority(raw_host: bytes | None, raw_port: int | None) -> tuple[Host, int, str, bytes]:
+    if not raw_host:
+        raise ValueError("URL has no host")
+    host_text = raw_host.decode("utf-8", "strict")
+    if ":" in host_text and not host_text.startswith("["):
+        host_text = f"[{host_text}]"
+    host = parse_host(host_text)
+    port = 80 if raw_port is None else raw_port
+    if port == 0:
+        raise ValueError("port 0 is not a destination")  # as CONNECT refuses it
+    authority = host.authority(port, 80)
+    return host, port, f"http://{authority}", authority.encode()
 
 
 # Request fields the gateway writes itself: Host from the target, Via extended (after the rest).
-_REPLACED_REQUEST_FIELDS = frozenset({b"host"})
+REQUEST_DROPPED = framing.NOT_FORWARDED | {b"host"}
 
 
-def _request_head(req: Request, path: bytes, flow: Flow, via: bytes) -> bytes:
-    host = flow.host
-    assert host is not None
-    authority = host.authority(flow.port, 80)
-    out = [req.method + b" " + path + b" HTTP/1.1\r\nHost: " + authority.encode() + b"\r\n"]
+def _request_head(
+    req: Request, path: bytes, flow: Flow, via: bytes, authority: bytes | None = None
+) -> bytes:
+    if authority is None:
+        host = flow.host
+        assert host is not None
+        authority = host.authority(flow.port, 80).encode()
+    fields = req.fields
+    if fields is None:
+        fields = framing.split_fields(req.headers, REQUEST_DROPPED)[0]
+    out = [req.method, b" ", path, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
     incoming_via: list[bytes] = []
-    for lower, name, value in framing.forwarded_fields(req.headers, _REPLACED_REQUEST_FIELDS):
+    for lower, name, value in fields:
         if lower == b"via":
             incoming_via.append(value)
         else:
-            out.append(name + b": " + value + b"\r\n")
+            out += (name, b": ", value, b"\r\n")
     if incoming_via:
         out.append(b"Via: " + b", ".join(incoming_via) + b", " + via[5:])
     else:

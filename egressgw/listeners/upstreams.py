@@ -120,6 +120,9 @@ class HttpUpstream:
         self.raw_head = 0  # bytes received since that head began
         self.head_deadline = 0.0  # time.monotonic() by which the head must have come
         self.keep_alive_after = False  # the finished response leaves the connection usable
+        # What one read brings for the client, written in one send after the parser returns
+        # (a small response's head and body would otherwise cost a system call each).
+        self.out: list[bytes] = []
         self.closed = False
 
     # -- an exchange
@@ -200,6 +203,10 @@ class HttpUpstream:
             failure = (502, "bad_upstream_response", f"malformed response from upstream: {e}")
         except httptools.HttpParserUpgrade:
             failure = (502, "bad_upstream_response", "upstream switched protocols unasked")
+        out = self.out
+        if out:
+            client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         if self.complete:
             # The response is whole: what failed came after it, and closes the upstream only.
             self.complete = self.expecting = False
@@ -273,13 +280,14 @@ class HttpUpstream:
             raise Refuse(502, "upstream switched protocols (101) though no upgrade was asked")
         if status < 200:
             if status == 100 and not self.http10:  # HTTP/1.0 knows no 1xx
-                client.write(CONTINUE)
+                self.out.append(CONTINUE)
             self.headers = []
             self.head_size = self.raw_head = 0
             return
         self.in_head = False
+        fields, framed_by = framing.split_fields(self.headers)
         try:
-            fr = framing.parse_response_framing(status, self.headers, self.head_only)
+            fr = framing.parse_response_framing(status, framed_by, self.head_only)
         except ValueError as e:
             raise Refuse(502, f"upstream response framing: {e}") from None
         http10 = self.http10
@@ -287,9 +295,10 @@ class HttpUpstream:
             framing_fields = framing.to_framing_fields(fr, chunked_ok=not http10)
         except ValueError as e:
             raise Refuse(502, f"upstream response: {e}") from None
-        out = [_status_line(status)]
-        for _, name, value in framing.forwarded_fields(self.headers):
-            out.append(name + b": " + value + b"\r\n")
+        out = self.out
+        out.append(_status_line(status))
+        for _, name, value in fields:
+            out += (name, b": ", value, b"\r\n")
         chunked = fr.kind is framing.Kind.CHUNKED
         self.close_delimited = fr.kind is framing.Kind.CLOSE
         # An HTTP/1.0 client gets a chunked body de-chunked, delimited by the close, and keeps
@@ -303,7 +312,6 @@ class HttpUpstream:
         elif http10:
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
-        client.write(b"".join(out))
         client.note_status(status)
         if self.head_only:
             # llhttp cannot be told the request was HEAD: the response ends here, and the
@@ -312,18 +320,18 @@ class HttpUpstream:
             self.complete = True
 
     def on_body(self, body: bytes) -> None:
-        if self.head_only or self.client is None:
+        if self.head_only:
             return
         if self.chunked:
-            self.client.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
-            self.client.write(body)
+            self.out.append(body)
 
     def on_message_complete(self) -> None:
         if self.status < 200 or self.head_only:
             return
-        if self.chunked and self.client is not None:
-            self.client.write(b"0\r\n\r\n")
+        if self.chunked:
+            self.out.append(b"0\r\n\r\n")
         self.keep_alive_after = self.parser.should_keep_alive() and not self.close_delimited
         self.complete = True
 

@@ -68,7 +68,7 @@ def test_an_absolute_target_gives_host_port_path_and_canonical_url(
     url: bytes, expected: tuple[str, int, bytes, str]
 ) -> None:
     """The target is split into what is connected to and what is sent and recorded."""
-    host, port, path, canonical = _parse_target(url)
+    host, port, path, canonical, _ = _parse_target(url)
     assert (host.name or str(host.ip), port, path, canonical) == expected
 
 
