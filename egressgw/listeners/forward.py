@@ -174,7 +174,10 @@ class ForwardConnection(Connection):
                 if self.refusal is not None:
                     # Every earlier answer is out, or the request in progress needs bytes that
                     # will not be read any more: the refusal's turn.
-                    Connection._refuse(self, *self.refusal)
+                    status, reason = self.refusal
+                    if x is not None and x.flow.error is None:
+                        x.flow.error = f"cut short: the connection was refused: {reason}"
+                    Connection._refuse(self, status, reason)
                 return
             item = items.popleft()
             if item is None:  # a request's end

@@ -42,6 +42,10 @@ class ClientStream(FakeStream):
     def resume_reading(self) -> None:
         """Nothing to resume."""
 
+    def close_after_reading(self, seconds: float) -> None:
+        """Close once the peer is done (a refusal's way)."""
+        self.closed_how = "after reading"
+
     @property
     def received(self) -> bytes:
         """Everything written to the client."""
@@ -283,4 +287,29 @@ async def test_a_client_gone_before_its_answer_ends_its_flow_and_closes_the_upst
     assert len(hub.upstreams) == 0
     loop = asyncio.get_running_loop()
     assert await asyncio.wait_for(loop.sock_recv(sock, 10), DEADLINE) == b""
+    sock.close()
+
+
+async def test_a_refused_pipelined_request_is_answered_after_the_answers_before_it(
+    hub: LiveHub, upstream: Upstream
+) -> None:
+    """A GET and a TRACE in one read: the TRACE's 405 waits for the GET's answer, then the
+    connection closes; the 405 is never written into the middle of the answer before it.
+    """
+    conn, stream = client(hub)
+    conn.data_received(
+        request(upstream.port, "/one")
+        + f"TRACE http://127.0.0.1:{upstream.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    sock = await upstream.accept()
+    await read_request(sock)
+    assert stream.received == b""  # nothing before the answer it waits for
+    sock.send(OK[:-1])
+    await until(lambda: stream.received.endswith(b"o"), "the answer begun")
+    assert b"405" not in stream.received
+    sock.send(OK[-1:])
+    await until(lambda: stream.closed_how == "after reading", "the refusal")
+    first, _, rest = stream.received.partition(b"\r\n\r\nok")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and rest.startswith(b"HTTP/1.1 405 ")
+    assert len(hub.ended) == 1 and hub.ended[0].status == 200
     sock.close()
