@@ -485,3 +485,24 @@ async def test_a_tunnel_cut_at_the_drain_timeout_says_so_in_its_end_event(tmp_pa
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     [end] = [e for e in events if e["event"]["action"] == "connection_ended"]
     assert end["event"]["reason"] == "gateway shutdown: proxy.drain_timeout passed", end
+
+
+async def test_the_upstream_pool_is_sized_by_the_configuration_and_by_a_reload(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """proxy.max_idle_upstreams, its per-destination bound and upstream_idle_timeout size the
+    pool of idle upstreams; a reload applies new values to the same pool.
+    """
+    pool = gateway.upstreams
+    assert (pool.max_idle, pool.max_idle_per_key, pool.idle_timeout) == (512, 64, 30.0)
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        config.read_text().replace(
+            "drain_timeout: 2s",
+            "drain_timeout: 2s, max_idle_upstreams: 3, max_idle_upstreams_per_destination: 2,"
+            " upstream_idle_timeout: 5s",
+        )
+    )
+    assert await gateway.reload() is True
+    assert gateway.upstreams is pool
+    assert (pool.max_idle, pool.max_idle_per_key, pool.idle_timeout) == (3, 2, 5.0)
