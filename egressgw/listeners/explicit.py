@@ -299,7 +299,8 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             raise Refuse(405, f"method {req.method.decode('latin-1')} not forwarded")
         try:
             req.fields, framing_fields = framing.split_fields(req.headers, REQUEST_DROPPED)
-            req.framing = framing.parse_request_framing(framing_fields)
+            if framing_fields:  # (most requests have none: no body, framing.NO_BODY)
+                req.framing = framing.parse_request_framing(framing_fields)
         except ValueError as e:
             raise Refuse(400, f"request framing: {e}") from None
         if self.parser.should_upgrade():

@@ -45,6 +45,7 @@ from egressgw.wire.responses import CONTINUE
 log = structlog.get_logger("egressgw.listeners.upstreams")
 
 _NO_RESPONSE_PARSER = httptools.HttpResponseParser(Nobody())
+_NEVER = float("inf")
 
 
 class UpstreamFailure(ConnectionError):
@@ -136,10 +137,9 @@ class HttpUpstream:
         self.head_only = head_only
         self.http10 = http10
         self.keep_alive = keep_alive
-        self.status = self.head_size = self.raw_head = 0
-        self.headers = []
+        self.status = self.raw_head = 0
         self.in_head = True
-        self.head_deadline = float("inf")
+        self.head_deadline = _NEVER
 
     def still_open(self) -> bool:
         """True unless the peer closed it (or sent bytes) while it was parked: one peek."""
@@ -263,6 +263,7 @@ class HttpUpstream:
         if not self.expecting or self.complete:
             raise Refuse(502, "unsolicited response from upstream")
         self.headers = []
+        self.head_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
