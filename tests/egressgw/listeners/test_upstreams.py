@@ -1,6 +1,7 @@
-"""Tests of pooled absolute-form upstreams through real client connections (fake client streams,
-a stand-in hub) and a real upstream listening on loopback that the test drives by hand: reuse
-across clients, an upstream closed while parked, source addresses, the retry rules.
+"""Tests of absolute-form upstreams: one relaying its answers to a fake client, then pooled
+upstreams through real client connections (fake client streams, a stand-in hub) and a real
+upstream on loopback that the test drives by hand: reuse across clients, an upstream closed while
+parked, source addresses, the retry rules, a refusal's turn.
 """
 
 from __future__ import annotations
@@ -18,11 +19,145 @@ import pytest
 from egressgw.identity.static import StaticInventory
 from egressgw.identity.workload import Workload
 from egressgw.listeners.explicit import ClientConnection
-from egressgw.listeners.upstreams import HttpUpstream
-from tests.support.hub import FakeStream, LiveHub, loopback_runtime
+from egressgw.listeners.upstreams import HttpUpstream, UpstreamFailure
+from tests.support.hub import FakeHub, FakeStream, LiveHub, loopback_runtime
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 DEADLINE = 10.0
+
+
+class RelayClient:
+    """The client side an upstream relays to: keeps what is written, counted and reported."""
+
+    via_header = b"Via: 1.1 egressgw\r\n"
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.status = 0
+        self.done: list[bool] = []
+        self.failed: list[tuple[UpstreamFailure, bool]] = []
+
+    def write(self, data: bytes) -> None:
+        """Keep the bytes for the client."""
+        self.out += data
+
+    def flow_bytes_in(self, n: int) -> None:
+        """Bytes from the upstream (not counted here)."""
+
+    def note_status(self, status: int) -> None:
+        """Keep the forwarded status."""
+        self.status = status
+
+    def pause_client_reading(self) -> None:
+        """Not paused here."""
+
+    def resume_client_reading(self) -> None:
+        """Not paused here."""
+
+    def response_done(self, reusable: bool) -> None:
+        """Keep the outcome."""
+        self.done.append(reusable)
+
+    def upstream_failed(self, failure: UpstreamFailure, answered_nothing: bool) -> None:
+        """Keep the failure."""
+        self.failed.append((failure, answered_nothing))
+
+
+class Transport:
+    """An upstream stream that only remembers being closed."""
+
+    closed = False
+
+    def close_quietly(self) -> None:
+        """Close."""
+        self.closed = True
+
+
+def relaying(http10: bool = False) -> tuple[FakeHub, RelayClient, Transport, HttpUpstream]:
+    """An upstream connection carrying a GET of a client."""
+    hub, client, transport = FakeHub(), RelayClient(), Transport()
+    up = HttpUpstream(hub, hub.upstreams, ("127.0.0.1", 80, None))  # type: ignore[arg-type]
+    up.transport = transport  # type: ignore[assignment]
+    up.begin(client, head_only=False, http10=http10, keep_alive=True)
+    return hub, client, transport, up
+
+
+def test_an_http10_client_gets_a_chunked_answer_dechunked_and_delimited_by_the_close() -> None:
+    """No chunked coding toward HTTP/1.0: the body goes plain and the connection will close."""
+    _, client, _, up = relaying(http10=True)
+    up.data_received(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    head, _, body = client.out.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"HTTP/1.1 200 OK",
+        b"X-A: 1",
+        b"Via: 1.1 egressgw",
+        b"Connection: close",
+    ]
+    assert body == b"hello world" and client.status == 200
+    assert client.done == [True] and up.client_close
+
+
+def test_a_keep_alive_answer_is_reported_whole_and_reusable() -> None:
+    """A Content-Length answer ends the exchange; the upstream may be parked."""
+    _, client, transport, up = relaying()
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.out.endswith(b"\r\n\r\nok") and client.done == [True]
+    assert not transport.closed and up.client is None
+
+
+def test_bytes_after_the_answer_in_the_same_read_are_not_the_next_answer() -> None:
+    """A second response behind the first is unsolicited: the first is relayed, the upstream
+    closed and not reusable, the second never reaches the client.
+    """
+    hub, client, transport, up = relaying()
+    up.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+    )
+    assert client.done == [False] and b"evil" not in client.out and transport.closed
+    assert hub.errors == ["bad_upstream_response"]
+
+
+def test_bytes_from_an_upstream_asked_nothing_end_it() -> None:
+    """An answer nobody asked for is not relayed: the upstream is closed and the error counted."""
+    hub, client, transport = FakeHub(), RelayClient(), Transport()
+    up = HttpUpstream(hub, hub.upstreams, ("127.0.0.1", 80, None))  # type: ignore[arg-type]
+    up.transport = transport  # type: ignore[assignment]
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert transport.closed and client.out == b""
+    assert hub.errors == ["bad_upstream_response"]
+
+
+def test_a_response_head_late_past_the_response_timeout_is_a_504() -> None:
+    """No head by its deadline: the exchange fails with 504, the upstream closes."""
+    _, client, transport, up = relaying()
+    up.head_deadline = 10.0
+    up.expire(9.0)
+    assert not client.failed
+    up.expire(11.0)
+    [(failure, nothing)] = client.failed
+    assert (failure.status, failure.kind, nothing) == (504, "response_timeout", True)
+    assert transport.closed
+
+
+def test_an_upstream_closed_before_answering_says_it_answered_nothing() -> None:
+    """Closed with no byte of a response: a failure the client may retry on a new upstream."""
+    _, client, _, up = relaying()
+    up.connection_lost(None)
+    [(failure, nothing)] = client.failed
+    assert (failure.status, failure.kind, nothing) == (502, "upstream_closed", True)
+
+
+def test_an_upstream_closed_mid_answer_has_answered() -> None:
+    """Closed after part of a length-framed answer: a failure that cannot be retried."""
+    _, client, _, up = relaying()
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    up.connection_lost(None)
+    [(failure, nothing)] = client.failed
+    assert failure.kind == "upstream_closed" and not nothing
 
 
 class ClientStream(FakeStream):
