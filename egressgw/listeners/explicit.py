@@ -31,7 +31,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 import structlog
@@ -69,6 +69,16 @@ class ExplicitHub(Hub, Protocol):
 
 
 _NO_PARSER = httptools.HttpRequestParser(Nobody())
+
+
+class _Dropping:
+    """The parser of a connection whose refusal waits its turn: what arrives is dropped."""
+
+    def feed_data(self, data: bytes) -> None:
+        pass
+
+
+_DROPPING = cast(httptools.HttpRequestParser, _Dropping())
 
 
 class _BodyResumed:
@@ -148,8 +158,8 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             if len(self.peek_buffer) > MAX_PENDING_BODY:
                 self.pause_client_reading()
             return
-        if self.mode is Mode.CLOSED or self.refusal is not None:
-            return  # (a refusal waits for earlier answers: nothing more is parsed)
+        if self.mode is Mode.CLOSED:
+            return
         self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
@@ -392,6 +402,10 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             self._end_flow(flow)
         if not flushing:
             self._forget()
+
+    def _stop_parsing(self) -> None:
+        """A refusal waits for earlier answers: nothing more the client sends is parsed."""
+        self.parser = _DROPPING
 
     def _forget(self) -> None:
         """The client's stream is gone: leave the gateway's books and cut reference cycles."""

@@ -211,10 +211,15 @@ class ForwardConnection(Connection):
         if self.mode is Mode.HTTP and (self.exchange is not None or self.items):
             if self.refusal is None:
                 self.refusal = (status, reason)
+                self._stop_parsing()
                 self._pause_reading()
                 self._advance()
             return
         Connection._refuse(self, status, reason)
+
+    def _stop_parsing(self) -> None:
+        """Parse nothing more the client sends (the joining class holds the parser)."""
+        raise NotImplementedError
 
     # -- deciding ------------------------------------------------------------------------------
     def _begin(self, req: Request) -> None:
