@@ -1,6 +1,7 @@
-"""The gateway's own Python work per CONNECT tunnel, with the sockets taken away.
+"""The gateway's own Python work per CONNECT tunnel (or absolute-form request), with the
+sockets taken away.
 
-Run: ``.venv/bin/python bench/tunnel_cost.py [--tunnels 5000] [--repeat 7]``
+Run: ``.venv/bin/python bench/tunnel_cost.py [--tunnels 5000] [--repeat 7] [--tls | --http]``
 
 The loopback benchmark (``proxy_bench.py``) measures what users get, but on a shared 2-core VM
 its rates move by tens of percent from run to run, so it cannot tell a 3% change in the
@@ -20,6 +21,11 @@ ClientHello Python's TLS client sends, whose SNI the gateway reads), one respons
 client's EOF, the destination's EOF. What it leaves out, the kernel's side of every system
 call and the event loop's wake-ups, is about half of the gateway's CPU per tunnel in
 ``proxy_bench.py``.
+
+With ``--http`` the unit is one absolute-form request on a kept-alive client connection, as
+``proxy_bench.py``'s requests/s figure sends them: ``GET http://http.bench.test:8080/`` read,
+decided (the name's answer cached), written to the upstream kept from the previous request,
+its response read and relayed, both ECS events built.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ TARGET = "http.bench.test:8080"
 UPSTREAM = ipaddress.ip_address(proxy_bench.UPSTREAM_IP)
 CONNECT = f"CONNECT {TARGET} HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
 REQUEST = f"GET / HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
+ABSOLUTE_REQUEST = f"GET http://{TARGET}/ HTTP/1.1\r\nHost: {TARGET}\r\n\r\n".encode()
 CLIENT = (proxy_bench.CLIENT_SOURCES[0], 40000)
+TOP = 12  # functions listed by their instructions
 
 
 class FakeSocket:
@@ -174,6 +182,75 @@ class FakeLoop:
 
 def build(first_bytes: bytes, egress_map: bool = True) -> Callable[[], None]:
     """A gateway on fake sockets, and a function that runs one tunnel through it."""
+    gateway, loop, reactor, listener = build_gateway(egress_map)
+    pending = gateway.exporter._pending
+
+    def tunnel() -> None:
+        client = accept(listener, CONNECT)
+        upstream = SOCKETS[FakeSocket.last_fd]
+        client.incoming.append(first_bytes)
+        reactor.readers[client.fd]()
+        upstream.incoming.append(proxy_bench.RESPONSE)
+        reactor.readers[upstream.fd]()
+        client.incoming.append(b"")
+        reactor.readers[client.fd]()
+        upstream.incoming.append(b"")
+        reactor.readers[upstream.fd]()
+        loop.run_soon()
+        pending.clear()  # the exporter's writer would take them; here nobody does
+
+    for _ in range(100):
+        tunnel()
+    if gateway.connections:
+        raise SystemExit(f"tunnels left open: {gateway.connections}")
+    return tunnel
+
+
+def build_http(egress_map: bool = True) -> Callable[[], None]:
+    """A gateway on fake sockets with one kept-alive client, and a function that sends one
+    absolute-form request through it and relays its response.
+    """
+    gateway, loop, reactor, listener = build_gateway(egress_map)
+    pending = gateway.exporter._pending
+    client = accept(listener, b"")
+
+    def request() -> None:
+        client.incoming.append(ABSOLUTE_REQUEST)
+        reactor.readers[client.fd]()
+        (conn,) = gateway.connections
+        upstream = conn.upstream
+        assert upstream is not None, "the request did not reach an upstream"
+        fake = upstream.transport.sock
+        fake.incoming.append(proxy_bench.RESPONSE)
+        reactor.readers[fake.fd]()
+        loop.run_soon()
+        pending.clear()  # the exporter's writer would take them; here nobody does
+
+    for _ in range(100):
+        request()
+    if len(gateway.upstreams) != 1:
+        raise SystemExit(f"upstreams not kept: {len(gateway.upstreams)} parked")
+    return request
+
+
+def accept(listener: Any, first: bytes) -> FakeSocket:
+    """Accept one client whose first bytes are ``first`` (none when empty)."""
+    client = FakeSocket()
+    if first:
+        client.incoming.append(first)
+    FakeListeningSocket.waiting.append(client.fd)
+    # The Listener wraps the accepted descriptor in a socket of its own: queue on that one.
+    socket_module = rawstream_module._socket
+    rawstream_module._socket = types.SimpleNamespace(  # type: ignore[assignment]
+        socket=lambda family, kind, proto, fd: client
+    )
+    listener._on_acceptable()
+    rawstream_module._socket = socket_module
+    return client
+
+
+def build_gateway(egress_map: bool) -> tuple[Gateway, FakeLoop, Any, Any]:
+    """A gateway, its loop, reactor and listener, all on fake sockets."""
     socket_module = types.SimpleNamespace(socket=FakeSocket)
     rawstream_module._socket = socket_module  # type: ignore[assignment]
     dial_module._socket = socket_module  # type: ignore[assignment]
@@ -202,35 +279,7 @@ def build(first_bytes: bytes, egress_map: bool = True) -> Callable[[], None]:
         FakeListeningSocket(),  # type: ignore[arg-type]
         lambda: proxy_module.ClientConnection(gateway),
     )
-    pending = gateway.exporter._pending
-
-    def tunnel() -> None:
-        client = FakeSocket()
-        client.incoming.append(CONNECT)
-        FakeListeningSocket.waiting.append(client.fd)
-        # The Listener wraps the accepted descriptor in a socket of its own: queue on that one.
-        rawstream_module._socket = types.SimpleNamespace(  # type: ignore[assignment]
-            socket=lambda family, kind, proto, fd: client
-        )
-        listener._on_acceptable()
-        rawstream_module._socket = socket_module  # type: ignore[assignment]
-        upstream = SOCKETS[FakeSocket.last_fd]
-        client.incoming.append(first_bytes)
-        reactor.readers[client.fd]()
-        upstream.incoming.append(proxy_bench.RESPONSE)
-        reactor.readers[upstream.fd]()
-        client.incoming.append(b"")
-        reactor.readers[client.fd]()
-        upstream.incoming.append(b"")
-        reactor.readers[upstream.fd]()
-        loop.run_soon()
-        pending.clear()  # the exporter's writer would take them; here nobody does
-
-    for _ in range(100):
-        tunnel()
-    if gateway.connections:
-        raise SystemExit(f"tunnels left open: {gateway.connections}")
-    return tunnel
+    return gateway, loop, reactor, listener
 
 
 def count(tunnel: Callable[[], None], n: int) -> tuple[float, float, list[tuple[str, float]]]:
@@ -257,7 +306,7 @@ def count(tunnel: Callable[[], None], n: int) -> tuple[float, float, list[tuple[
             tunnel()
     finally:
         sys.settrace(None)
-    top = [(name, ops[name] / n) for name, _ in ops.most_common(12)]
+    top = [(name, ops[name] / n) for name, _ in ops.most_common(TOP)]
     return sum(ops.values()) / n, sum(calls.values()) / n, top
 
 
@@ -269,15 +318,21 @@ def main() -> None:
     ap.add_argument("--counted", type=int, default=200, help="tunnels traced for the counts")
     ap.add_argument("--tls", action="store_true", help="the client's first bytes are a ClientHello")
     ap.add_argument(
+        "--http", action="store_true", help="count absolute-form requests on a kept connection"
+    )
+    ap.add_argument(
         "--no-map", action="store_true", help="without the egress map (admin.map.enabled: false)"
     )
     args = ap.parse_args()
-    first = proxy_bench.client_hello(TARGET.split(":")[0]) if args.tls else REQUEST
-    tunnel = build(first, egress_map=not args.no_map)
+    if args.http:
+        unit, tunnel = "request", build_http(egress_map=not args.no_map)
+    else:
+        first = proxy_bench.client_hello(TARGET.split(":")[0]) if args.tls else REQUEST
+        unit, tunnel = "tunnel", build(first, egress_map=not args.no_map)
     ops, calls, top = count(tunnel, args.counted)
     best = min(timeit.repeat(tunnel, number=args.tunnels, repeat=args.repeat))
-    print(f"per tunnel: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (counted)")
-    print(f"per tunnel: {best / args.tunnels * 1e6:.1f} us of Python (best of {args.repeat})")
+    print(f"per {unit}: {ops:,.0f} bytecode instructions, {calls:.0f} Python calls (counted)")
+    print(f"per {unit}: {best / args.tunnels * 1e6:.1f} us of Python (best of {args.repeat})")
     print("most instructions:")
     for name, n in top:
         print(f"  {n:6.0f}  {name}")

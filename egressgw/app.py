@@ -62,6 +62,7 @@ from egressgw.listeners.explicit import ClientConnection
 from egressgw.listeners.transparent import TransparentConnection
 from egressgw.metrics import Metrics
 from egressgw.net import nft
+from egressgw.net.pool import IdlePool
 from egressgw.net.rawstream import Listener, Reactor
 from egressgw.record.consumers import (
     DnsConsumer,
@@ -311,6 +312,9 @@ class Gateway:
         self.limits = cfg.proxy
         self.peek_timeout = cfg.transparent.peek_timeout
         self.egress_ips: Mapping[str, Any] = cfg.egress_ips
+        # Idle absolute-form upstreams, shared by every client connection (forward.py).
+        self.upstreams: IdlePool[Any] = IdlePool()
+        self._size_upstreams(cfg)
         self.connections: set[ClientConnection | TransparentConnection] = set()
         self.per_source: dict[str, int] = {}  # open client connections by source address
         self.metrics = Metrics(CollectorRegistry(), lambda: len(self.connections))
@@ -399,6 +403,13 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._reload_requests: set[str] = set()
         self._reloader: asyncio.Task[None] | None = None
+
+    def _size_upstreams(self, cfg: Config) -> None:
+        """The upstream pool's bounds from the configuration (at start and on reload)."""
+        pool, proxy = self.upstreams, cfg.proxy
+        pool.max_idle = proxy.max_idle_upstreams
+        pool.max_idle_per_key = proxy.max_idle_upstreams_per_destination
+        pool.idle_timeout = proxy.upstream_idle_timeout
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -663,6 +674,7 @@ class Gateway:
                 log.warning("drain timeout: closing open connections", open=len(self.connections))
         for conn in list(self.connections):
             conn.close("gateway shutdown: proxy.drain_timeout passed")
+        self.upstreams.close()
         await asyncio.sleep(0)  # let connection_lost callbacks record the flows' end events
         if self.server is not None:
             self.reactor.close()
@@ -752,6 +764,7 @@ class Gateway:
         self.egress_ips = cfg.egress_ips
         if self.dns is not None:
             self.dns.configure(cfg.dns)
+        self._size_upstreams(cfg)
         self.file_policy = files
         self.runtime = runtime
         self.metrics.count_reload("ok")
@@ -811,6 +824,7 @@ class Gateway:
             self.clock = now = time.monotonic()
             for conn in list(self.connections):
                 conn.expire(now)
+            self.upstreams.expire(now)
             if self.egress_map is not None:
                 self.egress_map.sweep(now)  # walks its edges once a minute at most
 

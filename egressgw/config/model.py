@@ -71,6 +71,12 @@ DEFAULT_HEAD_TIMEOUT = 30.0
 # response head, and stays well below idle_timeout.
 DEFAULT_RESPONSE_TIMEOUT = 120.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+# Idle absolute-form upstreams kept for reuse (all, per destination address, port and source),
+# and how long one stays parked: many servers close idle keep-alive connections after 5-60 s,
+# and a parked connection its peer closed costs a retry or a peek.
+DEFAULT_MAX_IDLE_UPSTREAMS = 512
+DEFAULT_MAX_IDLE_UPSTREAMS_PER_DESTINATION = 64
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = 30.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 # Kubernetes takes a few seconds to remove a terminating pod from every node's Service rules
 # (endpoints -> kube-proxy or the CNI): until then clients are still sent here.
@@ -161,6 +167,11 @@ class ProxyConfig(_Model):
     response_timeout: Duration = DEFAULT_RESPONSE_TIMEOUT
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT
+    max_idle_upstreams: int = Field(DEFAULT_MAX_IDLE_UPSTREAMS, ge=0)
+    max_idle_upstreams_per_destination: int = Field(
+        DEFAULT_MAX_IDLE_UPSTREAMS_PER_DESTINATION, ge=0
+    )
+    upstream_idle_timeout: Duration = DEFAULT_UPSTREAM_IDLE_TIMEOUT
     # On SIGTERM: /readyz turns 503 and the listener keeps accepting this long, then drains.
     shutdown_delay: DurationOrZero = DEFAULT_SHUTDOWN_DELAY
     via: str = Field("egressgw", pattern=r"^[A-Za-z0-9._-]{1,64}$")

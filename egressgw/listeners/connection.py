@@ -57,6 +57,7 @@ from egressgw.config.model import ProxyConfig
 from egressgw.decision.path import Runtime
 from egressgw.flow import Flow, ip_text
 from egressgw.identity.workload import Credential, parse_credential
+from egressgw.net.pool import IdlePool
 from egressgw.net.rawstream import RawStream, Reactor
 from egressgw.wire.responses import to_error_response
 
@@ -78,6 +79,7 @@ class Hub(Protocol):
     reactor: Reactor  # the epoll set of the proxy's sockets
     clock: float  # a coarse monotonic clock, updated by the idle sweeper
     egress_ips: Mapping[str, IPAddress]  # namespace -> source address (``egress_ips``)
+    upstreams: IdlePool[Any]  # idle absolute-form upstreams, shared by every client connection
 
     def flow_decided(self, flow: Flow) -> None:
         """Record a decided flow (event and metrics)."""

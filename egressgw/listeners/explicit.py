@@ -31,7 +31,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 import structlog
@@ -43,7 +43,7 @@ from egressgw.listeners.connection import (
     Refuse,
     source_ip,
 )
-from egressgw.listeners.forward import ForwardConnection, Request
+from egressgw.listeners.forward import REQUEST_DROPPED, ForwardConnection, Request
 from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection
 from egressgw.net.rawstream import RawStream
 from egressgw.wire import framing
@@ -69,6 +69,16 @@ class ExplicitHub(Hub, Protocol):
 
 
 _NO_PARSER = httptools.HttpRequestParser(Nobody())
+
+
+class _Dropping:
+    """The parser of a connection whose refusal waits its turn: what arrives is dropped."""
+
+    def feed_data(self, data: bytes) -> None:
+        pass
+
+
+_DROPPING = cast(httptools.HttpRequestParser, _Dropping())
 
 
 class _BodyResumed:
@@ -158,11 +168,15 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 self._begin_connect(data[e.args[0] :])
             else:
                 self._resume_after_upgrade(data[e.args[0] :])
+                if self.items:
+                    self._advance()
             return
         except httptools.HttpParserError as e:
             self._parse_failed(e)
             return
         self._check_held()
+        if self.items:
+            self._advance()  # what this read brought, taken up now that it is parsed whole
 
     def _check_held(self) -> None:
         # Bytes the parser took without delivering any (an incomplete head, or a trailer line
@@ -230,7 +244,7 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         # would add an answer to the buffer it is not reading.
         self.client_full = True
         self._pause_reading()
-        if self.upstream is not None and self.upstream.transport is not None:
+        if self.upstream is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -239,7 +253,7 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             return
         self.client_full = False
         self._maybe_resume()
-        if self.upstream is not None and self.upstream.transport is not None:
+        if self.upstream is not None:
             self.upstream.transport.resume_reading()
 
     # -- httptools request callbacks -----------------------------------------------------------
@@ -294,7 +308,9 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         if req.method in REFUSED_METHODS:
             raise Refuse(405, f"method {req.method.decode('latin-1')} not forwarded")
         try:
-            req.framing = framing.parse_request_framing(req.headers)
+            req.fields, framing_fields = framing.split_fields(req.headers, REQUEST_DROPPED)
+            if framing_fields:  # (most requests have none: no body, framing.NO_BODY)
+                req.framing = framing.parse_request_framing(framing_fields)
         except ValueError as e:
             raise Refuse(400, f"request framing: {e}") from None
         if self.parser.should_upgrade():
@@ -358,15 +374,11 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         was_tunnel = self.mode is Mode.TUNNEL
         self._to(Mode.CLOSED)
         task = self.http_task
-        if task is not None:
-            # Only a task sets the forwarding state (waiter, upstream): a tunnel decided at once,
-            # most of them, has none to look at.
-            if self.items_waiter is not None and not self.items_waiter.done():
-                self.items_waiter.set_result(None)
-            if not task.done():
-                task.cancel()
-            if self.upstream is not None and self.upstream.transport is not None:
-                self.upstream.transport.close()
+        if task is not None and not task.done():
+            task.cancel()
+        if self.items is not None:
+            # Only forwarding sets its state (exchange, upstream): a tunnel has none to look at.
+            self._close_forward(reason)
         # The destination's stream is closed quietly: this connection needs no connection_lost
         # from it. So is the client's, unless bytes wait to be sent to the client: then the
         # connection counts as open (a draining gateway waits for it) until they are out.
@@ -390,6 +402,10 @@ class ClientConnection(TunnelConnection, ForwardConnection):
             self._end_flow(flow)
         if not flushing:
             self._forget()
+
+    def _stop_parsing(self) -> None:
+        """A refusal waits for earlier answers: nothing more the client sends is parsed."""
+        self.parser = _DROPPING
 
     def _forget(self) -> None:
         """The client's stream is gone: leave the gateway's books and cut reference cycles."""
@@ -416,3 +432,5 @@ class ClientConnection(TunnelConnection, ForwardConnection):
                 self.flow.error = self.flow.error or "idle timeout"
             self.hub.count_error("idle_timeout")
             self.close()
+        elif self.exchanging:
+            self._expire_forward(now)  # the response head's deadline

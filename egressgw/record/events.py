@@ -146,13 +146,18 @@ def to_end_event(
 ) -> dict[str, Any]:
     """The event written when a relayed flow ends: bytes each way and duration.
 
-    ``common`` is the decision event's shared part: a tunnel's fields do not change after its
-    decision, so they are reused (a request's status does: it is built again).
+    ``common`` is the decision event's shared part: a flow's fields do not change after its
+    decision, so they are reused, except a request's status, which came after it.
     """
-    if common is None or flow.method is not None:
+    if common is None:
         common = to_common(flow, observer)
     # The objects that get bytes are copied (the decision event may not be serialised yet).
     doc = dict(common)
+    if flow.method is not None:
+        http: dict[str, Any] = {"request": {"method": flow.method}}
+        if flow.status is not None:
+            http["response"] = {"status_code": flow.status}
+        doc["http"] = http
     doc["source"] = {**common["source"], "bytes": flow.bytes_out}
     doc["destination"] = {**common["destination"], "bytes": flow.bytes_in}
     doc["network"] = {**common["network"], "bytes": flow.bytes_out + flow.bytes_in}

@@ -173,15 +173,40 @@ def forwarded_fields(
 
     Hop-by-hop, framing and Connection-named fields (rules 3 and 4) and ``also_drop`` stay.
     """
-    headers = list(headers)
-    tokens = connection_tokens(headers)
+    return split_fields(headers, NOT_FORWARDED | also_drop)[0]
+
+
+# The fields that never cross (rules 3 and 4, before Connection names any).
+NOT_FORWARDED = HOP_BY_HOP | FRAMING
+
+
+def split_fields(
+    headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes] = NOT_FORWARDED
+) -> tuple[list[tuple[bytes, bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """``forwarded_fields`` and the framing fields (Content-Length, Transfer-Encoding, for
+    ``parse_*_framing``), in one pass over the head: what the proxy does with every message.
+
+    ``dropped`` must hold ``NOT_FORWARDED`` (and whatever else stays).
+    """
     kept = []
+    framing_fields = []
+    tokens: set[bytes] | None = None
     for name, value in headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in FRAMING or lower in tokens or lower in also_drop:
+        if lower in dropped:
+            if lower in FRAMING:
+                framing_fields.append((name, value))
+            elif lower == b"connection":
+                if tokens is None:
+                    tokens = set()
+                tokens.update(t.strip(b" \t").lower() for t in value.split(b","))
             continue
         kept.append((lower, name, value))
-    return kept
+    if tokens:
+        tokens -= PROTECTED
+        if tokens:
+            kept = [field for field in kept if field[0] not in tokens]
+    return kept, framing_fields
 
 
 def to_framing_fields(framing: Framing, chunked_ok: bool = True) -> bytes:

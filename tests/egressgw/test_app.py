@@ -524,3 +524,24 @@ def test_restart_only_settings_are_named_with_both_values(tmp_path: Path) -> Non
         ("transparent.listen", "None", "127.0.0.1:15001"),
         ("dns.listen", "127.0.0.1:53", "127.0.0.1:5300"),
     ]
+
+
+async def test_the_upstream_pool_is_sized_by_the_configuration_and_by_a_reload(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """proxy.max_idle_upstreams, its per-destination bound and upstream_idle_timeout size the
+    pool of idle upstreams; a reload applies new values to the same pool.
+    """
+    pool = gateway.upstreams
+    assert (pool.max_idle, pool.max_idle_per_key, pool.idle_timeout) == (512, 64, 30.0)
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        config.read_text().replace(
+            "drain_timeout: 2s",
+            "drain_timeout: 2s, max_idle_upstreams: 3, max_idle_upstreams_per_destination: 2,"
+            " upstream_idle_timeout: 5s",
+        )
+    )
+    assert await gateway.reload() is True
+    assert gateway.upstreams is pool
+    assert (pool.max_idle, pool.max_idle_per_key, pool.idle_timeout) == (3, 2, 5.0)

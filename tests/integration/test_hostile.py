@@ -53,10 +53,14 @@ CLOSE_SETTLE = 0.3
 ABANDONED = 5
 ABANDON_AFTER = 0.2  # the request is upstream by then, its answer awaited
 SHORT = 1.0
+# Each upstream connection runs the script set when it was accepted, and tests read its end: the
+# gateway keeps no idle upstream here (tests/egressgw/listeners/test_upstreams.py tests the pool).
+NO_POOL = {"max_idle_upstreams": 0}
 STRICT_LIMITS = {
     "head_timeout": SHORT,
     "response_timeout": SHORT,
     "max_connections_per_source": PER_SOURCE,
+    **NO_POOL,
 }
 DRIP_INTERVAL = 0.3
 DRIP_LIMIT = 6.0  # well past head_timeout and a sweep, far below idle_timeout
@@ -105,7 +109,10 @@ def gateway(
         tmp_path_factory.mktemp("gw-hostile"),
         CONTRACT_DIR,
         nameserver=dns.nameserver,
-        overrides={"policy": {"files": ["policy.yaml", "raw-policy.yaml"]}},
+        overrides={
+            "policy": {"files": ["policy.yaml", "raw-policy.yaml"]},
+            "proxy": NO_POOL,
+        },
         extra_files={"raw-policy.yaml": RAW_POLICY},
     )
     with Gateway(path) as gw:
@@ -550,7 +557,7 @@ def test_an_h2c_upgrade_offer_is_dropped_and_forwarded_as_http11(
     assert [h.split(b" ")[1] for h in heads] == [b"/one", b"/two", b"/three", b"/four"], heads
     for head in heads:
         assert b"upgrade" not in head.lower() and b"http2-settings" not in head.lower(), head
-    received = bytes(upstream.received[0])
+    received = b"".join(upstream.received)  # one connection per request: no pool here
     assert b"\r\n\r\nhello" in received and b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n" in received
 
 

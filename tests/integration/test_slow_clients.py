@@ -38,7 +38,15 @@ SLOWLORIS = 800
 KEEPALIVE_SLOWLORIS = 600
 NON_READERS = 600
 HEAD_TIMEOUT = 8.0
-LIMITS = {"head_timeout": f"{HEAD_TIMEOUT:g}s", "idle_timeout": "60s", "max_connections": 5000}
+# Upstreams the normal client's requests leave parked go after 1 s idle: the descriptors check
+# below then sees them given back too.
+LIMITS = {
+    "head_timeout": f"{HEAD_TIMEOUT:g}s",
+    "idle_timeout": "60s",
+    "max_connections": 5000,
+    "upstream_idle_timeout": "1s",
+}
+FDS_SETTLE = 10.0
 TRICKLE_INTERVAL = (2.0, 4.0)  # seconds between two bytes of a slowloris
 CLOSE_SLACK = 3.0  # the sweep interval (1 s) and scheduling on two busy cores
 NORMAL_PERIOD = 0.02
@@ -251,7 +259,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowRun]:
             result.connections_after = settle(
                 lambda: metric_now(gw), lambda n: n == 0, SETTLE_TIMEOUT
             )
-            after = settle(lambda: open_fds(pid), lambda f: len(f) <= result.fds_before, 5.0)
+            after = settle(lambda: open_fds(pid), lambda f: len(f) <= result.fds_before, FDS_SETTLE)
             result.fds_after = len(after)
             result.fds_new = {fd: what for fd, what in after.items() if before.get(fd) != what}
             result.seconds = time.monotonic() - started

@@ -14,6 +14,7 @@ from egressgw.decision.guard import Guard
 from egressgw.decision.path import Runtime
 from egressgw.flow import Flow
 from egressgw.identity.static import StaticInventory
+from egressgw.net.pool import IdlePool
 from egressgw.net.rawstream import Reactor
 from egressgw.resolver import ResolveError, Resolver
 
@@ -25,6 +26,7 @@ class FakeHub:
         self.limits = ProxyConfig()
         self.clock = 0.0
         self.egress_ips: dict[str, Any] = {}
+        self.upstreams: IdlePool[Any] = IdlePool()
         self.open: set[Any] = set()
         self.closed: list[Any] = []
         self.decided: list[Flow] = []

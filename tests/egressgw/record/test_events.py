@@ -139,6 +139,22 @@ def test_end_event_after_the_decision_equals_one_built_alone() -> None:
     assert repr(decision) == before and "bytes" not in decision["source"]
 
 
+def test_a_requests_end_event_from_its_decision_has_the_status_that_came_after() -> None:
+    """A request decided with no status yet: its end event, built on the decision's fields,
+    equals one built alone with the status, and the decision event keeps none.
+    """
+    http = {"protocol": "http", "sni": None, "method": "GET", "url": "http://allowed.test/"}
+    decided = make_flow(**http)
+    common = to_common(decided, OBSERVER)
+    decision = to_decision_event(decided, OBSERVER, common)
+    decided.status, decided.bytes_out, decided.bytes_in, decided.ended_mono = 200, 5, 7, 100.2
+    reused = to_end_event(decided, OBSERVER, 1_700_000_000.2, common)
+    alone = make_flow(**http, status=200, bytes_out=5, bytes_in=7, ended_mono=100.2, id=decided.id)
+    assert reused == to_end_event(alone, OBSERVER, 1_700_000_000.2)
+    assert reused["http"]["response"] == {"status_code": 200}
+    assert decision["http"] == {"request": {"method": "GET"}}
+
+
 def test_the_builder_writes_nothing_into_the_flow() -> None:
     """Building both events leaves every field of the flow as it was (the builder is pure)."""
     flow = make_flow(bytes_out=10, bytes_in=20, ended_mono=101.5)

@@ -183,3 +183,28 @@ def test_request_framing_is_forwarded_as_read(headers: H) -> None:
         name, _, value = forwarded.rstrip(b"\r\n").partition(b": ")
         kept.append((name, value))
     assert framing.parse_request_framing(kept) == read
+
+
+@given(st.lists(st.tuples(NAMES, VALUES), max_size=6))
+def test_one_pass_splits_a_head_as_the_rules_do(headers: H) -> None:
+    """split_fields gives what crosses (rules 3 and 4, applied field by field) and the framing
+    fields (for parse_*_framing, which read no other), from one pass over the head.
+    """
+    tokens = framing.connection_tokens(headers)
+    expected = [
+        (name.lower(), name, value)
+        for name, value in headers
+        if name.lower() not in framing.HOP_BY_HOP | framing.FRAMING | tokens
+    ]
+    kept, framed_by = framing.split_fields(headers)
+    assert kept == expected == framing.forwarded_fields(headers)
+    assert framed_by == [(n, v) for n, v in headers if n.lower() in framing.FRAMING]
+    try:
+        whole = framing.parse_request_framing(headers)
+    except ValueError:
+        whole = None
+    try:
+        split = framing.parse_request_framing(framed_by)
+    except ValueError:
+        split = None
+    assert whole == split
