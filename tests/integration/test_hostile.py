@@ -592,15 +592,21 @@ def test_a_websocket_upgrade_in_absolute_form_is_501(
 
 
 def test_a_client_refused_at_the_connection_limit_reads_its_503_not_a_reset(
-    strict: Gateway,
+    strict: Gateway, upstream: RawUpstream
 ) -> None:
     """Refused while still sending: its input is read and dropped, the 503 then EOF arrive."""
     first = b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+    # The source's connections are held open as established tunnels: a half-sent head would be
+    # closed by the strict head_timeout, freeing a place before the test is done with it.
+    upstream.set_script(lambda peer: peer.closed_by_gateway(30.0))
     with contextlib.ExitStack() as stack:
         for _ in range(PER_SOURCE):
             held = stack.enter_context(client(strict))
-            held.send(b"GET http://")
-        time.sleep(0.2)
+            established = held.request(
+                f"CONNECT {upstream.authority} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                head_only=True,
+            )
+            assert established.status == 200, established
         with client(strict) as over:
             over.send(first + b"b" * 30000)
             time.sleep(CLOSE_SETTLE)  # the gateway answered meanwhile
