@@ -14,6 +14,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -692,3 +693,40 @@ def test_proxy_authorization_is_read_never_forwarded_nor_recorded(
     assert bytes(upstream.received[0]) == b"ping"
     assert SECRET.encode() not in gateway.events_path.read_bytes()
     assert SECRET not in gateway.logs()
+
+
+def test_a_pooled_upstream_cannot_answer_the_next_client_with_bytes_it_sent_early(
+    tmp_path: Path, dns: Dnsmasq, upstream: RawUpstream
+) -> None:
+    """With upstreams kept and shared between clients (the default), an upstream that sends a
+    second response nobody asked for is not kept: the next client's request gets a connection of
+    its own and its own answer, never the planted one."""
+    planted = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nplanted"
+    connections: list[int] = []
+
+    def script(peer: RawPeer) -> None:
+        connections.append(1)
+        if not peer.read_head():
+            return
+        first = len(connections) == 1
+        # The first connection answers and then plants a second answer; later ones answer.
+        if peer.send(OK_RESPONSE + (planted if first else b"")):
+            peer.closed_by_gateway(SETTLE)
+
+    upstream.set_script(script)
+    path = write_config(
+        tmp_path / "gw",
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={"policy": {"files": ["policy.yaml", "raw-policy.yaml"]}},
+        extra_files={"raw-policy.yaml": RAW_POLICY},
+    )
+    request = f"GET http://{upstream.authority}/ HTTP/1.1\r\nHost: {upstream.authority}\r\n\r\n"
+    with Gateway(path) as gw:
+        with client(gw) as first_client:
+            assert first_client.request(request.encode()).body == b"ok"
+        time.sleep(CLOSE_SETTLE)  # the planted bytes are there before the next request
+        with client(gw) as second_client:
+            reply = second_client.request(request.encode())
+    assert reply.status == 200 and reply.body == b"ok", reply
+    assert len(connections) == 2  # the planting upstream was not reused
