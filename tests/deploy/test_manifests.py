@@ -129,6 +129,24 @@ def test_pods_are_hardened() -> None:
                 assert pod["securityContext"]["runAsUser"] > 0
 
 
+@pytest.mark.parametrize(
+    ("overlay", "image"),
+    [
+        ("overlays/explicit", "registry.example/egressgw:0.1.0"),
+        ("overlays/explicit-monitoring", "registry.example/egressgw:0.1.0"),
+        ("overlays/per-node", "registry.example/egressgw-node:0.1.0"),
+    ],
+)
+def test_every_container_runs_the_image_its_overlay_names(overlay: str, image: str) -> None:
+    """The images: entry reaches every container (an entry in the base would not reach the
+    overlay's own workload: kustomize rewrites only resources at or below its kustomization)."""
+    for workload in render(overlay):
+        if workload["kind"] in ("Deployment", "DaemonSet"):
+            pod = pod_spec(workload)
+            for c in pod["containers"] + pod.get("initContainers", []):
+                assert c["image"] == image, (overlay, c["name"], c["image"])
+
+
 def test_pods_probe_mount_and_stop_as_the_configuration_says(tmp_path: Path) -> None:
     """Probes hit /healthz and /readyz on the admin port, Prometheus annotations name it, the
     spool and feed state sit on a writable volume, the seed and config come from ConfigMaps,
