@@ -31,6 +31,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+import dns.ipv6
+
 from egressgw.wire.dnsmsg import BLOCKED_TTL, MAX_MESSAGE, UDP_DEFAULT_LIMIT, IPAddress, Record
 
 HEADER = 12
@@ -223,8 +225,11 @@ def read_response(wire: bytes, records: bool = True) -> Response:
             ip4 = ipaddress.IPv4Address(wire[start:pos])
             found.append(Record(owner, "A", ttl, str(ip4), ip4))
         elif rtype == TYPE_AAAA and rdlen == 16:
-            ip6 = ipaddress.IPv6Address(wire[start:pos])
-            found.append(Record(owner, "AAAA", ttl, str(ip6), ip6))
+            packed = wire[start:pos]
+            ip6 = ipaddress.IPv6Address(packed)
+            # dnspython's text (RFC 5952: ``::ffff:0.0.0.0``, not Python 3.11's ``::ffff:0:0``),
+            # so an event says what a dnspython-read answer would.
+            found.append(Record(owner, "AAAA", ttl, dns.ipv6.inet_ntoa(packed), ip6))
         elif rtype == TYPE_CNAME:
             target, after = read_name(wire, start)
             if after != pos:

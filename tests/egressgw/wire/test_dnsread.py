@@ -122,6 +122,16 @@ def test_response_records_read_as_dnspython_reads_them(
     assert got.id == query.id and got.rcode == 0
 
 
+def test_ipv4_mapped_and_compatible_aaaa_read_as_dnspython_writes_them() -> None:
+    """The AAAA text is dnspython's (RFC 5952's dotted tail), whatever Python's ipaddress says."""
+    query = dns.message.make_query("a.test", "AAAA")
+    response = dns.message.make_response(query)
+    for address in ("::ffff:0.0.0.0", "::1.2.3.4", "2001:db8::1"):
+        response.answer.append(dns.rrset.from_text("a.test.", 60, "IN", "AAAA", address))
+    got = dnsread.read_response(response.to_wire())
+    assert [r.data for r in got.records] == ["::ffff:0.0.0.0", "::1.2.3.4", "2001:db8::1"]
+
+
 def test_extended_rcode_and_empty_question() -> None:
     """The OPT record's upper rcode bits count; a bare FORMERR has no question."""
     query = dns.message.make_query("a.test", "A", use_edns=0)
