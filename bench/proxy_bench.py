@@ -896,8 +896,18 @@ def config_yaml(
     listen: tuple[str, int] = EGRESSGW_LISTEN,
     admin: tuple[str, int] = EGRESSGW_ADMIN,
     workers: int = 1,
+    transparent: bool = True,
 ) -> str:
-    """Return the contract-shaped gateway configuration used by the benchmark."""
+    """Return the contract-shaped gateway configuration used by the benchmark (the transparent
+    listener and node mode only where ``transparent``: one gateway owns its port)."""
+    node = f"""\
+transparent:
+  listen: "{TRANSPARENT_LISTEN[0]}:{TRANSPARENT_LISTEN[1]}"
+node:
+  pod_cidrs: ["{TRANSPARENT_CIDR}"]
+  exempt_mark: {EXEMPT_MARK:#x}
+  firewall: false
+"""
     return f"""\
 proxy:
   listen: "{listen[0]}:{listen[1]}"
@@ -933,13 +943,7 @@ identity:
       namespace: bench
       pod: loadgen-transparent-0
       labels: {{app: loadgen}}
-transparent:
-  listen: "{TRANSPARENT_LISTEN[0]}:{TRANSPARENT_LISTEN[1]}"
-node:
-  pod_cidrs: ["{TRANSPARENT_CIDR}"]
-  exempt_mark: {EXEMPT_MARK:#x}
-  firewall: false
-feeds:
+{node if transparent else ""}feeds:
   - name: local-ips
     url: "feed-ips.txt"
     format: lines
@@ -968,7 +972,10 @@ def start_egressgw(
     gw_dir = workdir / name
     gw_dir.mkdir()
     (gw_dir / "policy.yaml").write_text(policy_yaml())
-    (gw_dir / "egressgw.yaml").write_text(config_yaml(egress_map, listen, admin, workers))
+    # The workers' instance is measured beside the single process, which owns the transparent
+    # port: it serves the explicit proxy only.
+    config = config_yaml(egress_map, listen, admin, workers, transparent=workers == 1)
+    (gw_dir / "egressgw.yaml").write_text(config)
     # documentation ranges and names: in the feeds, never contacted
     ips = [
         f"203.0.113.{i % 256}" if i < 256 else f"198.51.{i // 256}.{i % 256}"
