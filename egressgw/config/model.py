@@ -81,6 +81,7 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 # Kubernetes takes a few seconds to remove a terminating pod from every node's Service rules
 # (endpoints -> kube-proxy or the CNI): until then clients are still sent here.
 DEFAULT_SHUTDOWN_DELAY = 5.0
+DEFAULT_WORKER_LIVENESS_TIMEOUT = 10.0
 # Long enough for a first fetch of every feed to succeed or fail (a refused connection or an
 # unknown name fails at once; a feed's own timeout is 30 s), short enough for a rollout to go on.
 DEFAULT_READINESS_FEEDS_TIMEOUT = 60.0
@@ -178,6 +179,9 @@ class ProxyConfig(_Model):
     # Processes accepting on the listeners (SO_REUSEPORT) under one supervisor; ``auto``: one
     # per CPU. 1 is the single process of old.
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
+    # A worker whose event loop has not answered the supervisor's check within this long is
+    # killed and started again: it may be alive, but it serves nobody.
+    worker_liveness_timeout: Duration = DEFAULT_WORKER_LIVENESS_TIMEOUT
 
 
 class AdminAuthConfig(_Model):

@@ -15,7 +15,11 @@ Lifecycle:
    sums beside the supervisor's own; ``/readyz`` is ready when every worker says it is and the
    feeds are (as in one process). A worker that exits unasked is started again after a backoff
    (``egressgw_worker_restarts_total``); its open connections were lost with it, its events
-   up to its death were in the socket and are read to the end.
+   up to its death were in the socket and are read to the end. Every ``LIVENESS_INTERVAL`` (or
+   half the timeout, if shorter) the supervisor asks each worker for a reply its loop gives at
+   once; a worker that gives none within ``proxy.worker_liveness_timeout`` (a loop stuck in a
+   call, a stopped process) is killed and started again like a crashed one
+   (``egressgw_worker_unresponsive_total``).
 3. ``shutdown()`` (SIGTERM): unready at once, every worker told to shut down (each accepts for
    ``proxy.shutdown_delay``, drains, exits); a second signal hurries them. Once all have exited
    and their channels are read to the end, the exporter is flushed and closed.
@@ -66,6 +70,7 @@ STABLE_AFTER = 30.0  # a worker that ran this long restarts after the first wait
 REQUEST_TIMEOUT = 5.0  # a worker's answer to metrics, explain
 RELOAD_TIMEOUT = 60.0  # a worker's reload (policy files, a new resolver)
 STOP_MARGIN = 10.0  # beyond shutdown_delay + drain_timeout before a worker is killed
+LIVENESS_INTERVAL = 5.0  # most seconds between checks that a worker's loop answers (or timeout/2)
 # After a read smaller than BATCH_READ, a channel is not read again for READ_PAUSE seconds: the
 # kernel holds what comes meanwhile (also for a worker killed in between), and the supervisor
 # wakes a few hundred times a second per worker instead of once or twice per flow.
@@ -202,7 +207,9 @@ class WorkerHandle:
         self.why: str | None = "starting"  # its readiness: None when ready
         self.events = 0  # event frames received from this slot's processes
         self.restarts = 0
+        self.unresponsive = 0  # workers killed for not answering the liveness check
         self.watcher: asyncio.Task[None] | None = None
+        self.checker: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -264,6 +271,32 @@ class WorkerHandle:
             why = f": {self.failure}" if self.failure else " (its log says why)"
             raise WorkerExited(f"worker {self.index} exited with status {code} at start{why}")
         exited.cancel()
+
+    async def check_liveness(self) -> None:
+        """Kill the worker (``watch`` starts it again) when its loop stops answering."""
+        sup = self.supervisor
+        while not sup.stopping:
+            timeout = sup.config.proxy.worker_liveness_timeout
+            await asyncio.sleep(min(LIVENESS_INTERVAL, timeout / 2))
+            link, process = self.link, self.process
+            if sup.stopping or not self.running or link is None or process is None:
+                continue
+            try:
+                await link.request("ping", timeout)
+            except TimeoutError:
+                if sup.stopping or process.returncode is not None or self.process is not process:
+                    continue
+                self.unresponsive += 1
+                log.error(
+                    "worker not answering: killing it to start it again",
+                    worker=self.index,
+                    pid=process.pid,
+                    waited=timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            except ConnectionError:
+                continue  # exiting: watch() takes it from here
 
     async def watch(self) -> None:
         """Start the worker again whenever it exits unasked, waiting longer after each crash."""
@@ -381,6 +414,7 @@ class Supervisor:
             self._tasks.append(spawn(self.refresh_firewall(), name="node-firewall"))
         for handle in self.handles:
             handle.watcher = spawn(handle.watch(), name=f"worker-{handle.index}-watch")
+            handle.checker = spawn(handle.check_liveness(), name=f"worker-{handle.index}-alive")
         if cfg.reload.watch:
             self._tasks.append(spawn(self._watch(), name="config-watcher"))
         self.ready = True
@@ -413,8 +447,9 @@ class Supervisor:
     async def _stop_workers(self, at_once: bool) -> None:
         self.stopping = True
         for handle in self.handles:
-            if handle.watcher is not None:
-                handle.watcher.cancel()
+            for task in (handle.watcher, handle.checker):
+                if task is not None:
+                    task.cancel()
             if handle.link is not None:
                 handle.link.send("hurry" if at_once else "shutdown")
         limits = self.config.proxy
@@ -695,13 +730,20 @@ class _Collector:
             "Workers started again after exiting unasked",
             labels=["worker"],
         )
+        unresponsive = CounterMetricFamily(
+            "egressgw_worker_unresponsive",
+            "Workers killed (and started again) for not answering the liveness check",
+            labels=["worker"],
+        )
         events = CounterMetricFamily(
             "egressgw_worker_events", "Events received from each worker", labels=["worker"]
         )
         for h in sup.handles:
             restarts.add_metric([str(h.index)], h.restarts)
+            unresponsive.add_metric([str(h.index)], h.unresponsive)
             events.add_metric([str(h.index)], h.events)
         yield restarts
+        yield unresponsive
         yield events
 
 

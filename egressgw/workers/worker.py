@@ -214,6 +214,10 @@ class Worker:
             self._feeds_wanted = True
             if self._feeds_task is None or self._feeds_task.done():
                 self._feeds_task = spawn(self._reload_feeds(), name="feeds-reload")
+        elif op == "ping":
+            # Answered from the loop's own callback: only a loop that turns answers.
+            if self.channel is not None:
+                self.channel.send(message("reply", id=msg.get("id")))
         elif op in ("reload", "metrics", "explain"):
             spawn(self._answer(msg), name=f"answer-{op}")
         else:

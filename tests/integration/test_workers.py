@@ -235,6 +235,40 @@ def test_a_killed_worker_is_replaced_and_counted(gateway: Gateway) -> None:
         assert curl(ALLOWED_URL, proxy=gateway.proxy_url, interface=PAYMENTS).status == 200
 
 
+def test_a_worker_that_stops_answering_is_killed_and_replaced(
+    tmp_path: Path, dns: Dnsmasq, upstream: Upstream, curl_installed: None
+) -> None:
+    """A worker alive but frozen (SIGSTOP: its loop never turns) is killed after
+    proxy.worker_liveness_timeout, started again and counted; the gateway serves again."""
+    config = write_config(
+        tmp_path,
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={"proxy": {"workers": 2, "worker_liveness_timeout": "2s"}},
+    )
+    gw = Gateway(config, ready_timeout=WAIT).start()
+    try:
+        before = worker_pids(gw)
+        os.kill(before[0], signal.SIGSTOP)
+        wait_until(
+            "the frozen worker killed and replaced",
+            lambda: (
+                metric(gw, "egressgw_worker_unresponsive_total", worker="0")
+                + metric(gw, "egressgw_worker_unresponsive_total", worker="1")
+                == 1
+                and metric(gw, "egressgw_workers") == 2
+                and before[0] not in worker_pids(gw)
+            ),
+        )
+        assert not alive(before[0])
+        assert before[1] in worker_pids(gw)  # the answering one was left alone
+        wait_until("ready again", lambda: urllib_status(f"{gw.admin_url}/readyz") == 200)
+        for _ in range(10):
+            assert curl(ALLOWED_URL, proxy=gw.proxy_url, interface=PAYMENTS).status == 200
+    finally:
+        gw.stop()
+
+
 def urllib_status(url: str) -> int:
     """The status of a GET, without a proxy (0 when it fails)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
