@@ -374,7 +374,8 @@ class Gateway:
             FlowEvents(self.exporter.submit, self.observer),
         ]
         self.egress_map: EgressMap | None = None
-        if cfg.admin.map.enabled:
+        # A worker sees only its share of the flows and serves no admin pages: no map to keep.
+        if cfg.admin.map.enabled and worker is None:
             m = cfg.admin.map
             self.egress_map = EgressMap(
                 windows=m.windows, max_edges=m.max_edges, recent=m.recent_flows
