@@ -46,6 +46,7 @@ from egressgw.config import model as cfgmod
 from egressgw.config import policyobjects
 from egressgw.config.kubernetes import PolicyWatcher
 from egressgw.config.model import Config
+from egressgw.config.reloads import Reloads
 from egressgw.config.source import ConfigError
 from egressgw.decision.answers import AnswerLog
 from egressgw.decision.guard import Guard
@@ -400,10 +401,10 @@ class Gateway:
         self.proxy_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._drained: asyncio.Event | None = None
-        self._watched = self._mtimes()
         self._reload_lock = asyncio.Lock()
-        self._reload_requests: set[str] = set()
-        self._reloader: asyncio.Task[None] | None = None
+        self.reload_queue = Reloads(
+            self._watched_paths, self.reload, lambda: self.config.reload.interval
+        )
 
     def _size_upstreams(self, cfg: Config) -> None:
         """The upstream pool's bounds from the configuration (at start and on reload)."""
@@ -557,7 +558,7 @@ class Gateway:
             self.transparent_address = self.transparent.address
         self._tasks.append(spawn(self._sweep(), name="idle-sweeper"))
         if self.config_path is not None and self.config.reload.watch and worker is None:
-            self._tasks.append(spawn(self._watch(), name="config-watcher"))
+            self._tasks.append(spawn(self.reload_queue.watch(), name="config-watcher"))
         self.ready = True
         log.info(
             "gateway started",
@@ -688,8 +689,7 @@ class Gateway:
             task.cancel()
         if self.dns is not None:
             self.dns.close()
-        if self._reloader is not None:
-            self._reloader.cancel()
+        self.reload_queue.cancel()
         await self.feeds.stop()
         # After the connections: nothing waits on a lookup any more; any still running ends.
         await self.runtime.resolver.aclose()
@@ -700,21 +700,7 @@ class Gateway:
 
     def request_reload(self, by: str) -> None:
         """Ask for a reload (``by``: ``SIGHUP``, ``watch``); coalesced with any already asked."""
-        log.info("reload requested", by=by)
-        self._reload_requests.add(by)
-        if self._reloader is None or self._reloader.done():
-            self._reloader = spawn(self._run_reloads(), name="reload")
-
-    async def _run_reloads(self) -> None:
-        while self._reload_requests:
-            by, self._reload_requests = self._reload_requests, set()
-            # What this reload reads: the watcher compares the files with it, not with the last
-            # time it looked, so it does not ask again for an edit a SIGHUP already applied.
-            current = await asyncio.to_thread(self._mtimes)
-            if by == {"watch"} and current == self._watched:
-                continue
-            self._watched = current
-            await self.reload()
+        self.reload_queue.request(by)
 
     async def reload(self) -> bool:
         """Load configuration and policy again; swap them in whole, or keep the running ones."""
@@ -795,29 +781,6 @@ class Gateway:
         if self.config_path is None:
             return []
         return [self.config_path, *self.config.policy.files]
-
-    def _mtimes(self) -> dict[Path, tuple[int, int]]:
-        out = {}
-        for p in self._watched_paths():
-            try:
-                st = os.stat(p)
-            except OSError:
-                out[p] = (-1, -1)
-            else:
-                out[p] = (st.st_mtime_ns, st.st_size)
-        return out
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.reload.interval)
-            await self._check_files()
-
-    async def _check_files(self) -> None:
-        """Ask for a reload when the watched files differ from what the last reload read."""
-        current = await asyncio.to_thread(self._mtimes)
-        if current != self._watched and "watch" not in self._reload_requests:
-            log.info("configuration files changed")
-            self.request_reload("watch")
 
     async def _sweep(self) -> None:
         while True:

@@ -50,9 +50,11 @@ from egressgw.app import (
     describe_feeds,
     feed_readiness,
     load_node_firewall,
+    restart_only,
 )
 from egressgw.config import model as cfgmod
 from egressgw.config.model import Config
+from egressgw.config.reloads import Reloads
 from egressgw.config.source import ConfigError
 from egressgw.decision.names import parse_ip_port
 from egressgw.record.egressmap import EgressMap
@@ -366,9 +368,11 @@ class Supervisor:
         self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
         self._reload_lock = asyncio.Lock()
-        self._reload_requests: set[str] = set()
-        self._reloader: asyncio.Task[None] | None = None
-        self._watched = self._mtimes()
+        self.reload_queue = Reloads(
+            lambda: [self.config_path, *self.config.policy.files],
+            self.reload,
+            lambda: self.config.reload.interval,
+        )
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -416,7 +420,7 @@ class Supervisor:
             handle.watcher = spawn(handle.watch(), name=f"worker-{handle.index}-watch")
             handle.checker = spawn(handle.check_liveness(), name=f"worker-{handle.index}-alive")
         if cfg.reload.watch:
-            self._tasks.append(spawn(self._watch(), name="config-watcher"))
+            self._tasks.append(spawn(self.reload_queue.watch(), name="config-watcher"))
         self.ready = True
         log.info(
             "supervisor started",
@@ -477,8 +481,7 @@ class Supervisor:
     async def _close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._reloader is not None:
-            self._reloader.cancel()
+        self.reload_queue.cancel()
         await self.feeds.stop()
         await self.admin.stop()
         await self.exporter.aclose()
@@ -488,19 +491,7 @@ class Supervisor:
     # -- reload ---------------------------------------------------------------------------------
     def request_reload(self, by: str) -> None:
         """Ask for a reload (``by``: ``SIGHUP``, ``watch``); coalesced with any already asked."""
-        log.info("reload requested", by=by)
-        self._reload_requests.add(by)
-        if self._reloader is None or self._reloader.done():
-            self._reloader = spawn(self._run_reloads(), name="reload")
-
-    async def _run_reloads(self) -> None:
-        while self._reload_requests:
-            by, self._reload_requests = self._reload_requests, set()
-            current = await asyncio.to_thread(self._mtimes)
-            if by == {"watch"} and current == self._watched:
-                continue
-            self._watched = current
-            await self.reload()
+        self.reload_queue.request(by)
 
     async def reload(self) -> bool:
         """Validate configuration and policy here, then reload every worker; counted once."""
@@ -551,25 +542,8 @@ class Supervisor:
             log.warning("sinks and spool change only on restart")
         if cfg.feeds != old.feeds or cfg.state_dir != old.state_dir:
             log.warning("feed definitions change only on restart")
-
-    def _mtimes(self) -> dict[Path, tuple[int, int]]:
-        out = {}
-        for p in [self.config_path, *self.config.policy.files]:
-            try:
-                st = os.stat(p)
-            except OSError:
-                out[p] = (-1, -1)
-            else:
-                out[p] = (st.st_mtime_ns, st.st_size)
-        return out
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.reload.interval)
-            current = await asyncio.to_thread(self._mtimes)
-            if current != self._watched and "watch" not in self._reload_requests:
-                log.info("configuration files changed")
-                self.request_reload("watch")
+        for key, running, configured in restart_only(old, cfg):
+            log.warning(f"{key} changes only on restart", running=running, configured=configured)
 
     # -- feeds ----------------------------------------------------------------------------------
     def _feed_report(self, report: UpdateReport) -> None:

@@ -318,8 +318,8 @@ async def test_reload_keeps_the_services_and_renews_only_what_changed(
 
 async def _reloads_done(gw: Gateway) -> None:
     """Wait until the gateway's reloader has run every request."""
-    if gw._reloader is not None:
-        await gw._reloader
+    if gw.reload_queue.task is not None:
+        await gw.reload_queue.task
 
 
 async def test_sighup_and_the_watcher_reload_one_broken_edit_once(
@@ -328,9 +328,9 @@ async def test_sighup_and_the_watcher_reload_one_broken_edit_once(
     """A broken edit seen by both SIGHUP and the file watcher is one failed reload, logged."""
     (tmp_path / "policy.yaml").write_text("tiers: [{name: t, rules: [{name: x}]}]\n")
     gateway.request_reload("SIGHUP")
-    await gateway._check_files()  # the watcher's poll, in the same instant
+    await gateway.reload_queue.check()  # the watcher's poll, in the same instant
     await _reloads_done(gateway)
-    await gateway._check_files()  # and its next poll, after the reload read the edit
+    await gateway.reload_queue.check()  # and its next poll, after the reload read the edit
     await _reloads_done(gateway)
     assert gateway.metrics.reloads == {"failed": 1}
     out = capsys.readouterr().out
@@ -359,7 +359,7 @@ async def test_a_reload_asked_for_during_a_reload_runs_once_after_it(
     (tmp_path / "policy.yaml").write_text(DENY_ALL)
     gateway.request_reload("SIGHUP")
     gateway.request_reload("SIGHUP")
-    await gateway._check_files()
+    await gateway.reload_queue.check()
     assert loads == 1
     release.set()
     await asyncio.wait_for(_reloads_done(gateway), 10)
