@@ -37,20 +37,20 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy_bench import (  # the sibling script, found by the line above
     BUSY_LOAD,
     BenchError,
+    Client,
     Daemon,
     cpu_seconds,
     delete_netns,
@@ -361,38 +361,6 @@ def start_egressgw(workdir: Path, ready_timeout: float, feed_entries: int) -> Da
     return daemon
 
 
-class Client:
-    """The load-generator process, driven by JSON lines."""
-
-    def __init__(self, workdir: Path) -> None:
-        log = workdir / "client.log"
-        with log.open("wb") as err:
-            self.popen = subprocess.Popen(
-                [sys.executable, __file__, "--role", "client"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self.daemon = Daemon("client", cast("subprocess.Popen[bytes]", self.popen), log)
-        if not self._readline():
-            raise BenchError(f"client failed to start:\n{self.daemon.tail()}")
-
-    def _readline(self) -> str:
-        assert self.popen.stdout is not None
-        return self.popen.stdout.readline()
-
-    def call(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Run one command in the client and return its result."""
-        stdin = cast(TextIO, self.popen.stdin)
-        stdin.write(json.dumps(spec) + "\n")
-        stdin.flush()
-        line = self._readline()
-        if not line:
-            raise BenchError(f"client died:\n{self.daemon.tail()}")
-        return cast(dict[str, Any], json.loads(line))
-
-
 @dataclass
 class Sample:
     """One run of one path."""
@@ -574,7 +542,7 @@ def bench_main(args: argparse.Namespace) -> int:
             daemons.append(dnsmasq)
             gw = start_egressgw(workdir, args.ready_timeout, args.feed_entries)
             daemons.append(gw)
-            client = Client(workdir)
+            client = Client(workdir, __file__)
             daemons.append(client.daemon)
             for rep in range(args.repeat):
                 print(f"round {rep + 1}/{args.repeat}", file=sys.stderr, flush=True)

@@ -1115,13 +1115,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Client:
-    """The load-generator process, driven by JSON lines."""
+    """The load-generator process, driven by JSON lines (``script --role client``: this one's,
+    or a sibling benchmark's)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, script: str = __file__) -> None:
         self.log = workdir / "client.log"
         with self.log.open("wb") as err:
             self.popen = subprocess.Popen(
-                [sys.executable, __file__, "--role", "client"],
+                [sys.executable, script, "--role", "client"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,

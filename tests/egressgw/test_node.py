@@ -21,8 +21,9 @@ import pytest
 from egressgw.node import NodeRules, summarise, to_setup_script, to_teardown_script
 from tests.support import field
 from tests.support.dnsmasq import dnsmasq_args, dnsmasq_path
-from tests.support.gateway import dump_yaml, egressgw_executable
+from tests.support.gateway import egressgw_executable
 from tests.support.netns import NetNs, netns_unavailable
+from tests.support.nodegw import run_node_gateway, stop_process
 
 GOLDEN = """\
 #!/usr/sbin/nft -f
@@ -99,8 +100,6 @@ def test_summarise_counts_rules_and_elements() -> None:
 
 
 # ---- in network namespaces ----------------------------------------------------------------
-
-READY_TIMEOUT = 20.0
 
 
 def egressgw(ns: NetNs, *args: str) -> subprocess.CompletedProcess[str]:
@@ -191,7 +190,7 @@ def node(netns_ok: None, tmp_path: Path) -> Iterator[tuple[NetNs, NetNs, NetNs, 
             dnsmasq_args(exe, 5353, {"allowed.test": "192.0.2.10"}, {}, extra=["--user=root"])
         )
         dns_proc = subprocess.Popen(upstream, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        stack.callback(_stop, dns_proc)
+        stack.callback(stop_process, dns_proc)
         (tmp_path / "ips.txt").write_text("203.0.113.9\n")
         config: dict[str, Any] = {
             "proxy": {"listen": "127.0.0.1:3128"},
@@ -203,35 +202,12 @@ def node(netns_ok: None, tmp_path: Path) -> Iterator[tuple[NetNs, NetNs, NetNs, 
             "sinks": [{"type": "file", "path": "events.jsonl"}],
             "reload": {"watch": False},
         }
-        path = tmp_path / "gw.yaml"
-        dump_yaml(config, path)
-        setup = egressgw(gw, "node", "setup", "--config", str(path))
-        assert setup.returncode == 0, setup.stderr
-        err = (tmp_path / "gw.stderr").open("wb")
-        stack.callback(err.close)
-        proc = subprocess.Popen(
-            gw.command([str(egressgw_executable()), "run", "--config", str(path)]),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
+        blocklist = ["nft", "list", "set", "inet", "egressgw", "blocked_v4"]
+        # Ready once the node firewall holds the feed's address.
+        run_node_gateway(
+            stack, gw, config, tmp_path, lambda: "203.0.113.9" in gw.run(blocklist).stdout
         )
-        stack.callback(_stop, proc)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while "203.0.113.9" not in gw.run(["nft", "list", "set", "inet", "egressgw",
-                                            "blocked_v4"]).stdout:  # fmt: skip
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("gateway did not load the node firewall:\n"
-                            + (tmp_path / "gw.stderr").read_text())  # fmt: skip
-            time.sleep(0.1)
         yield gw, pod, remote, tmp_path
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.netns

@@ -27,10 +27,9 @@ from egressgw.app import Gateway
 from egressgw.config.model import load_config
 from tests.support import field
 from tests.support.dnsmasq import dnsmasq_args, dnsmasq_path
-from tests.support.gateway import dump_yaml, egressgw_executable
 from tests.support.netns import NetNs, netns_unavailable
+from tests.support.nodegw import run_node_gateway, stop_process
 
-READY_TIMEOUT = 20.0
 CURL = ["curl", "--noproxy", "*", "-s", "-S", "--max-time", "5"]
 
 # Answers each request with the address it was received on: which upstream the flow reached.
@@ -84,15 +83,6 @@ def link(a: NetNs, a_ip: str, b: NetNs, b_ip: str, name: str) -> None:
         assert ns.run(["ip", "link", "set", dev, "up"]).returncode == 0
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
     """Pod -> node (gateway, dnsmasq, node rules) -> remote (upstreams on .10 and .11)."""
@@ -122,7 +112,7 @@ def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        stack.callback(_stop, upstream)
+        stack.callback(stop_process, upstream)
         assert upstream.stdout is not None
         stack.callback(upstream.stdout.close)
         assert upstream.stdout.readline().strip() == "ready"
@@ -130,7 +120,7 @@ def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
         names = dnsmasq_args(exe, 5353, {"good.test": "203.0.113.10"}, {}, extra=["--user=root"])
         dns_proc = subprocess.Popen(gw.command(names), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)  # fmt: skip
-        stack.callback(_stop, dns_proc)
+        stack.callback(stop_process, dns_proc)
         (tmp_path / "policy.yaml").write_text(POLICY)
         config: dict[str, Any] = {
             "proxy": {"listen": "127.0.0.1:3128"},
@@ -144,24 +134,7 @@ def node(tmp_path: Path) -> Iterator[tuple[NetNs, Path]]:
             "sinks": [{"type": "file", "path": "events.jsonl"}],
             "reload": {"watch": False},
         }
-        path = tmp_path / "gw.yaml"
-        dump_yaml(config, path)
-        setup = gw.run([str(egressgw_executable()), "node", "setup", "--config", str(path)])
-        assert setup.returncode == 0, setup.stderr
-        err = (tmp_path / "gw.stderr").open("wb")
-        stack.callback(err.close)
-        proc = subprocess.Popen(
-            gw.command([str(egressgw_executable()), "run", "--config", str(path)]),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        stack.callback(_stop, proc)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while gw.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                      "http://127.0.0.1:9090/readyz"]).stdout != "200":  # fmt: skip
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("gateway not ready:\n" + (tmp_path / "gw.stderr").read_text())
-            time.sleep(0.1)
+        run_node_gateway(stack, gw, config, tmp_path)
         yield pod, tmp_path
 
 
@@ -468,7 +441,7 @@ def egress_node(
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        stack.callback(_stop, upstream)
+        stack.callback(stop_process, upstream)
         assert upstream.stdout is not None
         stack.callback(upstream.stdout.close)
         assert upstream.stdout.readline().strip() == "ready"
@@ -498,24 +471,7 @@ def egress_node(
             "sinks": [{"type": "file", "path": "events.jsonl"}],
             "reload": {"watch": False},
         }
-        path = tmp_path / "gw.yaml"
-        dump_yaml(config, path)
-        setup = gw.run([str(egressgw_executable()), "node", "setup", "--config", str(path)])
-        assert setup.returncode == 0, setup.stderr
-        err = (tmp_path / "gw.stderr").open("wb")
-        stack.callback(err.close)
-        proc = subprocess.Popen(
-            gw.command([str(egressgw_executable()), "run", "--config", str(path)]),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        stack.callback(_stop, proc)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while gw.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                      "http://127.0.0.1:9090/readyz"]).stdout != "200":  # fmt: skip
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("gateway not ready:\n" + (tmp_path / "gw.stderr").read_text())
-            time.sleep(0.1)
+        run_node_gateway(stack, gw, config, tmp_path)
         yield pod, tmp_path, topo
 
 
