@@ -368,7 +368,7 @@ class Gateway:
         self.transparent_address: tuple[str, int] | None = None
         self.reactor: Reactor  # set by start(), with the loop
         self.admin = AdminServer(self, self.metrics.registry)
-        self.metrics.registry.register(_ReadinessCollector(self))
+        self.metrics.registry.register(ReadinessCollector(self))
         # Told about every flow, in order; the egress map and other views join this list.
         self.consumers: list[FlowConsumer] = [
             FlowMetrics(self.metrics),
@@ -879,10 +879,22 @@ class Gateway:
             self.metrics.count_error("feed_update")
 
 
-class _ReadinessCollector:
+class Readiness(Protocol):
+    """What says whether a process is ready: the gateway, or the supervisor of its workers."""
+
+    def readiness(self) -> str | None:
+        """Why /readyz answers 503, or None."""
+        ...
+
+    def feeds_served_without_data(self) -> list[str]:
+        """Feeds readiness stopped waiting for, while they still have no data."""
+        ...
+
+
+class ReadinessCollector:
     """``egressgw_ready`` and ``egressgw_ready_without_feed_data{feed}``, read at scrape time."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Readiness) -> None:
         self.gateway = gateway
 
     def collect(self) -> Iterator[Metric]:

@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from egressgw.admin.server import AdminServer
 from egressgw.app import (
+    ReadinessCollector,
     admin_token,
     build_feeds,
     describe_feeds,
@@ -349,6 +350,7 @@ class Supervisor:
         )
         self.admin = AdminServer(self, self.registry, metrics_body=self.metrics, map_off=MAP_OFF)
         self.registry.register(_Collector(self))
+        self.registry.register(ReadinessCollector(self))
         self.error_registry = CollectorRegistry()  # served among the workers' sums
         self.error_registry.register(_Errors(self))
         self.handles = [WorkerHandle(self, i) for i in range(count)]
@@ -670,7 +672,7 @@ class Supervisor:
 
 
 class _Collector:
-    """The supervisor's own families: reloads, readiness, workers, restarts, events per worker."""
+    """The supervisor's own families: reloads, workers, restarts, events per worker."""
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -683,17 +685,6 @@ class _Collector:
         for result, n in sorted(sup.reloads.items()):
             reloads.add_metric([result], n)
         yield reloads
-        yield GaugeMetricFamily(
-            "egressgw_ready", "1 when /readyz answers 200", value=float(sup.readiness() is None)
-        )
-        without = GaugeMetricFamily(
-            "egressgw_ready_without_feed_data",
-            "1 for each feed the gateway serves without, readiness having stopped waiting for it",
-            labels=["feed"],
-        )
-        for name in sup.feeds_served_without_data():
-            without.add_metric([name], 1)
-        yield without
         yield GaugeMetricFamily(
             "egressgw_workers",
             "Worker processes running",
