@@ -140,6 +140,7 @@ def test_two_workers_share_the_port_with_one_event_stream_and_summed_metrics(
     per_worker = [metric(gateway, "egressgw_worker_events_total", worker=str(i)) for i in (0, 1)]
     assert all(n > 0 for n in per_worker), per_worker
     assert metric(gateway, "egressgw_workers") == 2
+    assert metric(gateway, "egressgw_ready") == 1  # once, the supervisor's: not summed
     assert flows_total(gateway) == made
     decisions = gateway.wait_events(
         lambda e: field(e, "event.action") != "connection_ended", count=made, timeout=WAIT
