@@ -28,9 +28,12 @@ Rules:
 - Plain HTTP stays read after its first head (``listeners.hostwatch``): every later request
   on the connection (keep-alive, pipelined) must name the same host, or the connection is reset
   before that request reaches the destination, with a refused flow of its own; else one
-  permitted name would carry requests for any other name served at the same address. Reading
-  stops at a request that asks to change protocols (WebSocket): after it the bytes are opaque,
-  as a TLS connection's are after its ClientHello.
+  permitted name would carry requests for any other name served at the same address.
+- A request that asks to change protocols (``Upgrade``: WebSocket) is sent on, and what the
+  client sends after it is held until the destination answers: a ``101`` switches the
+  connection to opaque bytes (as a TLS connection's are after its ClientHello); any other
+  answer means the destination still reads HTTP, so the held bytes are read as requests, held
+  to the same host. An upgrade nobody grants carries no request past the check.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ class TransparentConnection(TunnelConnection):
     hub: TransparentHub
     claimed: str | None = None  # the name the first bytes claimed (None: an address or none)
     host_watch: HostWatch | None = None  # plain HTTP: the Host of each later request
+    switching: bytes | None = None  # client bytes held after an Upgrade, until the answer
+    switch_answer = b""  # the destination's first bytes after an Upgrade, while too few to read
     original: tuple[IPAddress, int] | None = None
     peek_timer: asyncio.TimerHandle | None = None
 
@@ -124,8 +129,16 @@ class TransparentConnection(TunnelConnection):
         self.last_active = self.hub.clock
         mode = self.mode
         if mode is Mode.TUNNEL:
-            if self.host_watch is None or self._hosts_hold(data):
+            if self.switching is not None:
+                self.switching += data  # an Upgrade awaits its answer (see the docstring)
+                if len(self.switching) > MAX_PENDING_BODY:
+                    self.pause_client_reading()
+            elif self.host_watch is None:
                 self._tunnel_from_client(data)
+            else:
+                passed = self._hosts_hold(data)
+                if passed:
+                    self._tunnel_from_client(passed)
         elif mode is Mode.HEAD:
             self.peek_buffer += data
             self._peek()
@@ -291,9 +304,11 @@ class TransparentConnection(TunnelConnection):
         if flow.protocol == "http":
             # Requests pipelined behind the first, read while deciding, are held to its host too.
             self.host_watch = HostWatch()
-            if not self._hosts_hold(self.peek_buffer):
+            passed = self._hosts_hold(self.peek_buffer)
+            if passed is None:
                 sock.close()
                 return
+            self.peek_buffer = passed
         self.pipe = RawStream(self.hub.reactor, sock, TunnelUpstream(self))
         self._to(Mode.TUNNEL)
         self.hub.tunnel_opened()
@@ -305,7 +320,8 @@ class TransparentConnection(TunnelConnection):
         if self.transport is not None:
             if self.host_watch is None:
                 self.transport.relay(self.pipe, self._count_out)
-            self.pipe.relay(self.transport, self.flow_bytes_in)
+            if self.switching is None:
+                self.pipe.relay(self.transport, self.flow_bytes_in)
         self.hub.flow_decided(flow)
 
     def _refuse(self, status: int, reason: str) -> None:
@@ -316,9 +332,10 @@ class TransparentConnection(TunnelConnection):
             self._reset()
 
     # -- later requests of plain HTTP ----------------------------------------------------------
-    def _hosts_hold(self, data: bytes) -> bool:
-        """True if every request head completed in ``data`` names the connection's host;
-        else the connection is reset and a refused flow of its own says why.
+    def _hosts_hold(self, data: bytes) -> bytes | None:
+        """What of ``data`` goes on now, if every request head completed in it names the
+        connection's host (bytes after an Upgrade are held for its answer); else None: the
+        connection is reset and a refused flow of its own says why.
         """
         watch = self.host_watch
         assert watch is not None
@@ -326,7 +343,7 @@ class TransparentConnection(TunnelConnection):
             hosts = watch.feed(data)
         except ValueError as e:
             self._cut_later(None, f"later request on a kept-alive connection: {e}")
-            return False
+            return None
         for text in hosts:
             name: str | None = None
             if text is not None:
@@ -334,7 +351,7 @@ class TransparentConnection(TunnelConnection):
                     name = parse_host(text).name
                 except ValueError:
                     self._cut_later(None, f"invalid HTTP Host {text[:100]!r} on a later request")
-                    return False
+                    return None
             if name != self.claimed:
                 first = self.claimed or "no name"
                 self._cut_later(
@@ -342,13 +359,48 @@ class TransparentConnection(TunnelConnection):
                     f"HTTP Host {name or text} on a connection bound to {first}: "
                     "a new name needs a new connection",
                 )
-                return False
+                return None
         if watch.upgraded:
-            # Opaque from here on (see the docstring): socket to socket, as any tunnel.
+            # Held until the destination answers the Upgrade (see the docstring).
+            self.switching = data[watch.upgrade_at :]
+            self.switch_answer = b""
+            self.pause_client_reading()
+            if self.pipe is not None:
+                self.pipe.unrelay()  # its answer comes through from_upstream, to be read
+            return data[: watch.upgrade_at]
+        return data
+
+    def from_upstream(self, data: bytes) -> None:
+        """Bytes from the destination; after an Upgrade, its answer decides what follows."""
+        super().from_upstream(data)
+        if self.switching is None or self.mode is not Mode.TUNNEL:
+            return
+        answer = self.switch_answer + data
+        if len(answer) < len(b"HTTP/1.1 101") and b"\n" not in answer:
+            self.switch_answer = answer  # too few bytes to read the status yet
+            return
+        held, self.switching, self.switch_answer = self.switching, None, b""
+        transport, pipe = self.transport, self.pipe
+        if transport is None or pipe is None:
+            return
+        if answer.startswith((b"HTTP/1.1 101", b"HTTP/1.0 101")):
+            # Switched: opaque from here on, socket to socket, as any tunnel.
             self.host_watch = None
-            if self.transport is not None and self.pipe is not None:
-                self.transport.relay(self.pipe, self._count_out)
-        return True
+            transport.relay(pipe, self._count_out)
+            pipe.relay(transport, self.flow_bytes_in)
+            if held:
+                self._tunnel_from_client(held)
+        else:
+            # Not switched: the client still speaks HTTP, read as before from a new head.
+            self.host_watch = HostWatch()
+            pipe.relay(transport, self.flow_bytes_in)
+            passed = self._hosts_hold(held) if held else b""
+            if passed is None:
+                return
+            if passed:
+                self._tunnel_from_client(passed)
+        if self.mode is Mode.TUNNEL:
+            self.resume_client_reading()
 
     def _cut_later(self, name: str | None, reason: str) -> None:
         """A later request is refused: its own denied flow, then a reset of the connection."""

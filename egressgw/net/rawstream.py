@@ -258,6 +258,11 @@ class RawStream:
         self.relay_to = to
         self.relay_count = count
 
+    def unrelay(self) -> None:
+        """Hand what arrives to the protocol again (``relay`` undone)."""
+        self.relay_to = None
+        self.relay_count = _ignore
+
     def _on_readable(self) -> None:
         to = self.relay_to
         if to is not None:

@@ -51,5 +51,5 @@ def test_reading_stops_at_an_upgrade() -> None:
         b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
     assert watch.feed(upgrade + b"\x81\x05hello") == ["a.test"]
-    assert watch.upgraded
+    assert watch.upgraded and watch.upgrade_at == len(upgrade)
     assert watch.feed(b"GET / HTTP/1.1\r\nHost: z.test\r\n\r\n") == []

@@ -38,6 +38,16 @@ import http.server, ssl, sys, threading
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: later requests may share the connection
     def do_GET(self):
+        if self.path == "/echo":  # grants the upgrade, then echoes bytes until EOF
+            self.send_response(101)
+            self.send_header("Upgrade", "echo")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while chunk := self.connection.recv(4096):
+                self.connection.sendall(chunk)
+            self.close_connection = True
+            return
         body = ("hello from " + self.connection.getsockname()[0]).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -280,6 +290,49 @@ def test_a_later_request_may_not_name_another_host(node: tuple[NetNs, Path]) -> 
             "HTTP Host other.test on a connection bound to good.test: "
             "a new name needs a new connection"
         )
+
+
+# An Upgrade request to `path`, its answer read, then an HTTP request naming other.test; each
+# read printed (or "reset").
+UPGRADE_CLIENT = """
+import socket, sys, time
+s = socket.create_connection(("203.0.113.10", 80), timeout=5)
+s.sendall(("GET " + sys.argv[1] + " HTTP/1.1\\r\\nHost: good.test\\r\\n"
+           "Connection: Upgrade\\r\\nUpgrade: echo\\r\\n\\r\\n").encode())
+time.sleep(0.5)
+first = s.recv(4096)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n")
+time.sleep(0.5)
+try:
+    second = s.recv(4096) or b"eof"
+except ConnectionResetError:
+    second = b"reset"
+print(first.split(b"\\r\\n")[0].decode(), "|", second.decode(errors="replace"))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.integration
+def test_an_upgrade_the_destination_refuses_carries_no_other_host(
+    node: tuple[NetNs, Path],
+) -> None:
+    """After an Upgrade the destination answers 200 (it still reads HTTP), a request naming
+    another host is cut as any later one; after a 101 the bytes are opaque and go through."""
+    pod, tmp_path = node
+    refused = pod.run([sys.executable, "-c", UPGRADE_CLIENT, "/"])
+    first, _, second = refused.stdout.partition(" | ")
+    assert first == "HTTP/1.1 200 OK", refused.stdout + refused.stderr
+    assert second.strip() in ("reset", "eof"), refused.stdout  # not other.test's answer
+    granted = pod.run([sys.executable, "-c", UPGRADE_CLIENT, "/echo"])
+    first, _, second = granted.stdout.partition(" | ")
+    assert first.startswith("HTTP/1.1 101"), granted.stdout + granted.stderr
+    assert second.startswith("GET / HTTP/1.1"), granted.stdout  # echoed, unread by the gateway
+
+    allowed, cut, switched = decisions(tmp_path, 3)[:3]
+    assert field(allowed, "event.action") == "connection_allowed"
+    assert field(cut, "event.action") == "connection_denied"
+    assert field(cut, "destination.domain") == "other.test"
+    assert field(switched, "event.action") == "connection_allowed"
 
 
 SILENT_CLIENT = """
