@@ -379,22 +379,8 @@ class ClientConnection(TunnelConnection, ForwardConnection):
         if self.items is not None:
             # Only forwarding sets its state (exchange, upstream): a tunnel has none to look at.
             self._close_forward(reason)
-        # The destination's stream is closed quietly: this connection needs no connection_lost
-        # from it. So is the client's, unless bytes wait to be sent to the client: then the
-        # connection counts as open (a draining gateway waits for it) until they are out.
-        if self.pipe is not None:
-            self.pipe.close_quietly()
-        if self.connecting is not None:
-            self.connecting.cancel()
-        flushing = self.transport is not None and self.transport.get_write_buffer_size() > 0
-        if self.transport is not None:
-            if flushing:
-                self.transport.close()
-            else:
-                self.transport.close_quietly()
+        flushing = self._close_streams(reason)
         flow = self.flow
-        if reason is not None and flow is not None and flow.error is None:
-            flow.error = reason  # before the end event, which reports it
         if was_tunnel and flow is not None:
             if self.peeking:
                 self._decide_peeked(protocol="tcp", sni=None, closing=True)

@@ -52,13 +52,11 @@ from egressgw.decision.binding import Binding, canonical, classify_binding
 from egressgw.decision.names import Host, parse_host
 from egressgw.decision.path import decide_transparent
 from egressgw.decision.verdict import Verdict
-from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
 from egressgw.identity.workload import Peer
-from egressgw.listeners.connection import FAMILIES, Hub, IPAddress, Mode, source_ip
+from egressgw.listeners.connection import Hub, IPAddress, Mode, source_ip
 from egressgw.listeners.hostwatch import HostWatch
 from egressgw.listeners.tunnel import MAX_PENDING_BODY, TunnelConnection, TunnelUpstream
-from egressgw.net.dial import dial
 from egressgw.net.origdst import original_dst
 from egressgw.net.rawstream import RawStream
 from egressgw.resolver import ResolveError
@@ -282,17 +280,7 @@ class TransparentConnection(TunnelConnection):
         ip = verdict.ip
         assert ip is not None
         flow.ip_str = ip_text(ip)
-        egress_ips = self.hub.egress_ips
-        self.connecting = dial(
-            self.hub.reactor,
-            (flow.ip_str, flow.port),
-            FAMILIES[ip.version],
-            self._connected,
-            self._connect_failed,
-            self.limits.connect_timeout,
-            egress_source(flow.workload, egress_ips) if egress_ips else None,
-            self.hub.exempt_mark,
-        )
+        self._dial_tunnel(flow, ip, self.hub.exempt_mark)
 
     def _connected(self, sock: _socket.socket) -> None:
         self.connecting = None
@@ -442,19 +430,8 @@ class TransparentConnection(TunnelConnection):
         task = self.http_task
         if task is not None and not task.done():
             task.cancel()
-        if self.pipe is not None:
-            self.pipe.close_quietly()
-        if self.connecting is not None:
-            self.connecting.cancel()
-        flushing = self.transport is not None and self.transport.get_write_buffer_size() > 0
-        if self.transport is not None:
-            if flushing:
-                self.transport.close()
-            else:
-                self.transport.close_quietly()
+        flushing = self._close_streams(reason)
         flow = self.flow
-        if reason is not None and flow is not None and flow.error is None:
-            flow.error = reason
         if was_tunnel and flow is not None:
             self.hub.tunnel_closed()
             self._end_flow(flow)

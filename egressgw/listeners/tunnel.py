@@ -34,7 +34,7 @@ from egressgw.decision.path import check_flow_latest, check_flow_now, recheck_tu
 from egressgw.decision.verdict import Verdict
 from egressgw.egress import egress_source
 from egressgw.flow import Flow, ip_text
-from egressgw.listeners.connection import FAMILIES, Connection, Mode
+from egressgw.listeners.connection import FAMILIES, Connection, IPAddress, Mode
 from egressgw.net.dial import Dial, dial
 from egressgw.net.rawstream import RawStream
 from egressgw.wire.responses import CONNECT_ESTABLISHED
@@ -156,6 +156,10 @@ class TunnelConnection(Connection):
         assert ip is not None
         if not flow.ip_str or flow.ip is not ip:
             flow.ip_str = ip_text(ip)
+        self._dial_tunnel(flow, ip)
+
+    def _dial_tunnel(self, flow: Flow, ip: IPAddress, mark: int | None = None) -> None:
+        """Connect to ``flow.ip_str`` and port, from the workload's egress source if any."""
         egress_ips = self.hub.egress_ips
         self.connecting = dial(
             self.hub.reactor,
@@ -165,7 +169,32 @@ class TunnelConnection(Connection):
             self._connect_failed,
             self.limits.connect_timeout,
             egress_source(flow.workload, egress_ips) if egress_ips else None,
+            mark,
         )
+
+    def _close_streams(self, reason: str | None) -> bool:
+        """Close the destination's stream and any connect under way, then the client's, and
+        record ``reason`` on the flow; True while the client's unsent bytes still drain.
+
+        The destination's stream is closed quietly: the connection needs no connection_lost
+        from it. So is the client's, unless bytes wait to be sent to the client: then the
+        connection counts as open (a draining gateway waits for it) until they are out.
+        """
+        if self.pipe is not None:
+            self.pipe.close_quietly()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        transport = self.transport
+        flushing = transport is not None and transport.get_write_buffer_size() > 0
+        if transport is not None:
+            if flushing:
+                transport.close()
+            else:
+                transport.close_quietly()
+        flow = self.flow
+        if reason is not None and flow is not None and flow.error is None:
+            flow.error = reason  # before the end event, which reports it
+        return flushing
 
     def _connect_failed(self, exc: OSError) -> None:
         flow = self.flow
