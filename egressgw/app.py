@@ -30,7 +30,7 @@ import ipaddress
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -301,7 +301,46 @@ class WorkerRole:
     resource_feeds: Callable[[list[FeedSpec]], None] = lambda specs: None
 
 
-class Gateway:
+class FeedsReadiness:
+    """Readiness as the feeds see it, for the process that fetches them (the gateway, or the
+    supervisor of its workers): feeds without data hold it for ``readiness.feeds_timeout``
+    after the start, required ones (configured or ThreatFeed resources) for as long as that."""
+
+    config: Config
+    feeds: FeedManager
+    resource_feeds: dict[str, FeedSpec]
+    started_at: float
+    ready: bool
+    stopping: bool
+
+    def _feed_specs(self) -> Iterable[FeedSpec]:
+        # ThreatFeed resources may be required too: their specs join the configuration's.
+        return (*self.config.feeds, *self.resource_feeds.values())
+
+    def readiness_warning(self) -> str | None:
+        """What a ready gateway serves without: feeds it stopped waiting for."""
+        without = self._feed_readiness()[1]
+        if not without:
+            return None
+        timeout = self.config.readiness.feeds_timeout
+        return f"serving without data of feeds {describe_feeds(without)}, none after {timeout:g}s"
+
+    def feeds_served_without_data(self) -> list[str]:
+        """Feeds readiness stopped waiting for, while they still have no data."""
+        if not self.ready or self.stopping:
+            return []
+        return [s.name for s in self._feed_readiness()[1]]
+
+    def _feed_readiness(self) -> tuple[str | None, list[FeedStatus]]:
+        if self.feeds.ready:  # the common case, without building every feed's status
+            return None, []
+        required = {f.name for f in self._feed_specs() if f.required}
+        waited = time.monotonic() - self.started_at
+        timeout = self.config.readiness.feeds_timeout
+        return feed_readiness(self.feeds.status(), required, waited, timeout)
+
+
+class Gateway(FeedsReadiness):
     """The gateway process's state; the proxy's connections see it as their Hub."""
 
     def __init__(
@@ -823,30 +862,6 @@ class Gateway:
         if self.worker is not None:
             return None  # the supervisor judges the feeds it fetches
         return self._feed_readiness()[0]
-
-    def readiness_warning(self) -> str | None:
-        """What a ready gateway serves without: feeds it stopped waiting for."""
-        without = self._feed_readiness()[1]
-        if not without:
-            return None
-        timeout = self.config.readiness.feeds_timeout
-        return f"serving without data of feeds {describe_feeds(without)}, none after {timeout:g}s"
-
-    def feeds_served_without_data(self) -> list[str]:
-        """Feeds readiness stopped waiting for, while they still have no data."""
-        if not self.ready or self.stopping:
-            return []
-        return [s.name for s in self._feed_readiness()[1]]
-
-    def _feed_readiness(self) -> tuple[str | None, list[FeedStatus]]:
-        if self.feeds.ready:  # the common case, without building every feed's status
-            return None, []
-        # ThreatFeed resources may be required too: their specs join the configuration's.
-        specs = (*self.config.feeds, *self.resource_feeds.values())
-        required = {f.name for f in specs if f.required}
-        waited = time.monotonic() - self.started_at
-        timeout = self.config.readiness.feeds_timeout
-        return feed_readiness(self.feeds.status(), required, waited, timeout)
 
     async def reload_feeds(self) -> None:
         """Serve the feeds' data as stored now (a worker, after the supervisor's update)."""

@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,11 +45,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from egressgw.admin.server import AdminServer
 from egressgw.app import (
+    FeedsReadiness,
     ReadinessCollector,
     admin_token,
     build_feeds,
-    describe_feeds,
-    feed_readiness,
     load_node_firewall,
     restart_only,
 )
@@ -61,7 +60,7 @@ from egressgw.decision.names import parse_ip_port
 from egressgw.record.egressmap import EgressMap
 from egressgw.workers.aggregate import aggregate
 from egressgw.workers.channel import EVENT, Decoder, FrameError, decode_message, message
-from feeds.refresh import FeedStatus, UpdateReport
+from feeds.refresh import UpdateReport
 from feeds.spec import FeedSpec
 from siem.exporter import Exporter
 from siem.tasks import spawn
@@ -335,7 +334,7 @@ class WorkerHandle:
                 continue  # the old process's wait() returns at once: the next wait is longer
 
 
-class Supervisor:
+class Supervisor(FeedsReadiness):
     """The processes' one supervisor: feeds, exporter, admin server, reloads and shutdown."""
 
     def __init__(self, cfg: Config, config_path: Path, count: int) -> None:
@@ -627,27 +626,8 @@ class Supervisor:
                 return f"worker {h.index}: {h.why}"
         return self._feed_readiness()[0]
 
-    def readiness_warning(self) -> str | None:
-        """What a ready gateway serves without: feeds it stopped waiting for."""
-        without = self._feed_readiness()[1]
-        if not without:
-            return None
-        timeout = self.config.readiness.feeds_timeout
-        return f"serving without data of feeds {describe_feeds(without)}, none after {timeout:g}s"
-
-    def _feed_readiness(self) -> tuple[str | None, list[FeedStatus]]:
-        if self.feeds.ready:
-            return None, []
-        required = {f.name for f in self.config.feeds if f.required}
-        waited = time.monotonic() - self.started_at
-        timeout = self.config.readiness.feeds_timeout
-        return feed_readiness(self.feeds.status(), required, waited, timeout)
-
-    def feeds_served_without_data(self) -> list[str]:
-        """Feeds readiness stopped waiting for, while they still have no data."""
-        if not self.ready or self.stopping:
-            return []
-        return [s.name for s in self._feed_readiness()[1]]
+    def _feed_specs(self) -> Iterable[FeedSpec]:
+        return self.config.feeds
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
