@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -625,9 +625,6 @@ class Supervisor(FeedsReadiness):
             if h.why is not None:
                 return f"worker {h.index}: {h.why}"
         return self._feed_readiness()[0]
-
-    def _feed_specs(self) -> Iterable[FeedSpec]:
-        return self.config.feeds
 
     def blocklist_values(self, kind: str, feeds: list[str] | None) -> list[str]:
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
