@@ -17,6 +17,8 @@ accepts connections in batches and gives each a ``RawStream`` and a new protocol
 follow asyncio's Transport: ``eof_received`` returning true keeps a half-closed stream open,
 ``close`` sends what is buffered first, ``connection_lost`` comes once, from the loop, after
 the socket is closed; after a failure ``get_write_buffer_size`` is what was never sent.
+A small write made while the reactor runs its callbacks waits for the batch to end (corking,
+see ``CORK_MAX_STREAMS``), so that the sends to a peer come together.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ ACCEPT_RETRY_DELAY = 1.0
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Events taken from the epoll set per wake-up (the rest stay ready for the next one).
 MAX_EVENTS = 512
+# Writes made while the reactor runs callbacks are held ("corked") and sent when the batch is
+# done, or once this many streams hold some. A send on loopback wakes the peer waiting to read
+# (a cross-CPU wake-up, charged to the sender); sends bunched at the end of a batch find a peer
+# still awake from the first one. Absolute-form HTTP with 32 keep-alive clients: 10.8k -> 16.1k
+# requests/s and 92 -> 63 us of CPU per request (docs/decisions.md). Larger writes go at once:
+# holding them means copying them.
+CORK_MAX_STREAMS = 64
+CORK_MAX_BYTES = 16 * 1024
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -77,6 +87,8 @@ class Reactor:
         self.masks: dict[int, int] = {}
         self.readers: dict[int, Callable[[], None]] = {}
         self.writers: dict[int, Callable[[], None]] = {}
+        self.corking = False  # callbacks are running: small writes are held until they end
+        self.corked: list[RawStream] = []
         loop.add_reader(self.epoll.fileno(), self._dispatch)
 
     def _want(self, fd: int, mask: int) -> None:
@@ -126,7 +138,23 @@ class Reactor:
             self.loop.remove_reader(self.epoll.fileno())
             self.epoll.close()
 
+    def uncork(self) -> None:
+        """Send what the streams hold since callbacks began (``corking``)."""
+        corked = self.corked
+        if corked:
+            self.corked = []
+            for stream in corked:
+                stream._uncork()
+
     def _dispatch(self) -> None:
+        self.corking = True
+        try:
+            self._run_callbacks()
+        finally:
+            self.corking = False
+            self.uncork()
+
+    def _run_callbacks(self) -> None:
         readers, writers = self.readers, self.writers
         for fd, events in self.epoll.poll(0, MAX_EVENTS):
             # A descriptor closed and reused within this batch may see an event meant for its
@@ -210,6 +238,7 @@ class RawStream:
     __slots__ = (
         "buffer",
         "closing",
+        "corked",
         "eof_pending",
         "fd",
         "loop",
@@ -243,6 +272,7 @@ class RawStream:
         self.reading = False
         self.writing = False
         self.closing = False
+        self.corked = False  # what the buffer holds goes when the reactor's callbacks end
         self.eof_pending = False
         self.write_paused = False
         self.released = False
@@ -283,7 +313,7 @@ class RawStream:
                 # Read about what the other side takes at once: a read it cannot take whole is
                 # copied aside and pauses this side (system calls, a copy); a read it takes
                 # whole lets the next one be larger.
-                left = len(to.buffer)
+                left = 0 if to.corked else len(to.buffer)
                 if left:
                     self.relay_chunk = max(MIN_RELAY_CHUNK, (n - left) & ~0xFFFF)
                 elif n == chunk and chunk < RELAY_BUFFER_SIZE:
@@ -322,10 +352,21 @@ class RawStream:
 
     # -- writing --------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send now, buffering only what the socket does not take."""
+        """Send now (from a reactor callback: when its batch ends), buffering what the socket
+        does not take.
+        """
         if self.closing:
             return
         if not self.buffer:
+            reactor = self.reactor
+            if reactor.corking and len(data) <= CORK_MAX_BYTES:
+                self.buffer += data
+                self.corked = self.writing = True
+                corked = reactor.corked
+                corked.append(self)
+                if len(corked) >= CORK_MAX_STREAMS:
+                    reactor.uncork()
+                return
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -344,6 +385,32 @@ class RawStream:
         if len(self.buffer) > HIGH_WATER and not self.write_paused:
             self.write_paused = True
             self.protocol.pause_writing()
+
+    def _uncork(self) -> None:
+        self.corked = self.writing = False
+        if self.released:
+            return
+        buffer = self.buffer
+        try:
+            sent = self.sock.send(buffer)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self._lost(e)
+            return
+        del buffer[:sent]
+        if buffer:
+            self.writing = True
+            self.reactor.add_writer(self.fd, self._on_writable)
+            if self.closing:
+                self.loop.call_later(LINGER, self._release, None)  # as close() would have
+            elif len(buffer) > HIGH_WATER and not self.write_paused:
+                self.write_paused = True
+                self.protocol.pause_writing()
+        elif self.closing:
+            self._release(None)
+        elif self.eof_pending:
+            self.write_eof()
 
     def _on_writable(self) -> None:
         try:
@@ -395,8 +462,9 @@ class RawStream:
             self._release(None)  # closing the socket unwatches it: no pause_reading first
         else:
             self.pause_reading()
-            # A peer that stopped reading must not hold the socket forever.
-            self.loop.call_later(LINGER, self._release, None)
+            if not self.corked:  # (a corked stream is released once its bytes are sent)
+                # A peer that stopped reading must not hold the socket forever.
+                self.loop.call_later(LINGER, self._release, None)
 
     def close_quietly(self) -> None:
         """Close as ``close`` does, for a protocol that closed it itself and needs no
@@ -501,6 +569,15 @@ class Listener:
         self.sock.close()
 
     def _on_acceptable(self) -> None:
+        reactor = self.reactor
+        reactor.corking = True
+        try:
+            self._accept_batch()
+        finally:
+            reactor.corking = False
+            reactor.uncork()
+
+    def _accept_batch(self) -> None:
         reactor, factory, family = self.reactor, self.factory, self.family
         for _ in range(ACCEPT_BATCH):
             try:

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from egressgw.net.rawstream import HIGH_WATER, Listener, RawStream, Reactor
+from egressgw.net.rawstream import (
+    CORK_MAX_BYTES,
+    CORK_MAX_STREAMS,
+    HIGH_WATER,
+    Listener,
+    RawStream,
+    Reactor,
+)
 
 
 class Recorder:
@@ -305,3 +312,110 @@ async def test_after_a_reset_the_write_buffer_size_is_what_was_never_sent(
     await asyncio.wait_for(proto.closed, 2)
     assert isinstance(proto.lost[0], ConnectionResetError | BrokenPipeError)
     assert stream.get_write_buffer_size() >= 4
+
+
+def _waiting(sock: socket.socket) -> int:
+    """Bytes ``sock`` could read now (a peek that does not block)."""
+    try:
+        return len(sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return 0
+
+
+class Replier(Recorder):
+    """Answers each read from inside the reactor's callback and notes what the client had
+    received by the time the callback returned.
+    """
+
+    def __init__(self, client: socket.socket, reply: bytes, then: str = "") -> None:
+        super().__init__()
+        self.client = client
+        self.reply = reply
+        self.then = then
+        self.seen_in_callback: list[int] = []
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        assert self.stream is not None
+        self.stream.write(self.reply)
+        if self.then == "close":
+            self.stream.close()
+        elif self.then == "eof":
+            self.stream.write_eof()
+        self.seen_in_callback.append(_waiting(self.client))
+
+
+async def _reply_once(reply: bytes, then: str = "") -> tuple[Replier, bytes, Reactor]:
+    """One stream whose protocol replies from its callback; what the client then reads."""
+    loop = asyncio.get_running_loop()
+    reactor = Reactor(loop)
+    client, server = socket.socketpair()
+    client.setblocking(False)
+    server.setblocking(False)
+    proto = Replier(client, reply, then)
+    stream = RawStream(reactor, server, proto)
+    proto.connection_made(stream)
+    stream.resume_reading()
+    await loop.sock_sendall(client, b"ask")
+    got = bytearray()
+    while len(got) < len(reply):
+        got += await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 2)
+    if then:
+        assert await asyncio.wait_for(loop.sock_recv(client, 1), 2) == b""  # the EOF
+    if then != "close":
+        stream.abort()
+    client.close()
+    reactor.close()
+    return proto, bytes(got), reactor
+
+
+async def test_a_small_write_from_a_callback_goes_out_when_the_batch_ends() -> None:
+    """Corking: the reply is held while the callback runs, then sent whole and in order."""
+    proto, got, reactor = await _reply_once(b"pong" * 100)
+    assert got == b"pong" * 100
+    assert proto.seen_in_callback == [0]  # not sent yet when the callback returned
+    assert reactor.corked == [] and not reactor.corking
+
+
+async def test_a_large_write_from_a_callback_is_sent_at_once() -> None:
+    """Holding a large write would mean copying it: it goes out immediately."""
+    big = b"b" * (CORK_MAX_BYTES + 1)
+    proto, got, _ = await _reply_once(big)
+    assert got == big and proto.seen_in_callback[0] > 0
+
+
+@pytest.mark.parametrize("then", ["close", "eof"])
+async def test_close_or_eof_while_corked_sends_the_held_bytes_first(then: str) -> None:
+    """close() and write_eof() on a corked stream: the peer gets the reply, then the EOF."""
+    proto, got, _ = await _reply_once(b"last words", then)
+    assert got == b"last words" and proto.seen_in_callback == [0]
+    if then == "close":
+        await asyncio.wait_for(proto.closed, 2)
+        assert proto.lost == [None]
+
+
+async def test_corked_streams_are_sent_once_the_limit_of_streams_is_reached() -> None:
+    """No more than CORK_MAX_STREAMS streams wait: the next one sends what the others hold."""
+    reactor = Reactor(asyncio.get_running_loop())
+    pairs = [socket.socketpair() for _ in range(CORK_MAX_STREAMS + 1)]
+    streams = []
+    for _, server in pairs:
+        server.setblocking(False)
+        streams.append(RawStream(reactor, server, Recorder()))
+    reactor.corking = True
+    try:
+        for i, stream in enumerate(streams[:-1]):
+            stream.write(b"%d" % i)
+            if i < CORK_MAX_STREAMS - 1:
+                assert _waiting(pairs[0][0]) == 0  # still held
+        assert [c.recv(16) for c, _ in pairs[:-1]] == [b"%d" % i for i in range(len(pairs) - 1)]
+        streams[-1].write(b"late")
+        assert reactor.corked == [streams[-1]]
+    finally:
+        reactor.corking = False
+    reactor.uncork()
+    assert pairs[-1][0].recv(16) == b"late"
+    for (client, _), stream in zip(pairs, streams, strict=True):
+        stream.abort()
+        client.close()
+    reactor.close()
