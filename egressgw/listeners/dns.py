@@ -54,6 +54,7 @@ from egressgw.decision.path import Runtime
 from egressgw.identity.workload import Peer
 from egressgw.listeners.connection import source_ip
 from egressgw.listeners.dnsupstream import Answer, Upstreams
+from egressgw.net.sendbatch import SendBatch
 from egressgw.record.dnsevents import DnsExchange
 from egressgw.wire import dnsmsg, dnsread
 
@@ -103,7 +104,9 @@ class DnsProxy:
         self.hub = hub
         self.answers = answers
         self.mark = mark
-        self._upstreams = Upstreams(hub.count_error, mark)
+        # UDP answers and upstream queries leave together at the end of each turn of the loop.
+        self._sends = SendBatch()
+        self._upstreams = Upstreams(hub.count_error, mark, self._sends)
         self.configure(cfg)
         self.inflight = 0
         self.per_source: dict[str, int] = {}
@@ -170,12 +173,12 @@ class DnsProxy:
             return
         reply, pending = self.begin(wire, addr, "udp")
         if reply is not None:
-            transport.sendto(reply, addr)
+            self._sends.send(self._udp_send, reply, addr)
         elif pending is not None:
-            self.forward(pending, lambda data: self._udp_reply(data, addr))
+            self.forward(pending, lambda data: self._sends.send(self._udp_send, data, addr))
 
-    def _udp_reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._udp is not None:
+    def _udp_send(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._udp is not None:  # (closed since the answer was held)
             self._udp.sendto(data, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

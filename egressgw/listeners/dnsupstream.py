@@ -6,7 +6,9 @@ Rules:
    until it leaves ``dns.upstreams`` or the proxy closes; each is bound to a port the kernel
    picks at random and carries ``node.exempt_mark`` in node mode. No socket, task or timeout
    object is made per query.
-2. A query goes out under a fresh random id, unused on its socket (sockets taken in turn); the
+2. A query goes out under a fresh random id, unused on its socket (sockets taken in turn), at
+   the end of the loop's turn with the turn's other datagrams (``net.sendbatch``; a send the
+   kernel refuses ends that try then, with its error as the reason); the
    answer is matched by socket (so upstream), id and question. What matches nothing is dropped
    and counted: a datagram from any other address (``dns_upstream_foreign``), or one whose id
    no query waits for (late: its query timed out), whose question differs, or that is no DNS
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from egressgw.net.dial import SO_MARK
+from egressgw.net.sendbatch import SendBatch
 from egressgw.wire import dnsmsg
 from egressgw.wire.dnsread import OPCODE_MASK, QR, TC, Response, read_response, with_id
 from siem.tasks import spawn
@@ -92,9 +95,16 @@ def text(address: Address) -> str:
 class Upstreams:
     """The upstream sockets and the queries in flight on them."""
 
-    def __init__(self, count_error: Callable[[str], None], mark: int | None = None) -> None:
+    def __init__(
+        self,
+        count_error: Callable[[str], None],
+        mark: int | None = None,
+        sends: SendBatch | None = None,
+    ) -> None:
         self.count_error = count_error
         self.mark = mark
+        # Queries leave at the end of the loop's turn, with the turn's other datagrams.
+        self.sends = sends if sends is not None else SendBatch()
         self._configured: frozenset[Address] = frozenset()
         self._pools: dict[Address, list[_Socket]] = {}
         self._turn = 0
@@ -154,16 +164,28 @@ class Upstreams:
                 continue
             try:
                 s = self._socket(upstream, loop)
-                ident = _free_id(s)
-                s.sock.sendto(with_id(a.wire, ident), upstream)
             except OSError as e:
                 a.problems.append(f"{text(upstream)}: {e}")
                 continue
+            ident = _free_id(s)
+            self.sends.send(s.sock.sendto, with_id(a.wire, ident), upstream, self._unsent, a)
             s.pending[ident] = a
             a.sock, a.ident = s, ident
             a.timer = loop.call_at(now + left / share, self._expired, a)
             return
         self._finish(a, "no upstream answered: " + "; ".join(a.problems))
+
+    def _unsent(self, a: _Ask, exc: OSError) -> None:
+        # The send failed once the turn ended: this try is over, as a timeout would end it.
+        s, timer = a.sock, a.timer
+        if s is None:
+            return
+        s.pending.pop(a.ident, None)
+        if timer is not None:
+            timer.cancel()
+        a.sock = a.timer = None
+        a.problems.append(f"{text(s.upstream)}: {exc}")
+        self._try(a)
 
     def _expired(self, a: _Ask) -> None:
         s = a.sock

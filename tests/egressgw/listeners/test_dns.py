@@ -369,3 +369,42 @@ async def test_truncated_answer_is_asked_again_over_tcp(hub: Hub) -> None:
         p.close()
         server.close()
         up.close()
+
+
+async def test_a_send_that_fails_ends_its_try_at_once_and_the_next_upstream_answers(
+    hub: Hub,
+) -> None:
+    """Queries leave at the end of the loop's turn; one the kernel refuses (a broadcast address
+    without SO_BROADCAST: EACCES, nothing leaves the host) ends its try then, not at its timer.
+    """
+    fast = FakeUpstream()
+    p = proxy(hub, upstreams=["255.255.255.255:53", fast.address], timeout=20)
+    try:
+        _, pending = p.begin(query("api.test"), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = asyncio.ensure_future(p.finish(pending))
+        started = time.monotonic()
+        q, addr = await fast.receive()  # the first try's share would be 10 s
+        assert time.monotonic() - started < 5
+        await fast.answer(q, addr, "192.0.2.3")
+        answer = dns.message.from_wire(await reply)
+        assert answer.answer[0][0].address == "192.0.2.3"
+        assert p.inflight == 0
+    finally:
+        p.close()
+        fast.close()
+
+
+async def test_only_a_refused_send_answers_servfail_naming_the_error(hub: Hub) -> None:
+    """With no other upstream, the refused send is the reason given."""
+    p = proxy(hub, upstreams=["255.255.255.255:53"], timeout=20)
+    try:
+        _, pending = p.begin(query("api.test"), ("10.99.0.2", 5000), "udp")
+        assert pending is not None
+        reply = await asyncio.wait_for(p.finish(pending), 5)
+    finally:
+        p.close()
+    assert dns.message.from_wire(reply).rcode() == dns.rcode.SERVFAIL
+    error = hub.exchanges[0].error or ""
+    assert error.startswith("no upstream answered: 255.255.255.255:53: ")
+    assert "Permission denied" in error
