@@ -54,6 +54,7 @@ _ACTION_INDEX = {
 }
 OTHER_DESTINATIONS = "(other destinations)"
 EdgeKey = tuple[str, str, str, int]  # (source namespace, app, destination host, port)
+OTHER_KEY: EdgeKey = ("other", "other", "other", 0)  # where flows of edges past the cap count
 T = TypeVar("T")
 
 
@@ -145,7 +146,7 @@ class EgressMap:
         self._cur: dict[Edge, list[int]] = self._buckets[0]
         self._keys: dict[tuple[str, Any, int], tuple[Workload, Edge]] = {}
         self._edges: dict[tuple[str, str, str, int], Edge] = {}
-        self.other = Edge("other", "other", "other", 0)
+        self.other = Edge(*OTHER_KEY)
         self._recent: collections.deque[tuple[int, float, str, Edge, str, Verdict, Any]] = (
             collections.deque(maxlen=recent)
         )
@@ -323,6 +324,31 @@ class EgressMap:
             self.max_edges,
             self.version,
         )
+
+    def share(self, now: float, window: float) -> dict[str, Any]:
+        """This map's part of a graph merged with other processes' (``mapmerge.merge_graphs``).
+
+        Every tracked edge (and ``other``, when it counted in the window) as ``graph`` draws
+        it, unfiltered and unfolded, with the window's counters (zeros for an edge idle in it:
+        its threats, verdicts and last flow still count, as they do here), plus ``tiers`` (every
+        tier among the edge's verdicts: the tier filter's question) and ``seen`` (``last_seen``
+        in seconds).
+        """
+        counts = self.window_counts(now, window)
+        idle = [0] * 6
+        edges = []
+        for edge in [*self._edges.values(), self.other]:
+            c = counts.get(edge)
+            if c is None:
+                if edge is self.other:
+                    continue
+                c = idle
+            e = _edge_json(edge, c)
+            tiers = {v.decision.tier for v in edge.verdicts if v is not None and v.decision}
+            e["tiers"] = sorted(t or "" for t in tiers)
+            e["seen"] = edge.last_seen
+            edges.append(e)
+        return {"edges": edges, "version": self.version}
 
     def recent_flows(
         self, *, decision: str | None = None, limit: int = 100, after: int = 0
