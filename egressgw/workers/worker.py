@@ -263,14 +263,19 @@ class Worker:
             return
         m = gw.egress_map
         reply: dict[str, Any]
-        if m is None:
-            reply = {"error": "the egress map is off (admin.map.enabled: false)"}
-        elif msg["op"] == "map_graph":
-            reply = {"share": m.share(time.monotonic(), float(msg["window"]))}
-        else:
-            after = resume_after(int(msg.get("after", 0)), m.seq)
-            flows = m.recent_flows(limit=int(msg.get("limit", DEFAULT_RECENT)), after=after)
-            reply = {"version": m.version, "seq": m.seq, "flows": flows}
+        try:
+            if m is None:
+                reply = {"error": "the egress map is off (admin.map.enabled: false)"}
+            elif msg["op"] == "map_graph":
+                reply = {"share": m.share(time.monotonic(), float(msg["window"]))}
+            else:
+                after = resume_after(int(msg.get("after", 0)), m.seq)
+                flows = m.recent_flows(limit=int(msg.get("limit", DEFAULT_RECENT)), after=after)
+                reply = {"version": m.version, "seq": m.seq, "flows": flows}
+        except Exception as e:
+            # Answered all the same, and kept out of the channel's callback, which it would end.
+            log.exception("answering the supervisor failed", op=msg["op"])
+            reply = {"error": f"internal error: {e!r}"}
         channel.send(message("reply", id=msg.get("id"), **reply))
 
     async def _tell_readiness(self, gw: Gateway, channel: Channel) -> None:
