@@ -206,6 +206,39 @@ def test_the_egress_map_counts_every_workers_flows_once(gateway: Gateway) -> Non
         assert len(json.loads(stream.readline().removeprefix(b"data: "))) == 20
 
 
+def test_refused_flows_stay_listed_once_across_a_worker_restart(gateway: Gateway) -> None:
+    """Flows taken from a worker before it is killed stay listed; its successor's flows, numbered
+    from 1 again, are added once each, after them in seq."""
+
+    def refused(n: int) -> None:
+        for _ in range(n):
+            with RawConnection(
+                gateway.proxy_host, gateway.proxy_port, source=UNKNOWN, timeout=10
+            ) as conn:
+                assert conn.request(DENIED_CONNECT).status == 403
+
+    def listed() -> list[dict[str, Any]]:
+        return list(admin_json(gateway, "/api/v1/flows?limit=1000")["flows"])
+
+    refused(20)
+    wait_until("20 refused flows listed", lambda: len(listed()) == 20)
+    before = listed()
+    victim = worker_pids(gateway)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        "the killed worker replaced",
+        lambda: metric(gateway, "egressgw_workers") == 2 and victim not in worker_pids(gateway),
+    )
+    wait_until("ready again", lambda: urllib_status(f"{gateway.admin_url}/readyz") == 200)
+    refused(20)
+    wait_until("40 refused flows listed", lambda: len(listed()) >= 40)
+    after = listed()
+    assert len(after) == 40 and len({f["id"] for f in after}) == 40
+    assert after[20:] == before  # the first twenty kept their numbers
+    seqs = [f["seq"] for f in after]
+    assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == 40
+
+
 def test_the_egress_map_answers_404_only_when_it_is_off(
     tmp_path: Path, dns: Dnsmasq, upstream: Upstream
 ) -> None:
