@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from egressgw import __version__
-from egressgw.admin.server import AdminServer
+from egressgw.admin.server import AdminServer, LocalMap
 from egressgw.config import model as cfgmod
 from egressgw.config import policyobjects
 from egressgw.config.kubernetes import PolicyWatcher
@@ -414,12 +414,15 @@ class Gateway(FeedsReadiness):
             FlowEvents(self.exporter.submit, self.observer),
         ]
         self.egress_map: EgressMap | None = None
-        # A worker sees only its share of the flows and serves no admin pages: no map to keep.
-        if cfg.admin.map.enabled and worker is None:
+        # What the admin server reads; a worker's map is read by its supervisor, which asks
+        # every worker and merges their answers.
+        self.map_source: LocalMap | None = None
+        if cfg.admin.map.enabled:
             m = cfg.admin.map
             self.egress_map = EgressMap(
                 windows=m.windows, max_edges=m.max_edges, recent=m.recent_flows
             )
+            self.map_source = LocalMap(self.egress_map)
             self.consumers.append(self.egress_map)
         self.dns_consumers: list[DnsConsumer] = [
             DnsMetrics(self.metrics),

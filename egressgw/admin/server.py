@@ -15,6 +15,11 @@ The probes, ``/metrics`` and the EDLs stay open, as before. The live stream
 (``/api/v1/stream``) checks the map's version every ``STREAM_INTERVAL`` seconds and sends the
 graph and the new refused flows when it changed: one computation per interval however many
 flows passed, and at most ``MAX_STREAMS`` streams at once.
+
+The map is read through ``MapSource``: one process's ``EgressMap`` (``LocalMap``), or, with
+``proxy.workers`` above 1, the workers' maps asked and merged by the supervisor. Streams pass
+``max_age=STREAM_INTERVAL``: an answer that young is shared, so however many streams are open
+the workers are asked at most once per interval and question.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ MAX_STREAMS = 16  # live streams open at once; more are answered 503
 MAX_FLOWS_LIMIT = 1000  # the most recent flows one answer holds
 TOKEN_COOKIE = "egressgw_admin"
 PROTECTED = ("/api/", "/static/")
+MAP_OFF = "the egress map is off (admin.map.enabled: false)\n"
 STATIC = {"map.js": "text/javascript", "map.css": "text/css", "index.html": "text/html"}
 
 
@@ -68,13 +74,86 @@ class AdminSource(Protocol):
         ...
 
     @property
-    def egress_map(self) -> EgressMap | None:
+    def map_source(self) -> MapSource | None:
         """The egress map, or None when ``admin.map.enabled`` is off."""
         ...
 
     async def explain(self, source: str, target: str, protocol: str) -> tuple[bool, list[str]]:
         """Decide a flow from ``source`` to ``target`` now and say how (allowed, lines)."""
         ...
+
+
+class MapSource(Protocol):
+    """The egress map as the admin API reads it (``EgressMap``'s questions, awaited).
+
+    ``max_age``: how old (seconds) an answer may be: a source asking other processes may
+    answer from a round of questions that recent instead of asking again.
+    """
+
+    @property
+    def windows(self) -> tuple[float, ...]:
+        """The windows a graph may be asked for, shortest first."""
+        ...
+
+    async def version(self, max_age: float = 0.0) -> int:
+        """A number that changes whenever the map does."""
+        ...
+
+    async def graph(
+        self,
+        window: float,
+        *,
+        namespace: str | None,
+        decision: str | None,
+        tier: str | None,
+        limit: int,
+        max_age: float = 0.0,
+    ) -> dict[str, Any]:
+        """``EgressMap.graph`` of ``window`` now; ValueError for a bad filter."""
+        ...
+
+    async def flows(
+        self, *, decision: str | None, limit: int, after: int, max_age: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """``EgressMap.recent_flows``; ValueError for a bad filter."""
+        ...
+
+
+class LocalMap:
+    """This process's ``EgressMap`` as a ``MapSource``: every answer is computed now."""
+
+    def __init__(self, egress_map: EgressMap) -> None:
+        self.map = egress_map
+
+    @property
+    def windows(self) -> tuple[float, ...]:
+        """The map's windows."""
+        return self.map.windows
+
+    async def version(self, max_age: float = 0.0) -> int:
+        """The map's version."""
+        return self.map.version
+
+    async def graph(
+        self,
+        window: float,
+        *,
+        namespace: str | None,
+        decision: str | None,
+        tier: str | None,
+        limit: int,
+        max_age: float = 0.0,
+    ) -> dict[str, Any]:
+        """The map's graph of ``window`` now."""
+        return self.map.graph(
+            time.monotonic(), window, namespace=namespace, decision=decision, tier=tier, limit=limit
+        )
+
+    async def flows(
+        self, *, decision: str | None, limit: int, after: int, max_age: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """The map's recent refused flows."""
+        return self.map.recent_flows(decision=decision, limit=limit, after=after)
 
 
 class AdminServer:
@@ -85,14 +164,12 @@ class AdminServer:
         source: AdminSource,
         registry: CollectorRegistry,
         metrics_body: Callable[[], Awaitable[bytes]] | None = None,
-        map_off: str = "the egress map is off (admin.map.enabled: false)\n",
     ) -> None:
         """``metrics_body``: what ``/metrics`` serves, when not ``registry`` alone (workers'
-        sums); ``map_off``: the answer to the map's routes when ``egress_map`` is None."""
+        sums)."""
         self.source = source
         self.registry = registry
         self._metrics_body = metrics_body
-        self._map_off = map_off
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -206,10 +283,10 @@ class AdminServer:
         assert self._token is not None
         return given is not None and hmac.compare_digest(given.encode(), self._token)
 
-    def _map(self) -> EgressMap:
-        m = self.source.egress_map
+    def _map(self) -> MapSource:
+        m = self.source.map_source
         if m is None:
-            raise web.HTTPNotFound(text=self._map_off)
+            raise web.HTTPNotFound(text=MAP_OFF)
         return m
 
     async def _page(self, request: web.Request) -> web.Response:
@@ -233,7 +310,9 @@ class AdminServer:
             },
         )
 
-    def _graph_query(self, m: EgressMap, request: web.Request) -> dict[str, Any]:
+    async def _graph_query(
+        self, m: MapSource, request: web.Request, max_age: float = 0.0
+    ) -> dict[str, Any]:
         q = request.query
         try:
             window = parse_duration(q["window"]) if q.get("window") else m.windows[0]
@@ -241,27 +320,29 @@ class AdminServer:
                 shown = ", ".join(f"{w / 60:g}m" for w in m.windows)
                 raise ValueError(f"window must be one of {shown}")
             limit = int(q.get("limit", "300"))
-            graph = m.graph(
-                time.monotonic(),
+            graph = await m.graph(
                 window,
                 namespace=q.get("namespace") or None,
                 decision=q.get("decision") or None,
                 tier=q.get("tier") or None,
                 limit=max(1, limit),
+                max_age=max_age,
             )
         except ValueError as e:
             raise web.HTTPBadRequest(text=f"{e}\n") from e
         graph["windows"] = list(m.windows)
         return graph
 
-    def _flows_query(self, m: EgressMap, request: web.Request, after: int = 0) -> list[Any]:
+    async def _flows_query(
+        self, m: MapSource, request: web.Request, after: int = 0, max_age: float = 0.0
+    ) -> list[Any]:
         q = request.query
         decision = q.get("decision") or None
         if decision == "allowed":
             return []  # the ring holds refused and audited flows only
         try:
             limit = min(MAX_FLOWS_LIMIT, max(1, int(q.get("limit", "100"))))
-            flows = m.recent_flows(decision=decision, limit=limit, after=after)
+            flows = await m.flows(decision=decision, limit=limit, after=after, max_age=max_age)
         except ValueError as e:
             raise web.HTTPBadRequest(text=f"{e}\n") from e
         namespace, tier = q.get("namespace") or None, q.get("tier") or None
@@ -274,16 +355,17 @@ class AdminServer:
 
     async def _graph(self, request: web.Request) -> web.Response:
         """The edges of a window as JSON (``window``, ``namespace``, ``decision``, ``tier``)."""
-        return _json(self._graph_query(self._map(), request))
+        return _json(await self._graph_query(self._map(), request))
 
     async def _flows(self, request: web.Request) -> web.Response:
         """Recent denied and would-deny flows, newest first (``decision``, ``limit``)."""
-        return _json({"flows": self._flows_query(self._map(), request)})
+        return _json({"flows": await self._flows_query(self._map(), request)})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``graph`` when the map changed, ``flows`` for new refused flows."""
         m = self._map()
-        self._graph_query(m, request)  # a bad query is answered 400 before the stream starts
+        # A bad query is answered 400 before the stream starts.
+        await self._graph_query(m, request, max_age=STREAM_INTERVAL)
         if self._streams >= MAX_STREAMS:
             raise web.HTTPServiceUnavailable(text=f"{MAX_STREAMS} streams open already\n")
         self._streams += 1
@@ -295,10 +377,14 @@ class AdminServer:
             seen_version, seen_seq = -1, int(request.query.get("after", "0") or 0)
             quiet_since = time.monotonic()
             while True:
-                if m.version != seen_version:
-                    seen_version = m.version
-                    await response.write(b"event: graph\ndata: " + self._cached_graph(m, request))
-                    flows = self._flows_query(m, request, after=seen_seq)
+                version = await m.version(max_age=STREAM_INTERVAL)
+                if version != seen_version:
+                    seen_version = version
+                    graph = await self._cached_graph(m, request, version)
+                    await response.write(b"event: graph\ndata: " + graph)
+                    flows = await self._flows_query(
+                        m, request, after=seen_seq, max_age=STREAM_INTERVAL
+                    )
                     if flows:
                         seen_seq = flows[0]["seq"]
                         body = orjson.dumps(flows)
@@ -317,16 +403,16 @@ class AdminServer:
             self._streams -= 1
         return response
 
-    def _cached_graph(self, m: EgressMap, request: web.Request) -> bytes:
+    async def _cached_graph(self, m: MapSource, request: web.Request, version: int) -> bytes:
         # Streams asking the same question within one interval share one computation.
         key = tuple(sorted(f"{k}={v}" for k, v in request.query.items() if k != "after"))
         cached = self._stream_cache.get(key)
         now = time.monotonic()
-        if cached is None or (cached[0] != m.version and now - cached[1] >= STREAM_INTERVAL):
+        if cached is None or (cached[0] != version and now - cached[1] >= STREAM_INTERVAL):
+            body = orjson.dumps(await self._graph_query(m, request, STREAM_INTERVAL)) + b"\n\n"
             if len(self._stream_cache) >= MAX_STREAMS:
                 self._stream_cache.clear()
-            body = orjson.dumps(self._graph_query(m, request)) + b"\n\n"
-            self._stream_cache[key] = cached = (m.version, now, body)
+            self._stream_cache[key] = cached = (version, now, body)
         return cached[2]
 
     async def _explain(self, request: web.Request) -> web.Response:

@@ -28,9 +28,9 @@ Rules (the admin page and API read it; the proxy only ever adds to it):
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from egressgw.decision.verdict import UNDECIDED, Verdict
 from egressgw.flow import Flow, ip_text
@@ -53,6 +53,9 @@ _ACTION_INDEX = {
     "would_deny": WOULD_DENY,
 }
 OTHER_DESTINATIONS = "(other destinations)"
+EdgeKey = tuple[str, str, str, int]  # (source namespace, app, destination host, port)
+OTHER_KEY: EdgeKey = ("other", "other", "other", 0)  # where flows of edges past the cap count
+T = TypeVar("T")
 
 
 class Edge:
@@ -143,7 +146,7 @@ class EgressMap:
         self._cur: dict[Edge, list[int]] = self._buckets[0]
         self._keys: dict[tuple[str, Any, int], tuple[Workload, Edge]] = {}
         self._edges: dict[tuple[str, str, str, int], Edge] = {}
-        self.other = Edge("other", "other", "other", 0)
+        self.other = Edge(*OTHER_KEY)
         self._recent: collections.deque[tuple[int, float, str, Edge, str, Verdict, Any]] = (
             collections.deque(maxlen=recent)
         )
@@ -302,7 +305,7 @@ class EgressMap:
         """The edges of ``window`` (filtered), top ``limit`` by flows, the rest folded."""
         if decision is not None and decision not in DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
-        rows = []
+        rows: list[tuple[EdgeKey, Sequence[int], Edge]] = []
         for edge, counts in self.window_counts(now, window).items():
             if namespace is not None and edge.namespace != namespace:
                 continue
@@ -313,33 +316,39 @@ class EgressMap:
                 for v in edge.verdicts
             ):
                 continue
-            rows.append((edge, counts))
-        rows.sort(key=lambda r: (-r[1][FLOWS], r[0].key))
-        shown, rest = rows[:limit], rows[limit:]
-        folded: dict[tuple[str, str], list[int]] = {}
-        for edge, counts in rest:
-            total = folded.setdefault((edge.namespace, edge.app), [0] * 6)
-            for i, v in enumerate(counts):
-                total[i] += v
-        edges = [_edge_json(e, c) for e, c in shown]
-        edges += [
-            {
-                "source": {"namespace": ns, "app": app},
-                "destination": {"host": OTHER_DESTINATIONS, "port": 0},
-                "decision": decision_of(c),
-                "folded": True,
-                **_counts_json(c),
-            }
-            for (ns, app), c in sorted(folded.items())
-        ]
-        return {
-            "window": window,
-            "edges": edges,
-            "namespaces": sorted({e["source"]["namespace"] for e in edges}),
-            "tracked_edges": self.edge_count,
-            "max_edges": self.max_edges,
-            "version": self.version,
-        }
+            rows.append((edge.key, counts, edge))
+        return graph_json(
+            window,
+            fold_edges(rows, limit, _edge_json),
+            self.edge_count,
+            self.max_edges,
+            self.version,
+        )
+
+    def share(self, now: float, window: float) -> dict[str, Any]:
+        """This map's part of a graph merged with other processes' (``mapmerge.merge_graphs``).
+
+        Every tracked edge (and ``other``, when it counted in the window) as ``graph`` draws
+        it, unfiltered and unfolded, with the window's counters (zeros for an edge idle in it:
+        its threats, verdicts and last flow still count, as they do here), plus ``tiers`` (every
+        tier among the edge's verdicts: the tier filter's question) and ``seen`` (``last_seen``
+        in seconds).
+        """
+        counts = self.window_counts(now, window)
+        idle = [0] * 6
+        edges = []
+        for edge in [*self._edges.values(), self.other]:
+            c = counts.get(edge)
+            if c is None:
+                if edge is self.other:
+                    continue
+                c = idle
+            e = _edge_json(edge, c)
+            tiers = {v.decision.tier for v in edge.verdicts if v is not None and v.decision}
+            e["tiers"] = sorted(t or "" for t in tiers)
+            e["seen"] = edge.last_seen
+            edges.append(e)
+        return {"edges": edges, "version": self.version}
 
     def recent_flows(
         self, *, decision: str | None = None, limit: int = 100, after: int = 0
@@ -374,6 +383,50 @@ class EgressMap:
                 }
             )
         return out
+
+
+def fold_edges(
+    rows: list[tuple[EdgeKey, Sequence[int], T]],
+    limit: int,
+    render: Callable[[T, Sequence[int]], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The top ``limit`` rows by flows (then key) rendered, the rest folded: one per source.
+
+    ``rows`` are (edge key, counters, what ``render`` draws the edge from); sorted in place.
+    """
+    rows.sort(key=lambda r: (-r[1][FLOWS], r[0]))
+    shown, rest = rows[:limit], rows[limit:]
+    folded: dict[tuple[str, str], list[int]] = {}
+    for key, counts, _ in rest:
+        total = folded.setdefault((key[0], key[1]), [0] * 6)
+        for i, v in enumerate(counts):
+            total[i] += v
+    edges = [render(item, counts) for _, counts, item in shown]
+    edges += [
+        {
+            "source": {"namespace": ns, "app": app},
+            "destination": {"host": OTHER_DESTINATIONS, "port": 0},
+            "decision": decision_of(c),
+            "folded": True,
+            **_counts_json(c),
+        }
+        for (ns, app), c in sorted(folded.items())
+    ]
+    return edges
+
+
+def graph_json(
+    window: float, edges: list[dict[str, Any]], tracked: int, max_edges: int, version: int
+) -> dict[str, Any]:
+    """A graph answer: the window's (folded) edges and what the map holds."""
+    return {
+        "window": window,
+        "edges": edges,
+        "namespaces": sorted({e["source"]["namespace"] for e in edges}),
+        "tracked_edges": tracked,
+        "max_edges": max_edges,
+        "version": version,
+    }
 
 
 def _add(totals: dict[Edge, list[int]], bucket: dict[Edge, list[int]]) -> None:

@@ -12,7 +12,8 @@ Lifecycle:
    (already JSON); a feed update tells every worker to read the feeds' stored state again; a
    reload (SIGHUP, a changed file, as in one process) is validated here and then asked of every
    worker, and counted once; ``/metrics`` asks each worker for its exposition and serves the
-   sums beside the supervisor's own; ``/readyz`` is ready when every worker says it is and the
+   sums beside the supervisor's own; the egress map's API asks each worker for its map and
+   answers with them merged (``maps.py``); ``/readyz`` is ready when every worker says it is and the
    feeds are (as in one process). A worker that exits unasked is started again after a backoff
    (``egressgw_worker_restarts_total``); its open connections were lost with it, its events
    up to its death were in the socket and are read to the end. Every ``LIVENESS_INTERVAL`` (or
@@ -57,9 +58,9 @@ from egressgw.config.model import Config
 from egressgw.config.reloads import Reloads
 from egressgw.config.source import ConfigError
 from egressgw.decision.names import parse_ip_port
-from egressgw.record.egressmap import EgressMap
 from egressgw.workers.aggregate import aggregate
 from egressgw.workers.channel import EVENT, Decoder, FrameError, decode_message, message
+from egressgw.workers.maps import MergedMap
 from feeds.refresh import UpdateReport
 from feeds.spec import FeedSpec
 from siem.exporter import Exporter
@@ -80,10 +81,6 @@ READ_PAUSE = 0.005
 BATCH_READ = 64 * 1024
 # The families the supervisor serves itself: the workers' copies would count them N times.
 OWN_FAMILIES = frozenset({"egressgw_reloads", "egressgw_ready", "egressgw_ready_without_feed_data"})
-MAP_OFF = (
-    "the egress map is not served with proxy.workers above 1: each worker sees only its own "
-    "flows (the events carry them all)\n"
-)
 
 
 def reserve(key: str, listen: str) -> tuple[socket.socket, str]:
@@ -347,12 +344,25 @@ class Supervisor(FeedsReadiness):
         self.exporter = Exporter.from_config(
             cfg.spool, list(cfg.sinks), base, registry=self.registry
         )
-        self.admin = AdminServer(self, self.registry, metrics_body=self.metrics, map_off=MAP_OFF)
+        self.admin = AdminServer(self, self.registry, metrics_body=self.metrics)
         self.registry.register(_Collector(self))
         self.registry.register(ReadinessCollector(self))
         self.error_registry = CollectorRegistry()  # served among the workers' sums
         self.error_registry.register(_Errors(self))
         self.handles = [WorkerHandle(self, i) for i in range(count)]
+        m = cfg.admin.map
+        # The egress map: every worker keeps its own; the admin server reads them merged.
+        self.map_source = (
+            MergedMap(
+                self._map_workers,
+                windows=m.windows,
+                max_edges=m.max_edges,
+                recent=m.recent_flows,
+                timeout=REQUEST_TIMEOUT,
+            )
+            if m.enabled
+            else None
+        )
         self.addresses: dict[str, str] = {}
         self.reserved: list[socket.socket] = []
         self.reloads: dict[str, int] = {}
@@ -630,10 +640,9 @@ class Supervisor(FeedsReadiness):
         """The feeds' blocked values of one kind; MissingFeedData while one has none yet."""
         return self.feeds.blocklist_values(kind, feeds)
 
-    @property
-    def egress_map(self) -> EgressMap | None:
-        """None: each worker's map holds only its own flows (``MAP_OFF``)."""
-        return None
+    def _map_workers(self) -> list[tuple[int, object, Link]]:
+        """The running workers the egress map asks: (slot, process id, channel)."""
+        return [(h.index, h.pid, h.link) for h in self.handles if h.running and h.link is not None]
 
     async def explain(self, source: str, target: str, protocol: str) -> tuple[bool, list[str]]:
         """How a worker decides the flow now (every worker holds the same policy and feeds)."""

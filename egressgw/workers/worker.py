@@ -16,10 +16,11 @@ whose spool records the gap.
 
 Messages from the supervisor: ``reload`` (configuration and policy files; answered ok or not),
 ``feeds`` (read the feeds' stored state again), ``metrics`` (answered with the exposition
-text), ``explain``, ``shutdown`` (the single process's SIGTERM: accept for the shutdown delay,
-drain, exit) and ``hurry`` (the second SIGTERM). The worker tells the supervisor when it has
-``started`` and whenever its readiness changes (``ready``). When the channel closes (the
-supervisor is gone) the worker stops at once.
+text), ``explain``, ``map_graph`` and ``map_flows`` (this worker's egress map, which the
+supervisor merges with the others': ``maps.py``), ``shutdown`` (the single process's
+SIGTERM: accept for the shutdown delay, drain, exit) and ``hurry`` (the second SIGTERM). The
+worker tells the supervisor when it has ``started`` and whenever its readiness changes
+(``ready``). When the channel closes (the supervisor is gone) the worker stops at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -46,6 +48,8 @@ from egressgw.config import model as cfgmod
 from egressgw.config.source import ConfigError
 from egressgw.flow import Flow
 from egressgw.logs import configure_logging
+from egressgw.record.egressmap import DEFAULT_RECENT
+from egressgw.record.mapmerge import resume_after
 from egressgw.workers.channel import EVENT, HEADER, Decoder, FrameError, decode_message, message
 from feeds.spec import FeedSpec
 from siem.tasks import spawn
@@ -218,6 +222,8 @@ class Worker:
             # Answered from the loop's own callback: only a loop that turns answers.
             if self.channel is not None:
                 self.channel.send(message("reply", id=msg.get("id")))
+        elif op in ("map_graph", "map_flows"):
+            self._answer_map(msg)  # at once: a few ms of Python at most, no await in it
         elif op in ("reload", "metrics", "explain"):
             spawn(self._answer(msg), name=f"answer-{op}")
         else:
@@ -249,6 +255,27 @@ class Worker:
             # Answered all the same: the supervisor would otherwise wait out its timeout.
             log.exception("answering the supervisor failed", op=op)
             reply.update(error=f"internal error: {e!r}", ok=False)
+        channel.send(message("reply", id=msg.get("id"), **reply))
+
+    def _answer_map(self, msg: dict[str, Any]) -> None:
+        gw, channel = self.gateway, self.channel
+        if gw is None or channel is None:
+            return
+        m = gw.egress_map
+        reply: dict[str, Any]
+        try:
+            if m is None:
+                reply = {"error": "the egress map is off (admin.map.enabled: false)"}
+            elif msg["op"] == "map_graph":
+                reply = {"share": m.share(time.monotonic(), float(msg["window"]))}
+            else:
+                after = resume_after(int(msg.get("after", 0)), m.seq)
+                flows = m.recent_flows(limit=int(msg.get("limit", DEFAULT_RECENT)), after=after)
+                reply = {"version": m.version, "seq": m.seq, "flows": flows}
+        except Exception as e:
+            # Answered all the same, and kept out of the channel's callback, which it would end.
+            log.exception("answering the supervisor failed", op=msg["op"])
+            reply = {"error": f"internal error: {e!r}"}
         channel.send(message("reply", id=msg.get("id"), **reply))
 
     async def _tell_readiness(self, gw: Gateway, channel: Channel) -> None:

@@ -147,10 +147,115 @@ def test_two_workers_share_the_port_with_one_event_stream_and_summed_metrics(
     )
     assert len({field(e, "flow.id") for e in decisions}) == made
     assert len(decisions) == made
-    # explain is a worker's answer; the egress map, a per-process view, is not served.
+    # explain is a worker's answer.
     explained = admin_json(gateway, f"/api/v1/explain?from={PAYMENTS}&to=allowed.test:{HTTP_PORT}")
     assert explained["allowed"] is True, explained
-    assert urllib_status(f"{gateway.admin_url}/api/v1/graph") == 404
+
+
+def test_the_egress_map_counts_every_workers_flows_once(gateway: Gateway) -> None:
+    """Tunnels decided by both workers: the graph counts each once, the refused ones are listed
+    once with increasing seq, filters and errors answer as one process, a stream starts."""
+    made = 40
+    for i in range(made):  # a new connection each: the kernel spreads them over the workers
+        source = PAYMENTS if i % 2 else UNKNOWN
+        result = curl(ALLOWED_URL, proxy=gateway.proxy_url, interface=source, tunnel=True)
+        assert result.status == (200 if source == PAYMENTS else 403), result
+    per_worker = [metric(gateway, "egressgw_worker_events_total", worker=str(i)) for i in (0, 1)]
+    assert all(n > 0 for n in per_worker), per_worker
+
+    def graph(query: str = "") -> dict[str, Any]:
+        return dict(admin_json(gateway, f"/api/v1/graph?window=5m{query}"))
+
+    def edges(g: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(e["source"]["namespace"], e["destination"]["host"]): e for e in g["edges"]}
+
+    wait_until(
+        "every flow on the graph",
+        lambda: sum(e["flows"] for e in graph()["edges"]) >= made,
+    )
+    g = graph()
+    got = edges(g)
+    assert sum(e["flows"] for e in g["edges"]) == made, g
+    allowed, denied = got["payments", "allowed.test"], got["-", "allowed.test"]
+    assert (allowed["flows"], allowed["allowed"], allowed["decision"]) == (20, 20, "allowed")
+    assert (denied["flows"], denied["denied"], denied["decision"]) == (20, 20, "denied")
+    assert denied["reason"] and g["namespaces"] == ["-", "payments"] and g["windows"] == [300, 3600]
+    assert g["tracked_edges"] == 2
+    assert list(edges(graph("&decision=denied"))) == [("-", "allowed.test")]
+    assert list(edges(graph("&namespace=payments"))) == [("payments", "allowed.test")]
+    assert urllib_status(f"{gateway.admin_url}/api/v1/graph?window=7m") == 400
+    assert urllib_status(f"{gateway.admin_url}/api/v1/graph?decision=maybe") == 400
+
+    flows = admin_json(gateway, "/api/v1/flows?limit=1000")["flows"]
+    assert len(flows) == 20 and {f["decision"] for f in flows} == {"denied"}
+    assert len({f["id"] for f in flows}) == 20
+    seqs = [f["seq"] for f in flows]
+    assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == 20
+    assert admin_json(gateway, "/api/v1/flows?limit=1000")["flows"] == flows  # asked again
+    assert admin_json(gateway, "/api/v1/flows?decision=would_deny")["flows"] == []
+    assert len(admin_json(gateway, "/api/v1/flows?limit=5")["flows"]) == 5
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{gateway.admin_url}/api/v1/stream", timeout=WAIT) as stream:
+        assert stream.headers["Content-Type"] == "text/event-stream"
+        assert stream.readline() == b"event: graph\n"
+        event = json.loads(stream.readline().removeprefix(b"data: "))
+        assert sum(e["flows"] for e in event["edges"]) == made
+        assert stream.readline() == b"\n"
+        assert stream.readline() == b"event: flows\n"
+        assert len(json.loads(stream.readline().removeprefix(b"data: "))) == 20
+
+
+def test_refused_flows_stay_listed_once_across_a_worker_restart(gateway: Gateway) -> None:
+    """Flows taken from a worker before it is killed stay listed; its successor's flows, numbered
+    from 1 again, are added once each, after them in seq."""
+
+    def refused(n: int) -> None:
+        for _ in range(n):
+            with RawConnection(
+                gateway.proxy_host, gateway.proxy_port, source=UNKNOWN, timeout=10
+            ) as conn:
+                assert conn.request(DENIED_CONNECT).status == 403
+
+    def listed() -> list[dict[str, Any]]:
+        return list(admin_json(gateway, "/api/v1/flows?limit=1000")["flows"])
+
+    refused(20)
+    wait_until("20 refused flows listed", lambda: len(listed()) == 20)
+    before = listed()
+    victim = worker_pids(gateway)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        "the killed worker replaced",
+        lambda: metric(gateway, "egressgw_workers") == 2 and victim not in worker_pids(gateway),
+    )
+    wait_until("ready again", lambda: urllib_status(f"{gateway.admin_url}/readyz") == 200)
+    refused(20)
+    wait_until("40 refused flows listed", lambda: len(listed()) >= 40)
+    after = listed()
+    assert len(after) == 40 and len({f["id"] for f in after}) == 40
+    assert after[20:] == before  # the first twenty kept their numbers
+    seqs = [f["seq"] for f in after]
+    assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == 40
+
+
+def test_the_egress_map_answers_404_only_when_it_is_off(
+    tmp_path: Path, dns: Dnsmasq, upstream: Upstream
+) -> None:
+    """With admin.map.enabled false the map's routes answer 404 saying so, with workers too."""
+    config = write_config(
+        tmp_path,
+        CONTRACT_DIR,
+        nameserver=dns.nameserver,
+        overrides={"proxy": {"workers": 2}, "admin": {"map": {"enabled": False}}},
+    )
+    with Gateway(config, ready_timeout=WAIT) as gw:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for path in ("/api/v1/graph", "/api/v1/flows", "/api/v1/stream"):
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                opener.open(f"{gw.admin_url}{path}", timeout=10)
+            assert answer.value.code == 404, path
+            assert b"admin.map.enabled: false" in answer.value.read(), path
 
 
 def test_a_policy_change_reloads_every_worker_and_counts_once(gateway: Gateway) -> None:
