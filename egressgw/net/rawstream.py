@@ -146,13 +146,17 @@ class Reactor:
             for stream in corked:
                 stream._uncork()
 
-    def _dispatch(self) -> None:
+    def run_corked(self, callbacks: Callable[[], None]) -> None:
+        """Run ``callbacks`` with small writes held until they return, then sent."""
         self.corking = True
         try:
-            self._run_callbacks()
+            callbacks()
         finally:
             self.corking = False
             self.uncork()
+
+    def _dispatch(self) -> None:
+        self.run_corked(self._run_callbacks)
 
     def _run_callbacks(self) -> None:
         readers, writers = self.readers, self.writers
@@ -569,13 +573,7 @@ class Listener:
         self.sock.close()
 
     def _on_acceptable(self) -> None:
-        reactor = self.reactor
-        reactor.corking = True
-        try:
-            self._accept_batch()
-        finally:
-            reactor.corking = False
-            reactor.uncork()
+        self.reactor.run_corked(self._accept_batch)
 
     def _accept_batch(self) -> None:
         reactor, factory, family = self.reactor, self.factory, self.family
