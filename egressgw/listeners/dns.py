@@ -168,8 +168,7 @@ class DnsProxy:
         return self._upstreams.sockets()
 
     def _udp_query(self, wire: bytes, addr: tuple[str, int]) -> None:
-        transport = self._udp
-        if transport is None:
+        if self._udp is None:
             return
         reply, pending = self.begin(wire, addr, "udp")
         if reply is not None:

@@ -4,7 +4,7 @@ A UDP send on loopback wakes the receiver (a DNS server, a client) sleeping on t
 and the sender pays for the wake-up. Sends made while one turn of the loop runs its callbacks
 are held and made back to back at its end (one ``call_soon``): the first wakes the peer, the
 rest find it awake. The DNS proxy's queries to upstreams and answers to clients go this way
-(docs/decisions.md: about 7.4k -> 9.5-9.9k queries/s, a quarter less gateway CPU and half
+(docs/decisions.md: about 7.4k -> 9.5-10.1k queries/s, a quarter less gateway CPU and half
 the DNS server's per query).
 
 Rules: sends go out in the order they were asked for; a send that fails calls its ``failed``

@@ -109,6 +109,12 @@ def _iso(t: float) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat() if t else None
 
 
+def check_decision(decision: str | None) -> None:
+    """ValueError unless ``decision`` is None or one a graph can be filtered by."""
+    if decision is not None and decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
+
+
 def decision_of(counts: Sequence[int]) -> str:
     """The colour of an edge: denied if any flow was, else would_deny if any, else allowed."""
     if counts[DENIED]:
@@ -303,8 +309,7 @@ class EgressMap:
         limit: int = DEFAULT_GRAPH_LIMIT,
     ) -> dict[str, Any]:
         """The edges of ``window`` (filtered), top ``limit`` by flows, the rest folded."""
-        if decision is not None and decision not in DECISIONS:
-            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
+        check_decision(decision)
         rows: list[tuple[EdgeKey, Sequence[int], Edge]] = []
         for edge, counts in self.window_counts(now, window).items():
             if namespace is not None and edge.namespace != namespace:

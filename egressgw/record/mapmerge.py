@@ -34,6 +34,7 @@ from egressgw.record.egressmap import (
     MAX_THREATS_PER_EDGE,
     OTHER_KEY,
     EdgeKey,
+    check_decision,
     decision_of,
     fold_edges,
     graph_json,
@@ -59,8 +60,7 @@ def merge_graphs(
     limit: int = DEFAULT_GRAPH_LIMIT,
 ) -> dict[str, Any]:
     """One graph answer from the workers' shares of ``window``, as ``EgressMap.graph`` draws it."""
-    if decision is not None and decision not in DECISIONS:
-        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
+    check_decision(decision)
     parts: dict[EdgeKey, list[Mapping[str, Any]]] = {}
     for share in shares:
         for edge in share["edges"]:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from egressgw.record.egressmap import DECISIONS
+from egressgw.record.egressmap import check_decision
 from egressgw.record.mapmerge import RecentFlows, merge_graphs
 from siem.tasks import spawn
 
@@ -86,8 +86,7 @@ class MergedMap:
         max_age: float = 0.0,
     ) -> dict[str, Any]:
         """The workers' graphs of ``window``, merged as one map's."""
-        if decision is not None and decision not in DECISIONS:
-            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
+        check_decision(decision)
         shares = await self._shared(("graph", window), max_age, lambda: self._shares(window))
         return merge_graphs(
             shares,
